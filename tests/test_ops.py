@@ -1,0 +1,142 @@
+"""Unit tests for engine.ops: chunked token log-probs and entropies."""
+
+import math
+
+import pytest
+import torch
+
+from engine.ops import token_entropy, token_logprobs
+
+LOG2 = 0.6931472
+LOG4 = 1.3862944
+
+
+def close(got, expected, atol=1e-5):
+    expected = torch.as_tensor(expected, dtype=got.dtype)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert torch.allclose(got, expected, atol=atol, rtol=0), (got, expected)
+
+
+def test_uniform_logits_hand_values():
+    logits = torch.zeros(3, 4)  # uniform over V=4
+    close(token_logprobs(logits, torch.tensor([0, 2, 3])), [-LOG4] * 3)  # log(1/4)
+    close(token_entropy(logits), [LOG4] * 3)  # -4 * 1/4 log(1/4) = log 4
+
+
+def test_non_uniform_hand_values():
+    # logits log([1, 2, 3, 4]) -> p = [0.1, 0.2, 0.3, 0.4]
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]])) + 7.0  # a shift changes nothing
+    close(token_logprobs(logits, torch.tensor([3])), [-0.9162907])  # log 0.4
+    close(token_logprobs(logits, torch.tensor([0])), [-2.3025851])  # log 0.1
+    # H = 0.1*2.302585 + 0.2*1.609438 + 0.3*1.203973 + 0.4*0.916291 = 1.2798542
+    close(token_entropy(logits), [1.2798542])
+
+
+def test_extreme_logits_are_stable():
+    logits = torch.tensor([[1e4, -1e4, 0.0, 0.0], [-1e4, -1e4, -1e4, -1e4]])
+    lp = token_logprobs(logits, torch.tensor([0, 2]))
+    ent = token_entropy(logits)
+    assert not torch.isnan(lp).any() and not torch.isnan(ent).any()
+    # row 0 is one-hot on token 0 -> log p = 0, entropy 0 ; row 1 uniform -> -log 4, log 4
+    # (float32 spacing near 1e4 is ~1e-3, so row 1 is only that exact)
+    close(lp, [0.0, -LOG4], atol=2e-3)
+    close(ent, [0.0, LOG4], atol=2e-3)
+    # log p of a token 2e4 below the max is -2e4 (finite)
+    close(token_logprobs(logits[:1], torch.tensor([1])), [-2e4], atol=1e-2)
+
+
+def test_neg_inf_logits_give_no_nan():
+    inf = math.inf
+    logits = torch.tensor([[0.0, -inf, 0.0, -inf], [-inf, 3.0, -inf, -inf]])
+    lp = token_logprobs(logits, torch.tensor([0, 1]))
+    ent = token_entropy(logits)
+    # row 0: two live tokens -> -log 2, entropy log 2 ; row 1: one live token -> 0, entropy 0
+    close(lp, [-LOG2, 0.0])
+    close(ent, [LOG2, 0.0])
+    # a masked label has log-prob -inf, not nan
+    masked = token_logprobs(logits[:1], torch.tensor([1]))
+    assert not torch.isnan(masked).any() and masked.item() == -inf
+
+
+def test_neg_inf_logits_gradients_are_finite():
+    inf = math.inf
+    base = torch.tensor([[0.0, -inf, 0.0, -inf]])
+    x = base.clone().requires_grad_(True)
+    token_logprobs(x, torch.tensor([0])).sum().backward()
+    # d log p_0 / d z_j = 1[j=0] - p_j with p = [0.5, 0, 0.5, 0]
+    close(x.grad, [[0.5, 0.0, -0.5, 0.0]])
+    x = base.clone().requires_grad_(True)
+    token_entropy(x).sum().backward()
+    # dH/dz_j = -p_j (log p_j + H) = -0.5 (-log 2 + log 2) = 0 on live tokens ; 0 on masked ones
+    assert not torch.isnan(x.grad).any(), x.grad
+    close(x.grad, [[0.0, 0.0, 0.0, 0.0]])
+
+
+def test_bfloat16_in_bfloat16_out():
+    logits = torch.zeros(2, 4, dtype=torch.bfloat16)
+    lp = token_logprobs(logits, torch.tensor([1, 3]))
+    ent = token_entropy(logits)
+    assert lp.dtype == torch.bfloat16 and ent.dtype == torch.bfloat16
+    # bf16 has ~3 significant digits
+    close(lp.float(), [-LOG4, -LOG4], atol=1e-2)
+    close(ent.float(), [LOG4, LOG4], atol=1e-2)
+    big = torch.tensor([[1e4, -1e4, 0.0, 0.0]], dtype=torch.bfloat16)
+    assert token_logprobs(big, torch.tensor([0])).dtype == torch.bfloat16
+    assert not torch.isnan(token_entropy(big)).any()
+    assert torch.float64 == token_entropy(torch.zeros(1, 4, dtype=torch.float64)).dtype
+
+
+def test_leading_shape_preserved_and_chunking_identical():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=g) * 5
+    labels = torch.randint(0, 7, (2, 3), generator=g)
+    lp_small = token_logprobs(logits, labels, chunk_size=3)
+    lp_big = token_logprobs(logits, labels, chunk_size=4096)
+    ent_small = token_entropy(logits, chunk_size=3)
+    ent_big = token_entropy(logits, chunk_size=4096)
+    assert lp_small.shape == (2, 3) and ent_small.shape == (2, 3)
+    assert torch.equal(lp_small, lp_big)
+    assert torch.equal(ent_small, ent_big)
+    # chunk size 1 and a size that does not divide the 6 rows
+    assert torch.equal(token_logprobs(logits, labels, chunk_size=1), lp_big)
+    assert torch.equal(token_entropy(logits, chunk_size=4), ent_big)
+    # bf16 chunking is identical too
+    lb = logits.to(torch.bfloat16)
+    assert torch.equal(token_logprobs(lb, labels, chunk_size=3), token_logprobs(lb, labels, chunk_size=4096))
+    assert torch.equal(token_entropy(lb, chunk_size=3), token_entropy(lb, chunk_size=4096))
+
+
+def test_leading_shape_hand_values():
+    # (2, 3, 4) of zeros -> every entry -log 4 / log 4, shape (2, 3)
+    logits = torch.zeros(2, 3, 4)
+    labels = torch.tensor([[0, 1, 2], [3, 2, 1]])
+    close(token_logprobs(logits, labels, chunk_size=3), [[-LOG4] * 3] * 2)
+    close(token_entropy(logits, chunk_size=3), [[LOG4] * 3] * 2)
+
+
+def test_gradients_flow_hand_values():
+    x = torch.zeros(1, 4, requires_grad=True)
+    token_logprobs(x, torch.tensor([2])).sum().backward()
+    # 1[j=2] - 1/4
+    close(x.grad, [[-0.25, -0.25, 0.75, -0.25]])
+
+    x = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).requires_grad_(True)
+    token_entropy(x, chunk_size=1).sum().backward()
+    # dH/dz_j = -p_j (log p_j + H), H = 1.2798542:
+    #  0.1: -0.1 (-2.3025851 + 1.2798542) = 0.1022731
+    #  0.2: -0.2 (-1.6094379 + 1.2798542) = 0.0659167
+    #  0.3: -0.3 (-1.2039728 + 1.2798542) = -0.0227644
+    #  0.4: -0.4 (-0.9162907 + 1.2798542) = -0.1454254
+    close(x.grad, [[0.1022731, 0.0659167, -0.0227644, -0.1454254]])
+
+
+def test_gradients_flow_through_chunks_and_bf16():
+    x = torch.zeros(2, 3, 4, requires_grad=True)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    token_logprobs(x, labels, chunk_size=2).sum().backward()
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25]).expand(2, 3, 4)
+    close(x.grad, expected)
+    xb = torch.zeros(2, 4, dtype=torch.bfloat16, requires_grad=True)
+    token_logprobs(xb, torch.tensor([0, 1])).sum().backward()
+    assert xb.grad is not None and xb.grad.dtype == torch.bfloat16
+    close(xb.grad.float(), [[0.75, -0.25, -0.25, -0.25], [-0.25, 0.75, -0.25, -0.25]], atol=1e-2)
