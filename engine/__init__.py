@@ -6,3 +6,9 @@ e.g. ``from engine.advantage import token_shaping``.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# Library progress bars (weight loading, shard writing) would interleave with ours.
+_os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

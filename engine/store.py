@@ -276,7 +276,10 @@ class Store:
         for table in TABLES:
             files = self.files(table, ids)
             if files:
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet(?, union_by_name=true)", [files])
+                # DuckDB cannot bind parameters in a view definition: the list is our own file names,
+                # quoted as SQL string literals.
+                lst = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{lst}], union_by_name=true)")
             else:
                 schema = SCHEMAS.get(table, pa.schema([("run_id", pa.string()), ("step", pa.int32())]))
                 con.register(f"{table}_empty", schema.empty_table())

@@ -1,0 +1,143 @@
+"""Named RLVR algorithms as small declarative specs, and the one function that applies them.
+
+Each algorithm picks a sample-level estimator, optional fixed polarity weights, optional token
+rules and a few loss/sampling defaults. ``shape_advantages`` is the single place where a batch's
+scores become per-token advantages; the trainer and the app's playground both call it.
+
+Add your own with ``register_algorithm(Algorithm(name=..., ...))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine.advantage import (
+    TokenRule, a3po_rules, decay_alpha, fork_token_mask, group_advantages, polarity_weighting, token_shaping,
+    w_reinforce_advantages,
+)
+
+
+# ------------------------------------------------------------------ sample-level estimators
+def _grpo(scores, group_ids, polarity, *, std_normalize: bool, lam: float):
+    return group_advantages(scores, group_ids, std_normalize=std_normalize)
+
+
+def _w_reinforce(scores, group_ids, polarity, *, std_normalize: bool, lam: float):
+    return w_reinforce_advantages(polarity, lam=lam)
+
+
+ESTIMATORS: dict[str, Callable] = {"grpo": _grpo, "w_reinforce": _w_reinforce}
+
+
+def _no_rules(acfg, step: int, total: int) -> list[TokenRule]:
+    return []
+
+
+def _a3po(acfg, step: int, total: int) -> list[TokenRule]:
+    return a3po_rules(step, acfg.decay_steps or total, ratio=acfg.ratio, alpha_pos=acfg.alpha_pos,
+                      alpha_neg=acfg.alpha_neg, decay=acfg.decay, rate=acfg.decay_rate)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    doc: str
+    estimator: str = "grpo"
+    std_normalize: bool = True
+    polarity_weights: tuple[float, float] | None = None  # fixed (w_pos, w_neg); None = from config
+    rules: Callable = field(default=_no_rules)  # (AlgorithmConfig, step, total) -> [TokenRule]
+    fork_tokens: bool = False
+    dynamic_sampling: bool = False
+    overlong_penalty: bool = False
+    clip_ratio_high: float = 0.2
+    loss_agg_mode: str = "token-mean"
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(algo: Algorithm) -> Algorithm:
+    if algo.estimator not in ESTIMATORS:
+        raise ValueError(f"algorithm {algo.name!r}: unknown estimator {algo.estimator!r}")
+    ALGORITHMS[algo.name] = algo
+    return algo
+
+
+for _a in [
+    Algorithm("grpo", "GRPO (Shao et al. 2024): group-normalised advantage, symmetric clip 0.2."),
+    Algorithm("dr_grpo", "Dr. GRPO (Liu et al. 2025): no std division, constant-length normaliser.",
+              std_normalize=False, loss_agg_mode="seq-mean-token-sum-norm"),
+    Algorithm("dapo", "DAPO (Yu et al. 2025): clip-higher 0.2/0.28, token-mean, dynamic sampling, soft overlong penalty.",
+              dynamic_sampling=True, overlong_penalty=True, clip_ratio_high=0.28),
+    Algorithm("psr", "Positive sample reinforcement only: GRPO with incorrect responses weighted 0.", polarity_weights=(1.0, 0.0)),
+    Algorithm("nsr", "Negative sample reinforcement only: GRPO with correct responses weighted 0.", polarity_weights=(0.0, 1.0)),
+    Algorithm("w_reinforce", "W-REINFORCE (Zhu et al. 2025): +lam correct, -1 incorrect, no normalisation.", estimator="w_reinforce"),
+    Algorithm("polarity_weighted", "GRPO with sample-level weights algorithm.w_pos / algorithm.w_neg (P2N1 = 2, 1)."),
+    Algorithm("token_weighted", "GRPO with the token rules in algorithm.token_rules (the paper's token-level grid)."),
+    Algorithm("fork_tokens", "DAPO trained only on the top fork_quantile entropy tokens of the batch (Wang et al. 2025).",
+              fork_tokens=True, dynamic_sampling=True, overlong_penalty=True, clip_ratio_high=0.28),
+    Algorithm("a3po", "A3PO (Tang et al. 2025): asymmetric prob-based key tokens with decaying scales, clip-higher.",
+              rules=_a3po, clip_ratio_high=0.28),
+]:
+    register_algorithm(_a)
+
+
+@dataclass
+class Shaped:
+    """Result of ``shape_advantages``; all tensors on the input device."""
+
+    adv_raw: torch.Tensor  # (B,) estimator output before polarity weights and token rules
+    adv_tokens_raw: torch.Tensor  # (B, T) adv_raw broadcast over valid tokens
+    adv: torch.Tensor  # (B, T) final per-token advantage used by the loss
+    key_mask: torch.Tensor  # (B, T) bool, tokens picked by a rule (or fork tokens)
+    rules: list[TokenRule]
+
+
+def effective_rules(algo: Algorithm, acfg, step: int, total: int) -> list[TokenRule]:
+    extra = [r if isinstance(r, TokenRule) else TokenRule(**r) for r in acfg.token_rules]
+    return list(algo.rules(acfg, step, total)) + extra
+
+
+def shape_advantages(algo: Algorithm, acfg, *, scores: torch.Tensor, group_ids, polarity: torch.Tensor,
+                     response_mask: torch.Tensor, logprobs: torch.Tensor | None, entropy: torch.Tensor | None,
+                     step: int, total_steps: int) -> Shaped:
+    """Scores -> per-token advantages for one batch.
+
+    Args:
+        algo: the registered algorithm; acfg: an ``AlgorithmConfig`` (coefficients).
+        scores: ``(B,)`` rewards; group_ids: ``(B,)`` prompt ids; polarity: ``(B,)`` in {+1, -1, 0}.
+        response_mask, logprobs, entropy: ``(B, T)``, old-policy values of the sampled tokens.
+        step / total_steps: for A3PO's decay.
+    """
+    std = algo.std_normalize if acfg.std_normalize is None else acfg.std_normalize
+    raw = ESTIMATORS[algo.estimator](scores, group_ids, polarity, std_normalize=std, lam=acfg.lam)
+    raw = raw.to(response_mask.device).float()
+    mask = response_mask.to(raw.dtype)
+    tok_raw = raw.unsqueeze(-1) * mask
+    w_pos, w_neg = algo.polarity_weights or (acfg.w_pos, acfg.w_neg)
+    if algo.polarity_weights is not None:  # psr/nsr still honour the configured weights' scale
+        w_pos, w_neg = w_pos * acfg.w_pos, w_neg * acfg.w_neg
+    adv = polarity_weighting(tok_raw, polarity, w_pos=w_pos, w_neg=w_neg)
+    rules = effective_rules(algo, acfg, step, total_steps)
+    adv, key = token_shaping(adv, response_mask, polarity, rules, logprobs=logprobs, entropy=entropy)
+    if algo.fork_tokens:
+        if entropy is None:
+            raise ValueError("fork_tokens needs token entropies")
+        fork = fork_token_mask(entropy, response_mask, acfg.fork_quantile)
+        adv = adv * fork.to(adv.dtype)
+        key = key | fork
+    return Shaped(raw, tok_raw, adv, key, rules)
+
+
+def alpha_schedule(acfg, total_steps: int, points: int = 101) -> list[tuple[int, float, float]]:
+    """(step, alpha+, alpha-) over the run, for plots."""
+    S = acfg.decay_steps or total_steps
+    out = []
+    for i in range(points):
+        s = round(i * total_steps / max(1, points - 1))
+        out.append((s, decay_alpha(acfg.alpha_pos, s, S, acfg.decay, acfg.decay_rate),
+                    decay_alpha(acfg.alpha_neg, s, S, acfg.decay, acfg.decay_rate)))
+    return out

@@ -1,0 +1,206 @@
+"""``a3po``: the command-line entry point.
+
+    a3po train [--config FILE.yaml] [--store DIR] [key=value ...]
+    a3po train --resume RUN_ID [--store DIR]
+    a3po eval --model PATH [--task builtin:arith] [--k 1,4,8]
+    a3po runs [--store DIR]
+    a3po export RUN_ID --format parquet|duckdb DIR [--store DIR]
+    a3po build-tiny-model [--out DIR] [--steps N]
+    a3po config                      # every config key with its help text
+
+Errors in user input (config, dataset, model path, run id) end with one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from engine.tasks import PACKAGE_ROOT
+
+DEFAULT_CONFIG = PACKAGE_ROOT / "configs" / "demo.yaml"
+
+
+def _user_errors():
+    from engine.config import ConfigError
+    from engine.policy import ModelError
+    from engine.store import StoreError
+    from engine.tasks import DatasetError
+
+    return (ConfigError, ModelError, StoreError, DatasetError)
+
+
+def cmd_train(a) -> int:
+    from engine.config import load_config
+    from engine.store import Store
+    from engine import trainer
+
+    store = Store(a.store)
+    if a.resume:
+        if a.config or a.overrides:
+            raise _user_errors()[0]("--resume takes the run's stored config; drop --config and overrides")
+        res = trainer.resume(a.resume, store, progress=not a.quiet)
+    else:
+        cfg = load_config(a.config or DEFAULT_CONFIG, a.overrides)
+        res = trainer.train(cfg, store, progress=not a.quiet, study=a.study)
+    f = res.get("final") or {}
+    print(json.dumps({"run_id": res["run_id"], "store": str(store.root), "greedy_acc": f.get("greedy_acc"),
+                      "sampled_acc": f.get("sampled_acc"), "pass@k": f.get("pass@k")}))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import torch
+
+    from engine.evaluate import evaluate
+    from engine.policy import load_policy
+    from engine.rollout import make_backend
+    from engine.tasks import load_problems
+
+    torch.set_num_threads(a.threads)
+    ks = [int(k) for k in a.k.split(",") if k.strip()]
+    if not ks or min(ks) < 1:
+        raise _user_errors()[0](f"--k must be positive integers, got {a.k!r}")
+    model, tok, _ = load_policy(a.model, device=a.device)
+    probs = load_problems(a.task, a.split, prompt_key=a.prompt_key, answer_key=a.answer_key)
+    if a.n_prompts:
+        probs = probs[: a.n_prompts]
+    res = evaluate(make_backend("hf", model, tok), tok, probs, ks=ks, temperature=a.temperature,
+                   max_new_tokens=a.max_new_tokens, seed=a.seed)
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_runs(a) -> int:
+    from engine.store import Store
+
+    t = Store(a.store).runs_table().to_pylist()
+    if a.json:
+        print(json.dumps(t, default=str))
+        return 0
+    print(f"{'run_id':40s} {'algorithm':18s} {'steps':>11s} {'final_acc':>9s} status")
+    for r in t:
+        acc = "" if r["final_accuracy"] is None else f"{r['final_accuracy']:.3f}"
+        print(f"{r['run_id']:40s} {r['algorithm'] or '':18s} {r['last_step'] or 0:>5d}/{r['total_steps'] or 0:<5d} {acc:>9s} {r['status']}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from engine.store import TABLES, Store, check_name
+
+    store = Store(a.store)
+    store.read_run(check_name(a.run))
+    out = Path(a.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    con = store.connect([a.run])
+    try:
+        if a.format == "parquet":
+            for t in ("runs",) + TABLES:
+                path = out / f"{t}.parquet"
+                con.execute(f"COPY (SELECT * FROM {t} WHERE run_id = ?) TO '{_sql_path(path)}' (FORMAT parquet)", [a.run])
+                print(path)
+        else:
+            path = out / f"{a.run}.duckdb"
+            if path.exists():
+                raise _user_errors()[2](f"{path} exists; remove it or pick another folder")
+            con.execute(f"ATTACH '{_sql_path(path)}' AS dst")
+            for t in ("runs",) + TABLES:
+                con.execute(f"CREATE TABLE dst.{t} AS SELECT * FROM {t} WHERE run_id = ?", [a.run])
+            con.execute("DETACH dst")
+            print(path)
+    finally:
+        con.close()
+    return 0
+
+
+def _sql_path(p: Path) -> str:
+    s = str(p.resolve())
+    if "'" in s:
+        raise _user_errors()[2](f"export path may not contain a quote: {s}")
+    return s
+
+
+def cmd_build(a) -> int:
+    from engine.tiny_model import DEFAULT_OUT, build_tiny_model
+
+    stats = build_tiny_model(Path(a.out) if a.out else DEFAULT_OUT, steps=a.steps, seed=a.seed)
+    print(json.dumps({k: v for k, v in stats.items() if k != "history"}))
+    return 0
+
+
+def cmd_config(a) -> int:
+    from engine.config import describe
+
+    print(describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="a3po", description="A3PO Lab: RLVR training with per-token polarity data.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    store_default = os.environ.get("A3PO_STORE", "runs")
+
+    t = sub.add_parser("train", help="run RLVR training")
+    t.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG.relative_to(PACKAGE_ROOT)})")
+    t.add_argument("--store", default=store_default, help="store folder (default ./runs)")
+    t.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint")
+    t.add_argument("--study", help=argparse.SUPPRESS)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.name=grpo")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="greedy accuracy and pass@k of a model")
+    e.add_argument("--model", required=True, help="HF folder, HF id or builtin:tiny")
+    e.add_argument("--task", default="builtin:arith", help="builtin:arith or a .jsonl/.parquet file")
+    e.add_argument("--split", default="test")
+    e.add_argument("--k", default="1,4,8")
+    e.add_argument("--n-prompts", type=int, default=200)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--prompt-key", default="prompt")
+    e.add_argument("--answer-key", default="answer")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("runs", help="list runs in the store")
+    r.add_argument("--store", default=store_default)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_runs)
+
+    x = sub.add_parser("export", help="export a run's tables")
+    x.add_argument("run")
+    x.add_argument("dir")
+    x.add_argument("--format", choices=["parquet", "duckdb"], default="parquet")
+    x.add_argument("--store", default=store_default)
+    x.set_defaults(fn=cmd_export)
+
+    b = sub.add_parser("build-tiny-model", help="rebuild the embedded tiny model and task data from scratch")
+    b.add_argument("--out", help="output folder (default data/tiny-model)")
+    b.add_argument("--steps", type=int, default=3000)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(fn=cmd_build)
+
+    c = sub.add_parser("config", help="print every config key with its help")
+    c.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"a3po: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("a3po: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Run configuration: one YAML file per run plus dotted ``key=value`` overrides.
+
+Every key has a type, a default, a documented meaning and, where one exists, the name verl or TRL
+users know (``clip_ratio_high`` = TRL ``epsilon_high``; ``rollout.n`` = TRL ``num_generations``).
+Unknown keys and out-of-range values fail with one line naming the key.
+
+    a3po train --config configs/demo.yaml algorithm.name=grpo actor.lr=5e-5
+
+``a3po config`` prints every key with its help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from engine.advantage import DECAYS, TokenRule
+from engine.loss import AGG_MODES
+
+
+class ConfigError(ValueError):
+    """A malformed or invalid configuration (message names the key)."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("builtin:tiny", "Policy: 'builtin:tiny' (the embedded model in data/tiny-model), a local HF folder, "
+                                    "or a Hugging Face model id (needs network or a local HF cache).")
+    dtype: str = _f("auto", "Parameter dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (large models on GPU).")
+    logit_chunk: int = _f(1024, "Rows per chunk for log-prob/entropy, bounds the float32 softmax to chunk x vocab.")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("builtin:arith", "Training prompts: 'builtin:arith' or a local .jsonl/.parquet file.")
+    test: str = _f("builtin:arith", "Held-out prompts for evaluation: 'builtin:arith' or a local file.")
+    prompt_key: str = _f("prompt", "Column holding the prompt text (GSM8K/MATH exports: 'question'/'problem').")
+    answer_key: str = _f("answer", "Column holding the gold answer checked by math-verify.")
+    prompt_template: str = _f("{prompt}", "Python format string applied to each prompt, e.g. '{prompt}\\nAnswer in \\\\boxed{{}}.'")
+    chat_template: bool = _f(False, "Wrap prompts with the tokenizer's chat template (instruct models).")
+    max_prompt_tokens: int = _f(256, "Prompts longer than this are left-truncated.")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _f("hf", "Rollout backend: 'hf' (transformers generate with KV cache) or 'vllm' (GPU, [gpu] extra).")
+    n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1)
+    temperature: float = _f(1.0, "Sampling temperature for training rollouts.", min=0.0)
+    top_p: float = _f(1.0, "Nucleus sampling; 1.0 disables it.", min=0.0, max=1.0)
+    top_k: int = _f(0, "Top-k sampling; 0 disables it (transformers defaults to 50 otherwise).", min=0)
+    max_new_tokens: int = _f(48, "Maximum response length in tokens (DAPO's L_max).", min=1)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = _f("a3po", "Algorithm: grpo, dr_grpo, dapo, psr, nsr, w_reinforce, polarity_weighted, "
+                            "token_weighted, fork_tokens, a3po (see engine/algorithms.py).")
+    w_pos: float = _f(1.0, "Sample-level weight on positive (correct) responses. Tang et al. 2025: only the ratio "
+                           "w_pos/w_neg changes the update direction; P2N1 = (2, 1). Combines with every estimator.", min=0.0)
+    w_neg: float = _f(1.0, "Sample-level weight on negative (incorrect) responses (see w_pos).", min=0.0)
+    lam: float = _f(0.1, "W-REINFORCE reward for correct responses (Zhu et al. 2025; recommended 0.1).", min=0.0)
+    std_normalize: bool | None = _f(None, "Divide group advantages by the group std (GRPO). null = the algorithm's "
+                                          "default (false for dr_grpo).")
+    ratio: float = _f(0.2, "A3PO: share of each response's tokens that are key tokens (paper: 0.2).", min=0.0, max=1.0, open_min=True)
+    alpha_pos: float = _f(2.0, "A3PO: initial scale alpha+_0 on the lowest-probability tokens of correct responses. "
+                               "Chosen by the polarity study on the embedded task (README); the authors' code uses 0.5-5.", min=0.0)
+    alpha_neg: float = _f(2.0, "A3PO: initial scale alpha-_0 on the highest-probability tokens of incorrect responses.", min=0.0)
+    decay: str = _f("linear", "A3PO schedule d(s/S) in alpha(s) = 1 + (alpha0 - 1) d(s/S): constant, linear, cosine, exponential.",
+                    choices=sorted(DECAYS))
+    decay_rate: float = _f(5.0, "Rate of the exponential decay exp(-rate * s/S).", min=0.0)
+    decay_steps: int | None = _f(None, "Horizon S of the decay; null = the run's train.steps.", min=1)
+    token_rules: list = _f([], "token_weighted: list of rules {polarity, metric, end, ratio, scale}; also added on top "
+                               "of any other algorithm. Example: [{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}].")
+    fork_quantile: float = _f(0.2, "fork_tokens: train only on this top share of batch entropy (Wang et al. 2025; TRL "
+                                   "top_entropy_quantile).", min=0.0, max=1.0, open_min=True)
+    dynamic_sampling: bool | None = _f(None, "DAPO: drop groups whose rewards are all equal and sample more prompts to refill. "
+                                            "null = the algorithm's default (on for dapo, fork_tokens).")
+    max_gen_batches: int = _f(4, "Dynamic sampling: at most this many generation rounds per step.", min=1)
+    overlong_buffer: int | None = _f(None, "DAPO soft overlong penalty length L_cache (0 disables); null = algorithm default "
+                                          "(dapo: max_new_tokens // 4).", min=0)
+
+
+@dataclass
+class ActorConfig:
+    lr: float = _f(1e-4, "AdamW learning rate. On the tiny model 3e-5..1e-4 learns; 3e-4 degrades; 1e-3 collapses.", min=0.0, open_min=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    grad_clip: float = _f(1.0, "Max global grad norm (verl actor.grad_clip).", min=0.0)
+    ppo_epochs: int = _f(1, "Passes over each batch (verl ppo_epochs, TRL num_iterations).", min=1)
+    mini_batches: int = _f(1, "Optimizer steps per epoch: the batch is split into this many mini-batches.", min=1)
+    clip_ratio_low: float | None = _f(None, "PPO epsilon_low (TRL epsilon). null = algorithm default (0.2).", min=0.0)
+    clip_ratio_high: float | None = _f(None, "PPO epsilon_high, DAPO clip-higher (TRL epsilon_high). null = algorithm "
+                                             "default (0.28 for dapo/a3po, 0.2 for grpo).", min=0.0)
+    clip_ratio_c: float | None = _f(3.0, "Dual-clip bound for negative advantages (Ye et al. 2020; verl clip_ratio_c); null disables.", min=1.0)
+    loss_agg_mode: str | None = _f(None, "token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm. "
+                                         "null = algorithm default (dr_grpo: seq-mean-token-sum-norm, else token-mean).",
+                                   choices=list(AGG_MODES) + [None])
+    kl_coef: float = _f(0.0, "KL-to-reference penalty coefficient (verl kl_loss_coef); 0 skips the reference model.", min=0.0)
+    kl_type: str = _f("low_var_kl", "KL estimator: k1, k2, low_var_kl (k3).", choices=["k1", "k2", "low_var_kl"])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(200, "Training steps (one batch of prompts each).", min=1)
+    prompts_per_step: int = _f(16, "Prompts per step; the batch has prompts_per_step x rollout.n responses.", min=1)
+    eval_every: int = _f(25, "Evaluate on the test split every N steps (0 = only at start and end).", min=0)
+    checkpoint_every: int = _f(25, "Save a resumable checkpoint every N steps (0 = only at the end).", min=0)
+    compact_every: int = _f(100, "Merge per-step store files every N steps (at the next checkpoint).", min=1)
+    threads: int = _f(2, "torch CPU threads (fixed so a seed reproduces the same run).", min=1)
+    store_tokens: bool = _f(True, "Store every token row (id, text, log-prob, entropy, raw/shaped advantage, key flag).")
+    save_final_model: bool = _f(True, "Save the final policy in HF format under the run folder.")
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int = _f(200, "Test prompts used per evaluation (0 = all).", min=0)
+    k: list = _f([1, 4, 8], "pass@k values (unbiased estimator, Chen et al. 2021); n = max(k) samples per prompt.")
+    temperature: float = _f(1.0, "Temperature of the pass@k samples (greedy accuracy is also reported).", min=0.0)
+    max_new_tokens: int | None = _f(None, "null = rollout.max_new_tokens.", min=1)
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "Seed for prompt order, sampling and init; the same seed gives the same run on CPU.")
+    name: str | None = _f(None, "Run id in the store (letters, digits, . _ -); null = timestamp-algorithm.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def token_rules(self) -> list[TokenRule]:
+        return [TokenRule(**r) for r in self.algorithm.token_rules]
+
+
+# ------------------------------------------------------------------------------------------------
+def _coerce(value: Any, typ, key: str):
+    """Convert a YAML/CLI value to the field's declared type (``typ`` from type hints)."""
+    import types
+    import typing
+
+    args = typing.get_args(typ)
+    optional = type(None) in args
+    base = [a for a in args if a is not type(None)][0] if args and (typing.get_origin(typ) in (typing.Union, types.UnionType)) else typ
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"config key {key!r} may not be null")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if base is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, list):
+                raise ValueError
+            return value
+    except (ValueError, TypeError):
+        raise ConfigError(f"config key {key!r}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
+    return value
+
+
+def _check(f: dataclasses.Field, value, key: str):
+    md = f.metadata
+    if value is None:
+        return
+    if "choices" in md and value not in md["choices"]:
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {[c for c in md['choices'] if c is not None]}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:
+            raise ConfigError(f"config key {key!r} is NaN")
+        if "min" in md and (value < md["min"] or (md.get("open_min") and value == md["min"])):
+            op = ">" if md.get("open_min") else ">="
+            raise ConfigError(f"config key {key!r} must be {op} {md['min']}, got {value}")
+        if "max" in md and value > md["max"]:
+            raise ConfigError(f"config key {key!r} must be <= {md['max']}, got {value}")
+
+
+def _apply(obj, data: dict, prefix: str = ""):
+    hints = get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise ConfigError(f"unknown config key {key!r}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, v, key + ".")
+        else:
+            val = _coerce(v, hints[k], key)
+            _check(fields[k], val, key)
+            setattr(obj, k, val)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    k, v = text.split("=", 1)
+    if not k.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        val = yaml.safe_load(v) if v.strip() else ""
+    except yaml.YAMLError:
+        val = v
+    return k.strip().split("."), val
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validated as a whole."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        _apply(cfg, data)
+    for ov in overrides or []:
+        keys, val = parse_override(ov)
+        nested: Any = val
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks (single fields are checked as they are set)."""
+    from engine.algorithms import ALGORITHMS
+
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(f"config key 'algorithm.name': unknown algorithm {cfg.algorithm.name!r}; "
+                          f"choose one of {', '.join(sorted(ALGORITHMS))}")
+    if cfg.rollout.backend not in ("hf", "vllm"):
+        raise ConfigError(f"config key 'rollout.backend': {cfg.rollout.backend!r} is not 'hf' or 'vllm'")
+    for i, r in enumerate(cfg.algorithm.token_rules):
+        if not isinstance(r, dict):
+            raise ConfigError(f"config key 'algorithm.token_rules[{i}]' must be a mapping")
+        try:
+            TokenRule(**r)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key 'algorithm.token_rules[{i}]': {e}") from None
+    if len(cfg.actor.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.actor.betas):
+        raise ConfigError(f"config key 'actor.betas' must be two numbers in [0, 1), got {cfg.actor.betas}")
+    if not cfg.eval.k or not all(isinstance(k, int) and k >= 1 for k in cfg.eval.k):
+        raise ConfigError(f"config key 'eval.k' must be a list of positive ints, got {cfg.eval.k}")
+    batch = cfg.train.prompts_per_step * cfg.rollout.n
+    if cfg.actor.mini_batches > batch:
+        raise ConfigError(f"config key 'actor.mini_batches' ({cfg.actor.mini_batches}) exceeds the batch size ({batch})")
+    if cfg.name is not None:
+        from engine.store import StoreError, check_name
+
+        try:
+            check_name(cfg.name)
+        except StoreError as e:
+            raise ConfigError(f"config key 'name': {e}") from None
+    if "{prompt}" not in cfg.data.prompt_template:
+        raise ConfigError("config key 'data.prompt_template' must contain '{prompt}'")
+
+
+def describe() -> str:
+    """Every key with its default and help text (``a3po config``)."""
+    lines = []
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name} = {json.dumps(v)}\n    {f.metadata.get('help', '')}")
+
+    walk(Config())
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Rollout backends: turn prompts into G sampled responses per prompt.
+
+The trainer only sees ``RolloutBackend.generate`` and the ``Rollouts`` it returns, so a vLLM
+backend (GPU) can replace the Hugging Face one without touching the training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    seed: int = 0
+
+
+@dataclass
+class Rollouts:
+    """Responses for ``P`` prompts x ``n`` samples, ``B = P * n`` rows, prompt-major order.
+
+    prompt_ids: ``(B, Lp)`` left-padded prompt tokens; prompt_mask ``(B, Lp)``.
+    response_ids: ``(B, T)`` right-padded response tokens up to and including the first EOS.
+    response_mask: ``(B, T)`` 1 on valid response tokens. truncated: ``(B,)`` no EOS within budget.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    truncated: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts: ...
+
+    def sync_weights(self, model) -> None: ...
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, L)`` ids and mask, sequences aligned to the right."""
+    L = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_eos(gen: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each row up to and including its first EOS; later positions become pad with mask 0.
+
+    Args: gen ``(B, T)`` generated ids. Returns ``(ids, mask, truncated)``.
+    """
+    B, T = gen.shape
+    is_eos = gen == eos_id
+    has = is_eos.any(dim=1)
+    first = torch.where(has, is_eos.float().argmax(dim=1), torch.full((B,), T, device=gen.device))
+    length = torch.where(has, first + 1, first)
+    mask = (torch.arange(T, device=gen.device).unsqueeze(0) < length.unsqueeze(1)).long()
+    ids = torch.where(mask.bool(), gen, torch.full_like(gen, pad_id))
+    keep = max(1, int(length.max().item())) if B else 1
+    return ids[:, :keep], mask[:, :keep], ~has
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) - 1`` clamped at 0: the position ids ``generate`` uses with left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class HFBackend:
+    """Batched ``model.generate`` with KV cache on the policy itself (no weight copy to sync)."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tok = tokenizer
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
+        device = next(self.model.parameters()).device
+        rep = [p for p in prompts for _ in range(params.n)]
+        ids, mask = left_pad(rep, self.tok.pad_token_id, device)
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(params.seed)
+        kw = dict(do_sample=params.temperature > 0, max_new_tokens=params.max_new_tokens,
+                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        if params.temperature > 0:
+            kw.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        else:
+            kw.update(temperature=None, top_k=None, top_p=None)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
+        if was_training:
+            self.model.train()
+        resp, rmask, trunc = cut_at_eos(out[:, ids.shape[1]:], self.tok.eos_token_id, self.tok.pad_token_id)
+        return Rollouts(ids, mask, resp, rmask, trunc)
+
+
+def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
+    if name == "hf":
+        return HFBackend(model, tokenizer)
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise RuntimeError("rollout.backend=vllm needs vLLM (pip install 'a3po-lab[gpu]' on a CUDA machine)") from None
+        raise RuntimeError("rollout.backend=vllm is not available in this build yet; use rollout.backend=hf")
+    raise ValueError(f"unknown rollout backend {name!r}")

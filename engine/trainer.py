@@ -1,0 +1,500 @@
+"""The RLVR training loop: sample, score, shape, update, store.
+
+One step: sample ``rollout.n`` responses for each of ``train.prompts_per_step`` prompts, score them
+with the verifier, compute old-policy log-probs and entropies in one forward pass, turn scores into
+per-token advantages with the configured algorithm (``engine.algorithms``), update the policy with
+the clipped surrogate (``engine.loss``), and write the step's metrics, rollouts and tokens to the
+store as one atomic segment.
+
+    a3po train --config configs/demo.yaml            # the demo: A3PO on the embedded model
+    a3po train --resume <run_id>                     # continue a killed run from its checkpoint
+
+When the update is a single on-policy mini-batch (``ppo_epochs=1, mini_batches=1``) the forward
+pass that computes the loss also provides the old log-probs (detached) and the entropies, so
+shaping and per-token logging cost no extra forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from engine.algorithms import ALGORITHMS, shape_advantages
+from engine.config import Config, config_from_dict
+from engine.evaluate import decode_responses, encode_prompts, evaluate
+from engine.loss import kl_penalty, masked_mean, policy_loss
+from engine.ops import token_entropy, token_logprobs
+from engine.policy import load_policy
+from engine.reward import is_correct, overlong_penalty
+from engine.rollout import Rollouts, SamplingParams, make_backend, position_ids
+from engine.store import Store
+from engine.tasks import load_problems
+
+
+class Timer:
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *a):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _T()
+
+
+def response_logits(model, ro: Rollouts, chunk: int):
+    """Forward the full sequences; return ``(logprobs, entropy_fn)`` on response positions ``(B, T)``."""
+    ids, att = ro.input_ids, ro.attention_mask
+    T = ro.response_ids.shape[1]
+    out = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1, :]  # position t predicts token t+1: keep the T predictions of response tokens
+    return logits
+
+
+class Trainer:
+    """Holds the policy, data, store and optimiser of one run. See module docstring."""
+
+    def __init__(self, cfg: Config, store: Store, run_id: str | None = None, log=None, study: str | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.log = log or (lambda s: print(s, file=sys.stderr))
+        torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (2**32))
+        self.algo = ALGORITHMS[cfg.algorithm.name]
+        a = cfg.algorithm
+        self.clip_low = cfg.actor.clip_ratio_low if cfg.actor.clip_ratio_low is not None else 0.2
+        self.clip_high = cfg.actor.clip_ratio_high if cfg.actor.clip_ratio_high is not None else self.algo.clip_ratio_high
+        self.agg = cfg.actor.loss_agg_mode or self.algo.loss_agg_mode
+        self.dynamic = self.algo.dynamic_sampling if a.dynamic_sampling is None else a.dynamic_sampling
+        buf = a.overlong_buffer if a.overlong_buffer is not None else (cfg.rollout.max_new_tokens // 4 if self.algo.overlong_penalty else 0)
+        self.overlong_buffer = buf
+        self.train_set = load_problems(cfg.data.train, "train", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+        self.test_set = load_problems(cfg.data.test, "test", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+        if cfg.eval.n_prompts:
+            self.test_set = self.test_set[: cfg.eval.n_prompts]
+        self.model, self.tok, self.device = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
+                                                        gradient_checkpointing=cfg.model.gradient_checkpointing)
+        self.ref = None
+        if cfg.actor.kl_coef > 0:
+            self.ref, _, _ = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
+            self.ref.eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.actor.lr, betas=tuple(cfg.actor.betas),
+                                     weight_decay=cfg.actor.weight_decay)
+        self.backend = make_backend(cfg.rollout.backend, self.model, self.tok, cfg)
+        self.train_prompts = encode_prompts(self.tok, self.train_set, cfg.data.prompt_template, cfg.data.chat_template,
+                                            cfg.data.max_prompt_tokens)
+        self.vocab_text = self._vocab_text()
+        self.start_step = 0
+        if run_id is None:
+            self.run_id = store.create_run(cfg.to_dict(), name=cfg.name, study=study)
+        else:
+            self.run_id = run_id
+            self.start_step = self._restore()
+        self.model.train()
+
+    # ------------------------------------------------------------------ data
+    def _vocab_text(self) -> pa.Array:
+        """Text of every token id, decoded once, so token rows are built with one Arrow take."""
+        V = max(len(self.tok), self.model.config.vocab_size)
+        texts = []
+        for i in range(V):
+            try:
+                texts.append(self.tok.decode([i]))
+            except Exception:
+                texts.append("")
+        return pa.array(texts, type=pa.string())
+
+    def prompt_indices(self, step: int, count: int, round_: int = 0) -> list[int]:
+        """Deterministic prompt order: epoch-wise permutations seeded by (seed, epoch)."""
+        N = len(self.train_set)
+        per_step = self.cfg.train.prompts_per_step
+        start = ((step - 1) * per_step * self.cfg.algorithm.max_gen_batches + round_ * per_step) if self.dynamic else (step - 1) * per_step
+        out = []
+        for j in range(start, start + count):
+            epoch, pos = divmod(j, N)
+            perm = self._perm(epoch)
+            out.append(perm[pos])
+        return out
+
+    def _perm(self, epoch: int) -> list[int]:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            rng = random.Random(f"{self.cfg.seed}-{epoch}")
+            perm = list(range(len(self.train_set)))
+            rng.shuffle(perm)
+            self._perm_cache = (epoch, perm)
+        return self._perm_cache[1]
+
+    # ------------------------------------------------------------------ checkpoint
+    def ckpt_dir(self) -> Path:
+        return self.store.run_dir(self.run_id) / "checkpoint"
+
+    def save_checkpoint(self, step: int) -> None:
+        d = self.ckpt_dir()
+        tmp = d.with_name(".checkpoint-tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        torch.save({"optimizer": self.opt.state_dict(), "step": step}, tmp / "trainer_state.pt")
+        if d.exists():
+            import shutil
+
+            old = d.with_name(".checkpoint-old")
+            if old.exists():
+                shutil.rmtree(old)
+            d.rename(old)
+            tmp.rename(d)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(d)
+        self.store.update_run(self.run_id, checkpoint_step=step)
+
+    def _restore(self) -> int:
+        d = self.ckpt_dir()
+        if not (d / "trainer_state.pt").exists():
+            old = d.with_name(".checkpoint-old")
+            d = old if (old / "trainer_state.pt").exists() else None
+        step = 0
+        if d is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(str(d / "model.safetensors"), device=str(self.device))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            bad = [k for k in missing if "lm_head" not in k]
+            if bad or unexpected:
+                raise RuntimeError(f"checkpoint {d} does not match the model ({len(bad)} missing, {len(unexpected)} unexpected keys)")
+            self.model.tie_weights()
+            ts = torch.load(d / "trainer_state.pt", map_location=self.device, weights_only=False)
+            self.opt.load_state_dict(ts["optimizer"])
+            step = int(ts["step"])
+        removed = self.store.truncate_after(self.run_id, step)
+        self.log(f"resuming {self.run_id} from step {step} (dropped {removed} uncheckpointed steps; they are recomputed)")
+        return step
+
+    # ------------------------------------------------------------------ one step
+    def sample(self, step: int, timer: Timer):
+        """Generate and score; with dynamic sampling keep only mixed groups, refilling up to max_gen_batches."""
+        cfg = self.cfg
+        P, n = cfg.train.prompts_per_step, cfg.rollout.n
+        kept: list[dict] = []
+        rounds = 0
+        while True:
+            idx = self.prompt_indices(step, P, rounds)
+            params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                                    max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed * 1_000_003 + step * 101 + rounds)
+            with timer("generate"):
+                ro = self.backend.generate([self.train_prompts[i] for i in idx], params)
+            with timer("score"):
+                texts = decode_responses(self.tok, ro.response_ids, ro.response_mask)
+                correct = [is_correct(t, self.train_set[idx[b // n]].answer) for b, t in enumerate(texts)]
+                lengths = ro.response_mask.sum(1).tolist()
+                rewards = [float(c) + overlong_penalty(int(L), cfg.rollout.max_new_tokens, self.overlong_buffer)
+                           for c, L in zip(correct, lengths)]
+            rounds += 1
+            for g, pi in enumerate(idx):
+                sl = slice(g * n, (g + 1) * n)
+                grp = {"prompt_idx": pi, "ro": ro, "rows": list(range(sl.start, sl.stop)), "texts": texts[sl],
+                       "correct": correct[sl], "rewards": rewards[sl]}
+                if self.dynamic and len(set(grp["rewards"])) == 1:
+                    continue
+                kept.append(grp)
+            if not self.dynamic or len(kept) >= P or rounds >= cfg.algorithm.max_gen_batches:
+                break
+        if self.dynamic and not kept:  # nothing mixed at all: train on the last round as is (zero advantage)
+            kept = [{"prompt_idx": pi, "ro": ro, "rows": list(range(g * n, (g + 1) * n)), "texts": texts[g * n:(g + 1) * n],
+                     "correct": correct[g * n:(g + 1) * n], "rewards": rewards[g * n:(g + 1) * n]} for g, pi in enumerate(idx)]
+        kept = kept[:P]
+        return self._merge(kept), rounds
+
+    def _merge(self, groups: list[dict]) -> dict:
+        """Concatenate kept groups (possibly from several generation rounds) into one padded batch."""
+        pad = self.tok.pad_token_id
+        parts_p, parts_pm, parts_r, parts_rm, trunc = [], [], [], [], []
+        for g in groups:
+            ro: Rollouts = g["ro"]
+            r = torch.tensor(g["rows"], device=ro.prompt_ids.device)
+            parts_p.append(ro.prompt_ids[r]); parts_pm.append(ro.prompt_mask[r])
+            parts_r.append(ro.response_ids[r]); parts_rm.append(ro.response_mask[r]); trunc.append(ro.truncated[r])
+        Lp = max(p.shape[1] for p in parts_p)
+        T = max(p.shape[1] for p in parts_r)
+
+        def padl(x, L, v):
+            return torch.nn.functional.pad(x, (L - x.shape[1], 0), value=v)
+
+        def padr(x, L, v):
+            return torch.nn.functional.pad(x, (0, L - x.shape[1]), value=v)
+
+        ro = Rollouts(torch.cat([padl(p, Lp, pad) for p in parts_p]), torch.cat([padl(p, Lp, 0) for p in parts_pm]),
+                      torch.cat([padr(p, T, pad) for p in parts_r]), torch.cat([padr(p, T, 0) for p in parts_rm]),
+                      torch.cat(trunc))
+        n = self.cfg.rollout.n
+        return {
+            "ro": ro,
+            "prompt_idx": [g["prompt_idx"] for g in groups for _ in range(n)],
+            "group": [i for i in range(len(groups)) for _ in range(n)],
+            "texts": [t for g in groups for t in g["texts"]],
+            "correct": [c for g in groups for c in g["correct"]],
+            "rewards": [r for g in groups for r in g["rewards"]],
+        }
+
+    def step(self, step: int) -> dict:
+        cfg, timer = self.cfg, Timer()
+        t0 = time.perf_counter()
+        batch, rounds = self.sample(step, timer)
+        ro: Rollouts = batch["ro"]
+        dev = self.device
+        ro = Rollouts(*(x.to(dev) for x in (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, ro.truncated)))
+        mask = ro.response_mask.bool()
+        scores = torch.tensor(batch["rewards"], dtype=torch.float32, device=dev)
+        correct = torch.tensor(batch["correct"], dtype=torch.bool, device=dev)
+        polarity = torch.where(correct, 1, -1).to(torch.int8)
+        B = scores.shape[0]
+        single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
+        chunk = cfg.model.logit_chunk
+
+        # --- old policy log-probs and entropy (one pass; reused for the update when on-policy)
+        with timer("forward"):
+            ctx = nullcontext() if single_pass else torch.no_grad()
+            with ctx:
+                logits = response_logits(self.model, ro, chunk)
+                lp = token_logprobs(logits, ro.response_ids, chunk_size=chunk)
+            with torch.no_grad():
+                ent = token_entropy(logits.detach(), chunk_size=chunk)
+            old_lp = lp.detach()
+            ref_lp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_lp = token_logprobs(response_logits(self.ref, ro, chunk), ro.response_ids, chunk_size=chunk)
+            if not single_pass:
+                del logits, lp
+        # --- advantages
+        with timer("shaping"):
+            shaped = shape_advantages(self.algo, cfg.algorithm, scores=scores, group_ids=batch["group"], polarity=polarity,
+                                      response_mask=ro.response_mask, logprobs=old_lp, entropy=ent,
+                                      step=step - 1, total_steps=cfg.train.steps)
+        # --- update
+        with timer("update"):
+            upd = self._update(ro, old_lp, shaped.adv, ref_lp, lp if single_pass else None)
+        metrics = self._metrics(batch, ro, old_lp, ent, shaped, polarity, scores, upd, rounds)
+        # --- store
+        with timer("store"):
+            tables = self._tables(step, batch, ro, old_lp, ent, shaped, polarity)
+        metrics.update({f"t_{k}": v for k, v in timer.t.items()})
+        metrics["t_step"] = time.perf_counter() - t0
+        return metrics, tables
+
+    def _update(self, ro: Rollouts, old_lp, adv, ref_lp, lp_live) -> dict:
+        cfg = self.cfg
+        B = adv.shape[0]
+        mask = ro.response_mask
+        stats = {"clipfrac": [], "clipfrac_lower": [], "approx_kl": [], "kl_ref": [], "loss": [], "grad_norm": []}
+        mbs = torch.arange(B).chunk(cfg.actor.mini_batches)
+        for epoch in range(cfg.actor.ppo_epochs):
+            for mb in mbs:
+                if lp_live is not None:
+                    lp = lp_live
+                else:
+                    sub = Rollouts(ro.prompt_ids[mb], ro.prompt_mask[mb], ro.response_ids[mb], ro.response_mask[mb], ro.truncated[mb])
+                    lp = token_logprobs(response_logits(self.model, sub, cfg.model.logit_chunk), sub.response_ids,
+                                        chunk_size=cfg.model.logit_chunk)
+                m = mask[mb]
+                loss, met = policy_loss(lp, old_lp[mb], adv[mb], m, clip_low=self.clip_low, clip_high=self.clip_high,
+                                        dual_clip=cfg.actor.clip_ratio_c, agg=self.agg, norm_len=None)
+                if ref_lp is not None:
+                    kl = masked_mean(kl_penalty(lp, ref_lp[mb], cfg.actor.kl_type), m)
+                    loss = loss + cfg.actor.kl_coef * kl
+                    stats["kl_ref"].append(float(kl))
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.actor.grad_clip if cfg.actor.grad_clip > 0 else float("inf"))
+                if torch.isfinite(gn):
+                    self.opt.step()
+                else:
+                    self.log(f"non-finite grad norm: update skipped")
+                stats["loss"].append(float(loss.detach())); stats["grad_norm"].append(float(gn))
+                for k in ("clipfrac", "clipfrac_lower", "approx_kl"):
+                    stats[k].append(met[k])
+                lp_live = None
+        return {k: (float(np.mean(v)) if v else 0.0) for k, v in stats.items()}
+
+    def _metrics(self, batch, ro, old_lp, ent, shaped, polarity, scores, upd, rounds) -> dict:
+        mask = ro.response_mask.bool()
+        pos = (polarity == 1).unsqueeze(-1) & mask
+        neg = (polarity == -1).unsqueeze(-1) & mask
+        lengths = mask.sum(1).float()
+        n = self.cfg.rollout.n
+        corr = torch.tensor(batch["correct"], dtype=torch.float32).reshape(-1, n)
+        a_abs = shaped.adv.abs()
+
+        def mm(x, m):
+            return float(masked_mean(x, m)) if m.any() else float("nan")
+
+        def ml(sel):
+            return float(lengths[sel].mean()) if sel.any() else float("nan")
+
+        rules = {f"{r.polarity}": r.scale for r in shaped.rules}
+        return {
+            "reward": float(scores.mean()), "acc": float(corr.mean()),
+            "entropy": mm(ent, mask), "entropy_pos": mm(ent, pos), "entropy_neg": mm(ent, neg),
+            "length": float(lengths.mean()), "length_pos": ml(polarity == 1), "length_neg": ml(polarity == -1),
+            "frac_all_correct": float((corr.min(1).values == 1).float().mean()),
+            "frac_all_wrong": float((corr.max(1).values == 0).float().mean()),
+            "truncated_frac": float(ro.truncated.float().mean()),
+            "push_pos": float((a_abs * pos).sum()), "push_neg": float((a_abs * neg).sum()),
+            "key_frac": float(shaped.key_mask[mask].float().mean()) if mask.any() else 0.0,
+            "alpha_pos": rules.get("positive", 1.0), "alpha_neg": rules.get("negative", 1.0),
+            "n_rollouts": float(mask.shape[0]), "gen_rounds": float(rounds),
+            **upd,
+        }
+
+    def _tables(self, step, batch, ro, old_lp, ent, shaped, polarity) -> dict:
+        rid = self.run_id
+        mask = ro.response_mask.bool().cpu()
+        B, T = mask.shape
+        lengths = mask.sum(1).numpy()
+        pol = polarity.cpu().numpy().astype(np.int8)
+        lp_c, ent_c = old_lp.float().cpu(), ent.float().cpu()
+        key = shaped.key_mask.cpu()
+        m = mask.float()
+        mean_lp = ((lp_c * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
+        mean_ent = ((ent_c * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
+        rollouts = pa.table({
+            "run_id": pa.array([rid] * B), "step": pa.array(np.full(B, step, np.int32)),
+            "rollout_idx": pa.array(np.arange(B, dtype=np.int32)), "group_idx": pa.array(np.array(batch["group"], np.int32)),
+            "prompt_idx": pa.array(np.array(batch["prompt_idx"], np.int64)),
+            "prompt": pa.array([self.train_set[i].prompt for i in batch["prompt_idx"]]),
+            "response": pa.array(batch["texts"]), "answer": pa.array([self.train_set[i].answer for i in batch["prompt_idx"]]),
+            "reward": pa.array(np.array(batch["rewards"], np.float32)), "correct": pa.array(batch["correct"]),
+            "polarity": pa.array(pol), "length": pa.array(lengths.astype(np.int32)),
+            "truncated": pa.array(ro.truncated.cpu().numpy()), "adv_raw": pa.array(shaped.adv_raw.float().cpu().numpy()),
+            "mean_logprob": pa.array(mean_lp.astype(np.float32)), "mean_entropy": pa.array(mean_ent.astype(np.float32)),
+            "n_key": pa.array(key.sum(1).numpy().astype(np.int32)),
+        })
+        tables = {"rollouts": rollouts}
+        if self.cfg.train.store_tokens:
+            rows, pos = mask.nonzero(as_tuple=True)
+            ids = ro.response_ids.cpu()[rows, pos].numpy().astype(np.int32)
+            tables["tokens"] = pa.table({
+                "run_id": pa.array([rid] * len(ids)) if len(ids) else pa.array([], pa.string()),
+                "step": pa.array(np.full(len(ids), step, np.int32)), "rollout_idx": pa.array(rows.numpy().astype(np.int32)),
+                "position": pa.array(pos.numpy().astype(np.int32)), "token_id": pa.array(ids),
+                "token_text": self.vocab_text.take(pa.array(ids)),
+                "logprob": pa.array(lp_c[mask].numpy()), "entropy": pa.array(ent_c[mask].numpy()),
+                "adv_raw": pa.array(shaped.adv_tokens_raw.float().cpu()[mask].numpy()),
+                "adv_shaped": pa.array(shaped.adv.detach().float().cpu()[mask].numpy()),
+                "is_key": pa.array(key[mask].numpy()), "polarity": pa.array(pol[rows.numpy()]),
+            })
+        return tables
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, step: int) -> tuple[dict, pa.Table]:
+        cfg = self.cfg
+        self.model.eval()
+        res = evaluate(self.backend, self.tok, self.test_set, ks=cfg.eval.k, temperature=cfg.eval.temperature,
+                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, seed=cfg.seed + 7919,
+                       template=cfg.data.prompt_template, chat=cfg.data.chat_template)
+        self.model.train()
+        rows = [("greedy_acc", None, res["greedy_acc"]), ("sampled_acc", None, res["sampled_acc"])]
+        rows += [("pass@k", k, v) for k, v in res["pass@k"].items()]
+        t = pa.table({"run_id": [self.run_id] * len(rows), "step": pa.array([step] * len(rows), pa.int32()),
+                      "metric": [r[0] for r in rows], "k": pa.array([r[1] for r in rows], pa.int32()),
+                      "value": pa.array([float(r[2]) for r in rows], pa.float64()),
+                      "n": pa.array([res["n_prompts"]] * len(rows), pa.int32())})
+        return res, t
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        S = cfg.train.steps
+        store, rid = self.store, self.run_id
+        store.update_run(rid, status="running", pid=__import__("os").getpid(), error=None)
+        self.log(f"run {rid}: {cfg.algorithm.name}, {S} steps, store {store.root}")
+        last_eval = None
+        try:
+            if self.start_step == 0:
+                res, et = self.evaluate(0)
+                store.write_step(rid, 0, {"evals": et})
+                last_eval = res
+                self.log(f"step 0: greedy acc {res['greedy_acc']:.3f}, sampled acc {res['sampled_acc']:.3f}")
+            bar = _progress(range(self.start_step + 1, S + 1), S, self.start_step, progress)
+            for step in bar:
+                metrics, tables = self.step(step)
+                evals = None
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == S:
+                    t_e = time.perf_counter()
+                    last_eval, evals = self.evaluate(step)
+                    metrics["t_eval"] = time.perf_counter() - t_e
+                    metrics["test_acc"] = last_eval["sampled_acc"]
+                    metrics["test_greedy_acc"] = last_eval["greedy_acc"]
+                    tables["evals"] = evals
+                metrics["time"] = time.time()
+                tables["steps"] = pa.table({"run_id": [rid], "step": pa.array([step], pa.int32()),
+                                            **{k: pa.array([float(v)], pa.float64()) for k, v in metrics.items()}})
+                t_w = time.perf_counter()
+                store.write_step(rid, step, tables)
+                metrics["t_store"] = metrics.get("t_store", 0.0) + time.perf_counter() - t_w
+                if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == S:
+                    self.save_checkpoint(step)
+                    if step % cfg.train.compact_every == 0 or step == S:
+                        store.compact(rid, step)
+                store.update_run(rid, last_step=step) if step % 5 == 0 else None
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['acc']:.2f}", ent=f"{metrics['entropy']:.3f}",
+                                    len=f"{metrics['length']:.1f}", s_per_step=f"{metrics['t_step']:.2f}", refresh=False)
+            final_acc = last_eval["sampled_acc"] if last_eval else None
+            if cfg.train.save_final_model:
+                out = store.run_dir(rid) / "final"
+                self.model.save_pretrained(out, safe_serialization=True)
+                self.tok.save_pretrained(out)
+            store.update_run(rid, status="finished", last_step=S, final_accuracy=final_acc,
+                             final_greedy_accuracy=last_eval["greedy_acc"] if last_eval else None)
+            return {"run_id": rid, "final": last_eval}
+        except KeyboardInterrupt:
+            store.update_run(rid, status="killed", error="interrupted")
+            raise
+        except Exception as e:
+            store.update_run(rid, status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            raise
+
+
+def _progress(it, total, start, enabled):
+    if not enabled:
+        return it
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+def train(cfg: Config, store: Store, *, progress: bool = True, study: str | None = None, log=None) -> dict:
+    return Trainer(cfg, store, log=log, study=study).fit(progress)
+
+
+def resume(run_id: str, store: Store, *, progress: bool = True, log=None) -> dict:
+    meta = store.read_run(run_id)
+    if meta.get("status") == "finished":
+        raise RuntimeError(f"run {run_id} already finished")
+    cfg = config_from_dict(meta["config"])
+    return Trainer(cfg, store, run_id=run_id, log=log).fit(progress)
