@@ -1,0 +1,113 @@
+"""Engine step cost vs a bare GRPO step, by phase, on the same model, prompts and token budget.
+
+Why: shaping, per-token entropy and per-token storage must stay cheap (target: a full engine step
+<= 1.3x a bare GRPO step, storage < 10% of step time). The two kinds of step are measured
+alternately in one process so that machine noise hits both alike.
+
+    python bench/bench_step.py [--steps 20] [--prompts 16] [--n 8] [key=value ...]
+
+A bare step = generate + score + group advantages + one forward/backward + optimiser step, nothing
+stored and no entropy. A full step = ``Trainer.step`` (A3PO shaping, entropy, all metrics) plus
+writing the step's rollouts and tokens to the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from engine.advantage import group_advantages  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.evaluate import decode_responses  # noqa: E402
+from engine.loss import policy_loss  # noqa: E402
+from engine.ops import token_logprobs  # noqa: E402
+from engine.reward import is_correct  # noqa: E402
+from engine.rollout import SamplingParams  # noqa: E402
+from engine.store import Store  # noqa: E402
+from engine.trainer import Trainer, response_logits  # noqa: E402
+
+
+def bare_step(tr: Trainer, step: int) -> dict:
+    cfg = tr.cfg
+    t = {}
+    t0 = time.perf_counter()
+    idx = tr.prompt_indices(step, cfg.train.prompts_per_step)
+    ro = tr.backend.generate([tr.train_prompts[i] for i in idx],
+                             SamplingParams(n=cfg.rollout.n, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                                            seed=step))
+    t["generate"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    texts = decode_responses(tr.tok, ro.response_ids, ro.response_mask)
+    n = cfg.rollout.n
+    scores = torch.tensor([float(is_correct(x, tr.train_set[idx[b // n]].answer)) for b, x in enumerate(texts)])
+    adv = group_advantages(scores, [b // n for b in range(len(texts))]).unsqueeze(-1) * ro.response_mask
+    lp = token_logprobs(response_logits(tr.model, ro, 1024), ro.response_ids)
+    loss, _ = policy_loss(lp, lp.detach(), adv, ro.response_mask, clip_high=0.2)
+    tr.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(tr.model.parameters(), 1.0)
+    tr.opt.step()
+    t["rest"] = time.perf_counter() - t1
+    t["total"] = time.perf_counter() - t0
+    return t
+
+
+def full_step(tr: Trainer, step: int) -> dict:
+    t0 = time.perf_counter()
+    metrics, tables = tr.step(step)
+    t1 = time.perf_counter()
+    tr.store.write_step(tr.run_id, step, tables)
+    store_write = time.perf_counter() - t1
+    out = {k[2:]: v for k, v in metrics.items() if k.startswith("t_") and k != "t_step"}
+    out["store"] = out.get("store", 0.0) + store_write  # building tables + writing Parquet
+    out["total"] = time.perf_counter() - t0
+    out["tokens"] = tables["tokens"].num_rows if "tokens" in tables else 0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml",
+                      [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", *a.overrides])
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, Store(d), log=lambda s: None)
+        bare, full = [], []
+        for i in range(1, a.warmup + a.steps + 1):
+            b = bare_step(tr, 2 * i)
+            f = full_step(tr, 2 * i + 1)
+            if i > a.warmup:
+                bare.append(b)
+                full.append(f)
+
+    def med(rows, k):
+        return statistics.median(r.get(k, 0.0) for r in rows)
+
+    print(f"model {cfg.model.path}, {a.prompts} prompts x {a.n} rollouts, max_new_tokens {cfg.rollout.max_new_tokens}, "
+          f"{a.steps} alternating pairs after {a.warmup} warm-up, torch threads {torch.get_num_threads()}")
+    print(f"{'phase':12s} {'bare (s)':>10s} {'full (s)':>10s}")
+    for k in ("generate", "score", "forward", "shaping", "update", "store", "rest"):
+        b = med(bare, k) if k in ("generate", "rest") else None
+        print(f"{k:12s} {'' if b is None else f'{b:10.4f}':>10s} {med(full, k) if k != 'rest' else float('nan'):10.4f}")
+    tb, tf = med(bare, "total"), med(full, "total")
+    print(f"{'step':12s} {tb:10.4f} {tf:10.4f}")
+    print(f"tokens stored per step: {med(full, 'tokens'):.0f}")
+    print(f"storage overhead: {100 * med(full, 'store') / tf:.1f}% of a full step ({1000 * med(full, 'store'):.1f} ms)")
+    print(f"full / bare step time ratio: {tf / tb:.3f}  (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

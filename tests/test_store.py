@@ -1,0 +1,413 @@
+"""Unit tests for engine.store: run metadata, atomic step segments, compaction, truncation, views."""
+
+import json
+import os
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from engine.store import SCHEMAS, TABLES, Store, StoreError, check_name
+
+CONFIG = {"algorithm": {"name": "grpo"}, "train": {"steps": 10}}
+
+
+def tokens_table(run_id: str, step: int, n: int = 3) -> pa.Table:
+    rows = [{
+        "run_id": run_id, "step": step, "rollout_idx": i // 2, "position": i, "token_id": 100 * step + i,
+        "token_text": f"t{step}.{i}", "logprob": -0.5, "entropy": 1.0, "adv_raw": 1.0, "adv_shaped": 2.0,
+        "is_key": i == 0, "polarity": 1,
+    } for i in range(n)]
+    return pa.Table.from_pylist(rows, schema=SCHEMAS["tokens"])
+
+
+def steps_table(run_id: str, step: int) -> pa.Table:
+    return pa.table({"run_id": [run_id], "step": pa.array([step], pa.int32()), "reward_mean": [step / 10]})
+
+
+def evals_table(run_id: str, step: int) -> pa.Table:
+    return pa.Table.from_pylist([{"run_id": run_id, "step": step, "metric": "pass@k", "k": 1, "value": 0.5, "n": 4}],
+                                schema=SCHEMAS["evals"])
+
+
+def write(store: Store, rid: str, step: int, n_tokens: int = 3) -> None:
+    store.write_step(rid, step, {"tokens": tokens_table(rid, step, n_tokens), "steps": steps_table(rid, step)})
+
+
+def token_keys(store: Store, rid: str | None = None):
+    if rid is None:
+        df = store.query("select step, position from tokens order by step, position")
+    else:
+        df = store.query("select step, position from tokens where run_id = ? order by step, position", [rid])
+    return [(int(s), int(p)) for s, p in zip(df["step"], df["position"])]
+
+
+def expected_keys(steps, n=3):
+    return [(s, p) for s in steps for p in range(n)]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "runs")
+
+
+# ------------------------------------------------------------------------------------ runs
+def test_create_read_update_run(store):
+    rid = store.create_run(CONFIG, name="exp1", study="polarity")
+    assert rid == "exp1"
+    assert (store.root / "exp1" / "run.json").exists()
+    meta = store.read_run(rid)
+    assert meta["run_id"] == "exp1" and meta["name"] == "exp1"
+    assert meta["algorithm"] == "grpo"
+    assert meta["status"] == "created"
+    assert meta["study"] == "polarity"
+    assert meta["total_steps"] == 10
+    assert meta["last_step"] == 0
+    assert meta["config"] == CONFIG
+    assert meta["pid"] == os.getpid()
+
+    before = meta["updated"]
+    new = store.update_run(rid, status="running", last_step=4)
+    assert new["status"] == "running" and new["last_step"] == 4
+    meta2 = store.read_run(rid)
+    assert meta2["status"] == "running"  # our own pid is alive
+    assert meta2["last_step"] == 4
+    assert meta2["updated"] >= before
+    assert meta2["config"] == CONFIG
+    assert store.run_ids() == ["exp1"]
+    # no temporary files left next to run.json
+    assert sorted(p.name for p in (store.root / "exp1").iterdir()) == ["run.json"]
+
+
+def test_create_run_generated_names_are_unique(store):
+    a = store.create_run(CONFIG)
+    b = store.create_run(CONFIG)
+    assert a != b
+    assert a.endswith("grpo")
+    assert b.startswith(a)  # second one gets a -N suffix (same second) or a later timestamp
+    check_name(a), check_name(b)
+    assert sorted(store.run_ids()) == sorted([a, b])
+
+
+def test_duplicate_explicit_name_raises(store):
+    store.create_run(CONFIG, name="same")
+    with pytest.raises(StoreError) as ei:
+        store.create_run(CONFIG, name="same")
+    assert "same" in str(ei.value)
+    assert store.run_ids() == ["same"]
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "..", "", ".hidden", "a..b", "/abs", "with space", "x" * 129])
+def test_bad_run_names_raise(store, bad):
+    with pytest.raises(StoreError):
+        check_name(bad)
+    with pytest.raises(StoreError):
+        store.run_dir(bad)
+    with pytest.raises(StoreError):
+        store.read_run(bad)
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "..", ".hidden", "a..b"])
+def test_create_run_with_escaping_name_raises(store, tmp_path, bad):
+    with pytest.raises(StoreError):
+        store.create_run(CONFIG, name=bad)
+    assert not (tmp_path / "evil").exists()
+    assert store.run_ids() == []
+
+
+def test_create_run_with_empty_name_raises(store):
+    # an explicit empty name is invalid (check_name refuses it), not "no name"
+    with pytest.raises(StoreError):
+        store.create_run(CONFIG, name="")
+
+
+def test_good_names_accepted():
+    for good in ["a", "run-1", "run_1.v2", "A" * 128, "2024.01.01"]:
+        assert check_name(good) == good
+
+
+def test_read_missing_run_raises(store):
+    with pytest.raises(StoreError):
+        store.read_run("ghost")
+
+
+def test_dead_writer_is_reported_killed(store):
+    rid = store.create_run(CONFIG, name="crashed")
+    path = store.root / rid / "run.json"
+    meta = json.loads(path.read_text())
+    # pid_max on Linux is at most 2**22, so this pid cannot exist
+    meta.update(status="running", pid=2**22 + 12345, host=socket.gethostname())
+    path.write_text(json.dumps(meta))
+    assert store.read_run(rid)["status"] == "killed"
+    assert json.loads(path.read_text())["status"] == "running"  # reading does not rewrite the file
+    assert store.query("select status from runs where run_id = ?", [rid])["status"].tolist() == ["killed"]
+
+
+def test_running_run_on_other_host_is_not_killed(store):
+    rid = store.create_run(CONFIG, name="remote")
+    path = store.root / rid / "run.json"
+    meta = json.loads(path.read_text())
+    meta.update(status="running", pid=2**22 + 12345, host=socket.gethostname() + "-elsewhere")
+    path.write_text(json.dumps(meta))
+    assert store.read_run(rid)["status"] == "running"
+
+
+def test_finished_run_with_dead_pid_keeps_status(store):
+    rid = store.create_run(CONFIG, name="done")
+    store.update_run(rid, status="finished", pid=2**22 + 12345)
+    assert store.read_run(rid)["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------------ writing / reading
+def test_write_steps_then_query(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in (1, 2, 3):
+        write(store, rid, s)
+    assert token_keys(store, rid) == expected_keys([1, 2, 3])
+    df = store.query("select step, reward_mean from steps order by step")
+    assert df["step"].tolist() == [1, 2, 3]
+    assert df["reward_mean"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    seg = store.root / rid / "segments"
+    assert sorted(p.name for p in seg.iterdir()) == ["step_000001", "step_000002", "step_000003"]
+    # nothing for tables not written
+    assert int(store.query("select count(*) as n from evals")["n"][0]) == 0
+
+
+def test_tmp_segment_is_never_read(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in (1, 2, 3):
+        write(store, rid, s)
+    crashed = store.root / rid / "segments" / ".tmp-step_000004-123"
+    crashed.mkdir()
+    pq.write_table(tokens_table(rid, 4), crashed / "tokens.parquet")
+    assert token_keys(store, rid) == expected_keys([1, 2, 3])
+    files = store.files("tokens")
+    assert len(files) == 3
+    assert all(".tmp-" not in f for f in files)
+    with store.reading() as con:
+        assert con.execute("select max(step) from tokens").fetchone()[0] == 3
+
+
+def test_write_step_rewrite_replaces(store):
+    rid = store.create_run(CONFIG, name="r")
+    write(store, rid, 1, n_tokens=3)
+    write(store, rid, 1, n_tokens=5)  # the step is recomputed after a resume
+    assert token_keys(store, rid) == expected_keys([1], n=5)
+    assert not [p for p in (store.root / rid / "segments").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_write_step_unknown_table_raises_and_publishes_nothing(store):
+    rid = store.create_run(CONFIG, name="r")
+    with pytest.raises(StoreError):
+        store.write_step(rid, 1, {"tokens": tokens_table(rid, 1), "bogus": tokens_table(rid, 1)})
+    assert not (store.root / rid / "segments" / "step_000001").exists()
+    assert token_keys(store, rid) == []
+
+
+def test_empty_tables_are_skipped(store):
+    rid = store.create_run(CONFIG, name="r")
+    store.write_step(rid, 1, {"tokens": tokens_table(rid, 1, n=0), "steps": steps_table(rid, 1), "evals": None})
+    seg = store.root / rid / "segments" / "step_000001"
+    assert sorted(p.name for p in seg.iterdir()) == ["steps.parquet"]
+    assert int(store.query("select count(*) as n from tokens")["n"][0]) == 0
+    assert int(store.query("select count(*) as n from steps")["n"][0]) == 1
+
+
+def test_connect_holds_no_lock(store):
+    rid = store.create_run(CONFIG, name="r")
+    write(store, rid, 1)
+    con = store.connect()
+    assert con.execute("select count(*) from tokens").fetchone()[0] == 3
+    write(store, rid, 2)  # a writer proceeds while a reader is open
+    con2 = store.connect()
+    assert con2.execute("select count(*) from tokens").fetchone()[0] == 6
+    assert con.execute("select count(*) from tokens").fetchone()[0] == 3  # files listed at connect time
+    con.close()
+    con2.close()
+
+
+def test_parameterised_query(store):
+    a = store.create_run(CONFIG, name="a")
+    b = store.create_run(CONFIG, name="b")
+    write(store, a, 1, n_tokens=2)
+    write(store, a, 2, n_tokens=2)
+    write(store, b, 1, n_tokens=7)
+    sql = "select count(*) as n from tokens where run_id = ?"
+    assert int(store.query(sql, [a])["n"][0]) == 4
+    assert int(store.query(sql, [b])["n"][0]) == 7
+    assert int(store.query(sql, ["a' or '1'='1"])["n"][0]) == 0
+    # restricting the connection to one run
+    assert int(store.query("select count(*) as n from tokens", run_ids=[b])["n"][0]) == 7
+    with pytest.raises(StoreError):
+        store.connect(run_ids=["../a"])
+
+
+def test_runs_view(store):
+    store.create_run(CONFIG, name="a", study="s1")
+    store.create_run({"algorithm": {"name": "dapo"}}, name="b")
+    df = store.query("select run_id, algorithm, study, status, config from runs order by run_id")
+    assert df["run_id"].tolist() == ["a", "b"]
+    assert df["algorithm"].tolist() == ["grpo", "dapo"]
+    assert df["study"].tolist()[0] == "s1"
+    assert df["status"].tolist() == ["created", "created"]
+    assert json.loads(df["config"][0]) == CONFIG
+
+
+def test_empty_store(tmp_path):
+    store = Store(tmp_path / "does-not-exist-yet")
+    assert store.run_ids() == []
+    con = store.connect()
+    try:
+        for view in ("runs",) + TABLES:
+            assert con.execute(f"select count(*) from {view}").fetchone()[0] == 0, view
+        # empty views still have the documented columns
+        cols = [r[0] for r in con.execute("describe tokens").fetchall()]
+        assert cols == SCHEMAS["tokens"].names
+    finally:
+        con.close()
+
+
+def test_run_without_steps(store):
+    store.create_run(CONFIG, name="r")
+    for view in ("steps", "rollouts", "tokens", "evals"):
+        assert int(store.query(f"select count(*) as n from {view}")["n"][0]) == 0
+    assert int(store.query("select count(*) as n from runs")["n"][0]) == 1
+
+
+# ------------------------------------------------------------------------------------ compaction
+def test_compact_merges_and_keeps_rows(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in range(1, 6):
+        tables = {"tokens": tokens_table(rid, s), "steps": steps_table(rid, s)}
+        if s == 2:
+            tables["evals"] = evals_table(rid, s)
+        store.write_step(rid, s, tables)
+    assert store.compact(rid, 3) == 3
+    seg = store.root / rid / "segments"
+    assert sorted(p.name for p in seg.iterdir()) == ["step_000004", "step_000005"]
+    chunks = sorted(p.name for p in (store.root / rid / "chunks").iterdir())
+    # a chunk is named after the merged step range, even for a table present in only some steps
+    assert chunks == ["evals-000001-000003.parquet", "steps-000001-000003.parquet", "tokens-000001-000003.parquet"]
+    assert token_keys(store, rid) == expected_keys([1, 2, 3, 4, 5])
+    assert store.query("select step from steps order by step")["step"].tolist() == [1, 2, 3, 4, 5]
+    assert store.query("select step from evals")["step"].tolist() == [2]
+    # no duplicates
+    assert int(store.query("select count(*) as n from tokens")["n"][0]) == 15
+
+
+def test_compact_twice_and_nothing_to_do(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in range(1, 7):
+        write(store, rid, s)
+    assert store.compact(rid, 2) == 2
+    assert store.compact(rid, 2) == 0
+    assert store.compact(rid, 5) == 3
+    assert sorted(p.name for p in (store.root / rid / "segments").iterdir()) == ["step_000006"]
+    tok_chunks = sorted(p.name for p in (store.root / rid / "chunks").iterdir() if p.name.startswith("tokens"))
+    assert tok_chunks == ["tokens-000001-000002.parquet", "tokens-000003-000005.parquet"]
+    assert token_keys(store, rid) == expected_keys(range(1, 7))
+    write(store, rid, 7)
+    assert token_keys(store, rid) == expected_keys(range(1, 8))
+
+
+def test_compact_one_run_does_not_hide_another(store):
+    a = store.create_run(CONFIG, name="a")
+    b = store.create_run(CONFIG, name="b")
+    for s in (1, 2, 3):
+        write(store, a, s)
+        write(store, b, s)
+    store.compact(a, 3)
+    assert token_keys(store, a) == expected_keys([1, 2, 3])
+    assert token_keys(store, b) == expected_keys([1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------ truncation
+def test_truncate_after_removes_later_segments(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in range(1, 6):
+        write(store, rid, s)
+    crashed = store.root / rid / "segments" / ".tmp-step_000006-999"
+    crashed.mkdir()
+    assert store.truncate_after(rid, 3) == 2
+    assert sorted(p.name for p in (store.root / rid / "segments").iterdir()) == [
+        "step_000001", "step_000002", "step_000003"]
+    assert token_keys(store, rid) == expected_keys([1, 2, 3])
+    # resume: steps 4.. are written again
+    write(store, rid, 4, n_tokens=2)
+    assert token_keys(store, rid) == expected_keys([1, 2, 3]) + [(4, 0), (4, 1)]
+
+
+def test_truncate_after_cuts_chunks(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in range(1, 9):
+        write(store, rid, s)
+    store.compact(rid, 4)
+    store.compact(rid, 6)
+    # chunks 1-4 and 5-6, segments 7-8
+    assert store.truncate_after(rid, 5) == 2
+    assert token_keys(store, rid) == expected_keys([1, 2, 3, 4, 5])
+    assert store.query("select step from steps order by step")["step"].tolist() == [1, 2, 3, 4, 5]
+    tok_chunks = sorted(p.name for p in (store.root / rid / "chunks").iterdir() if p.name.startswith("tokens"))
+    assert tok_chunks == ["tokens-000001-000004.parquet", "tokens-000005-000005.parquet"]
+    # the resumed run writes step 6 again and it is visible
+    write(store, rid, 6)
+    assert token_keys(store, rid) == expected_keys([1, 2, 3, 4, 5, 6])
+
+
+def test_truncate_after_drops_whole_later_chunk(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in range(1, 7):
+        write(store, rid, s)
+    store.compact(rid, 3)
+    store.compact(rid, 6)
+    store.truncate_after(rid, 3)
+    tok_chunks = sorted(p.name for p in (store.root / rid / "chunks").iterdir() if p.name.startswith("tokens"))
+    assert tok_chunks == ["tokens-000001-000003.parquet"]
+    assert token_keys(store, rid) == expected_keys([1, 2, 3])
+    write(store, rid, 4)
+    assert token_keys(store, rid) == expected_keys([1, 2, 3, 4])
+
+
+def test_delete_run(store):
+    rid = store.create_run(CONFIG, name="r")
+    write(store, rid, 1)
+    store.delete_run(rid)
+    assert store.run_ids() == []
+    assert not (store.root / rid).exists()
+    assert int(store.query("select count(*) as n from tokens")["n"][0]) == 0
+
+
+def _simulate_compaction_killed_after_first_chunk(store: Store, rid: str, upto: int) -> None:
+    """The state ``compact`` leaves when killed after renaming its first chunk (``steps``) into
+    place and before writing the others or removing any segment."""
+    segs = sorted(p for p in (store.root / rid / "segments").iterdir() if p.name.startswith("step_"))
+    segs = [p for p in segs if int(p.name.split("_")[1]) <= upto]
+    first, last = int(segs[0].name.split("_")[1]), int(segs[-1].name.split("_")[1])
+    cdir = store.root / rid / "chunks"
+    cdir.mkdir(exist_ok=True)
+    merged = pa.concat_tables([pq.read_table(p / "steps.parquet") for p in segs])
+    pq.write_table(merged, cdir / f"steps-{first:06d}-{last:06d}.parquet")
+
+
+def test_compaction_killed_midway_loses_no_rows(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in (1, 2, 3):
+        write(store, rid, s)
+    _simulate_compaction_killed_after_first_chunk(store, rid, 3)
+    # every completed step stays visible exactly once, in every table
+    assert store.query("select step from steps order by step")["step"].tolist() == [1, 2, 3]
+    assert token_keys(store, rid) == expected_keys([1, 2, 3])
+
+
+def test_compaction_rerun_after_kill_has_no_duplicates(store):
+    rid = store.create_run(CONFIG, name="r")
+    for s in (1, 2, 3):
+        write(store, rid, s)
+    _simulate_compaction_killed_after_first_chunk(store, rid, 3)
+    # the resumed run writes more steps and compacts again
+    for s in (4, 5):
+        write(store, rid, s)
+    store.compact(rid, 5)
+    assert store.query("select step from steps order by step")["step"].tolist() == [1, 2, 3, 4, 5]
+    assert token_keys(store, rid) == expected_keys([1, 2, 3, 4, 5])
