@@ -39,6 +39,7 @@ def cmd_train(a) -> int:
     from engine import trainer
 
     store = Store(a.store)
+    _sigterm_as_interrupt()
     if a.resume:
         if a.config or a.overrides:
             raise _user_errors()[0]("--resume takes the run's stored config; drop --config and overrides")
@@ -50,6 +51,18 @@ def cmd_train(a) -> int:
     print(json.dumps({"run_id": res["run_id"], "store": str(store.root), "greedy_acc": f.get("greedy_acc"),
                       "sampled_acc": f.get("sampled_acc"), "pass@k": f.get("pass@k")}))
     return 0
+
+
+def _sigterm_as_interrupt() -> None:
+    """A stopped run (SIGTERM, e.g. the app's Stop button) is marked 'killed' like Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
 
 
 def cmd_eval(a) -> int:

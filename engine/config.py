@@ -168,6 +168,8 @@ def _coerce(value: Any, typ, key: str):
         if base is bool:
             if isinstance(value, bool):
                 return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
                 return value.lower() in ("true", "1", "yes")
             raise ValueError
@@ -201,8 +203,8 @@ def _check(f: dataclasses.Field, value, key: str):
     if "choices" in md and value not in md["choices"]:
         raise ConfigError(f"config key {key!r}: {value!r} is not one of {[c for c in md['choices'] if c is not None]}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value != value:
-            raise ConfigError(f"config key {key!r} is NaN")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value}")
         if "min" in md and (value < md["min"] or (md.get("open_min") and value == md["min"])):
             op = ">" if md.get("open_min") else ">="
             raise ConfigError(f"config key {key!r} must be {op} {md['min']}, got {value}")
@@ -288,7 +290,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'algorithm.token_rules[{i}]': {e}") from None
     if len(cfg.actor.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.actor.betas):
         raise ConfigError(f"config key 'actor.betas' must be two numbers in [0, 1), got {cfg.actor.betas}")
-    if not cfg.eval.k or not all(isinstance(k, int) and k >= 1 for k in cfg.eval.k):
+    if not cfg.eval.k or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.k):
         raise ConfigError(f"config key 'eval.k' must be a list of positive ints, got {cfg.eval.k}")
     batch = cfg.train.prompts_per_step * cfg.rollout.n
     if cfg.actor.mini_batches > batch:

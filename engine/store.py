@@ -122,7 +122,7 @@ class Store:
     def create_run(self, config: dict, *, name: str | None = None, study: str | None = None) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
         algo = str(config.get("algorithm", {}).get("name", "run"))
-        base = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{algo}"
+        base = name if name is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{algo}"
         check_name(base)
         run_id, i = base, 1
         while True:
@@ -130,7 +130,7 @@ class Store:
                 (self.root / run_id).mkdir()
                 break
             except FileExistsError:
-                if name:
+                if name is not None:
                     raise StoreError(f"run {name!r} already exists in {self.root}") from None
                 i += 1
                 run_id = f"{base}-{i}"
@@ -153,23 +153,16 @@ class Store:
         shutil.rmtree(self.run_dir(run_id))
 
     # ---------------------------------------------------------------- writing
+    def begin_step(self, run_id: str, step: int) -> "StepSegment":
+        """Start writing one step; nothing is visible until ``commit()``."""
+        return StepSegment(self.run_dir(run_id) / "segments", step)
+
     def write_step(self, run_id: str, step: int, tables: dict[str, pa.Table]) -> None:
         """Write one completed step atomically (all its tables or none)."""
-        seg_root = self.run_dir(run_id) / "segments"
-        seg_root.mkdir(exist_ok=True)
-        final = seg_root / f"step_{step:06d}"
-        tmp = seg_root / f".tmp-step_{step:06d}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        seg = self.begin_step(run_id, step)
         for name, table in tables.items():
-            if name not in TABLES:
-                raise StoreError(f"unknown table {name!r}")
-            if table is not None and table.num_rows:
-                pq.write_table(table, tmp / f"{name}.parquet", compression="zstd", compression_level=1)
-        if final.exists():  # a re-run of a step after resume replaces the old copy
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+            seg.write(name, table)
+        seg.commit()
 
     def _segments(self, run_id: str) -> list[tuple[int, Path]]:
         d = self.run_dir(run_id) / "segments"
@@ -193,25 +186,36 @@ class Store:
                 out.append((m.group(1), int(m.group(2)), int(m.group(3)), p))
         return sorted(out, key=lambda x: (x[0], x[1]))
 
+    def _covered(self, run_id: str) -> dict[str, int]:
+        """Per table, the last step merged into a chunk (-1 when none)."""
+        cov = {t: -1 for t in TABLES}
+        for table, _, last, _ in self._chunks(run_id):
+            cov[table] = max(cov.get(table, -1), last)
+        return cov
+
     def compact(self, run_id: str, upto_step: int) -> int:
         """Merge all segments with ``step <= upto_step`` into one chunk file per table.
 
-        The chunk is renamed into place before its segments are removed; readers skip segments a
-        chunk already covers, so nothing is seen twice or lost. Returns the number merged."""
+        Coverage is tracked per table: a chunk is renamed into place before any segment is removed,
+        and readers skip, table by table, the segments a chunk already covers. So a reader during
+        compaction, or a compaction killed half-way and run again, sees every row exactly once.
+        Returns the number of segments merged."""
         segs = [(s, p) for s, p in self._segments(run_id) if s <= upto_step]
         if not segs:
             return 0
-        first, last = segs[0][0], segs[-1][0]
+        cov = self._covered(run_id)
         cdir = self.run_dir(run_id) / "chunks"
         cdir.mkdir(exist_ok=True)
         for table in TABLES:
-            files = [p / f"{table}.parquet" for _, p in segs if (p / f"{table}.parquet").exists()]
-            if not files:
+            todo = [(s, p / f"{table}.parquet") for s, p in segs if s > cov[table] and (p / f"{table}.parquet").exists()]
+            if not todo:
                 continue
-            merged = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+            merged = pa.concat_tables([pq.read_table(f) for _, f in todo], promote_options="default")
             tmp = cdir / f".tmp-{table}-{os.getpid()}.parquet"
             pq.write_table(merged, tmp, compression="zstd", row_group_size=256_000)
-            os.replace(tmp, cdir / f"{table}-{first:06d}-{last:06d}.parquet")
+            # named after the step range this compaction covers for the table (even steps without rows)
+            first = min(s for s, _ in segs if s > cov[table])
+            os.replace(tmp, cdir / f"{table}-{first:06d}-{segs[-1][0]:06d}.parquet")
         for _, p in segs:
             shutil.rmtree(p, ignore_errors=True)
         return len(segs)
@@ -244,9 +248,9 @@ class Store:
         """Current Parquet files of ``table`` (chunks, plus segments no chunk covers)."""
         out = []
         for rid in (self.run_ids() if run_ids is None else run_ids):
-            chunks = [c for c in self._chunks(rid)]
-            covered = max((b for _, _, b, _ in chunks), default=0)
-            out += [str(p) for t, _, _, p in chunks if t == table]
+            chunks = [c for c in self._chunks(rid) if c[0] == table]
+            covered = max((b for _, _, b, _ in chunks), default=-1)
+            out += [str(p) for _, _, _, p in chunks]
             out += [str(p / f"{table}.parquet") for s, p in self._segments(rid)
                     if s > covered and (p / f"{table}.parquet").exists()]
         return out
@@ -310,3 +314,26 @@ class Store:
             yield con
         finally:
             con.close()
+
+
+class StepSegment:
+    """One step's Parquet files, written under a temporary folder and renamed into place on commit."""
+
+    def __init__(self, seg_root: Path, step: int):
+        seg_root.mkdir(exist_ok=True)
+        self.final = seg_root / f"step_{step:06d}"
+        self.tmp = seg_root / f".tmp-step_{step:06d}-{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+
+    def write(self, name: str, table: pa.Table | None) -> None:
+        if name not in TABLES:
+            raise StoreError(f"unknown table {name!r}")
+        if table is not None and table.num_rows:
+            pq.write_table(table, self.tmp / f"{name}.parquet", compression="zstd", compression_level=1)
+
+    def commit(self) -> None:
+        if self.final.exists():  # a step recomputed after resume replaces the old copy
+            shutil.rmtree(self.final)
+        os.rename(self.tmp, self.final)

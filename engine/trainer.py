@@ -114,12 +114,15 @@ class Trainer:
     def _vocab_text(self) -> pa.Array:
         """Text of every token id, decoded once, so token rows are built with one Arrow take."""
         V = max(len(self.tok), self.model.config.vocab_size)
-        texts = []
-        for i in range(V):
-            try:
-                texts.append(self.tok.decode([i]))
-            except Exception:
-                texts.append("")
+        try:
+            texts = self.tok.batch_decode([[i] for i in range(V)])
+        except Exception:  # ids past the tokenizer's vocabulary (padded embedding rows)
+            texts = []
+            for i in range(V):
+                try:
+                    texts.append(self.tok.decode([i]))
+                except Exception:
+                    texts.append("")
         return pa.array(texts, type=pa.string())
 
     def prompt_indices(self, step: int, count: int, round_: int = 0) -> list[int]:
@@ -297,7 +300,7 @@ class Trainer:
         with timer("update"):
             upd = self._update(ro, old_lp, shaped.adv, ref_lp, lp if single_pass else None)
         metrics = self._metrics(batch, ro, old_lp, ent, shaped, polarity, scores, upd, rounds)
-        # --- store
+        # --- per-token tables (written by the caller, timed there)
         with timer("store"):
             tables = self._tables(step, batch, ro, old_lp, ent, shaped, polarity)
         metrics.update({f"t_{k}": v for k, v in timer.t.items()})
@@ -448,12 +451,17 @@ class Trainer:
                     metrics["test_acc"] = last_eval["sampled_acc"]
                     metrics["test_greedy_acc"] = last_eval["greedy_acc"]
                     tables["evals"] = evals
-                metrics["time"] = time.time()
-                tables["steps"] = pa.table({"run_id": [rid], "step": pa.array([step], pa.int32()),
-                                            **{k: pa.array([float(v)], pa.float64()) for k, v in metrics.items()}})
                 t_w = time.perf_counter()
-                store.write_step(rid, step, tables)
-                metrics["t_store"] = metrics.get("t_store", 0.0) + time.perf_counter() - t_w
+                seg = store.begin_step(rid, step)
+                for name, table in tables.items():
+                    seg.write(name, table)
+                dt = time.perf_counter() - t_w
+                metrics["t_store"] = metrics.get("t_store", 0.0) + dt
+                metrics["t_step"] += dt
+                metrics["time"] = time.time()
+                seg.write("steps", pa.table({"run_id": [rid], "step": pa.array([step], pa.int32()),
+                                             **{k: pa.array([float(v)], pa.float64()) for k, v in metrics.items()}}))
+                seg.commit()
                 if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == S:
                     self.save_checkpoint(step)
                     if step % cfg.train.compact_every == 0 or step == S:
