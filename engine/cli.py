@@ -139,7 +139,7 @@ def _sql_path(p: Path) -> str:
 def cmd_build(a) -> int:
     from engine.tiny_model import DEFAULT_OUT, build_tiny_model
 
-    stats = build_tiny_model(Path(a.out) if a.out else DEFAULT_OUT, steps=a.steps, seed=a.seed)
+    stats = build_tiny_model(Path(a.out) if a.out else DEFAULT_OUT, seed=a.seed, **({"steps": a.steps} if a.steps else {}))
     print(json.dumps({k: v for k, v in stats.items() if k != "history"}))
     return 0
 
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-tiny-model", help="rebuild the embedded tiny model and task data from scratch")
     b.add_argument("--out", help="output folder (default data/tiny-model)")
-    b.add_argument("--steps", type=int, default=3000)
+    b.add_argument("--steps", type=int, default=None, help="SFT steps (default: the shipped model's)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build)
 

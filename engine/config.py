@@ -128,6 +128,8 @@ class TrainConfig:
 class EvalConfig:
     n_prompts: int = _f(200, "Test prompts used per evaluation (0 = all).", min=0)
     k: list = _f([1, 4, 8], "pass@k values (unbiased estimator, Chen et al. 2021); n = max(k) samples per prompt.")
+    final_k: list = _f([], "pass@k values for the final evaluation only (e.g. [1, 2, 4, ..., 64] for the reasoning-"
+                           "boundary curve); empty = eval.k.")
     temperature: float = _f(1.0, "Temperature of the pass@k samples (greedy accuracy is also reported).", min=0.0)
     max_new_tokens: int | None = _f(None, "null = rollout.max_new_tokens.", min=1)
 
@@ -292,6 +294,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'actor.betas' must be two numbers in [0, 1), got {cfg.actor.betas}")
     if not cfg.eval.k or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.k):
         raise ConfigError(f"config key 'eval.k' must be a list of positive ints, got {cfg.eval.k}")
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.final_k):
+        raise ConfigError(f"config key 'eval.final_k' must be a list of positive ints, got {cfg.eval.final_k}")
     batch = cfg.train.prompts_per_step * cfg.rollout.n
     if cfg.actor.mini_batches > batch:
         raise ConfigError(f"config key 'actor.mini_batches' ({cfg.actor.mini_batches}) exceeds the batch size ({batch})")

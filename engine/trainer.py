@@ -414,7 +414,8 @@ class Trainer:
     def evaluate(self, step: int) -> tuple[dict, pa.Table]:
         cfg = self.cfg
         self.model.eval()
-        res = evaluate(self.backend, self.tok, self.test_set, ks=cfg.eval.k, temperature=cfg.eval.temperature,
+        ks = cfg.eval.final_k if (step == cfg.train.steps and cfg.eval.final_k) else cfg.eval.k
+        res = evaluate(self.backend, self.tok, self.test_set, ks=ks, temperature=cfg.eval.temperature,
                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, seed=cfg.seed + 7919,
                        template=cfg.data.prompt_template, chat=cfg.data.chat_template)
         self.model.train()
