@@ -6,6 +6,7 @@
     a3po runs [--store DIR]
     a3po export RUN_ID --format parquet|duckdb DIR [--store DIR]
     a3po build-tiny-model [--out DIR] [--steps N]
+    a3po study [--preset quick|full] [--seeds N] [--steps S] [--out DIR]
     a3po config                      # every config key with its help text
 
 Errors in user input (config, dataset, model path, run id) end with one line on stderr and exit 2.
@@ -144,6 +145,25 @@ def cmd_build(a) -> int:
     return 0
 
 
+def cmd_study(a) -> int:
+    from engine.store import Store
+    from engine.study import run_study
+
+    only = [x for x in (a.only or "").split(",") if x] or None
+    try:
+        res = run_study(preset=a.preset, seeds=a.seeds, steps=a.steps, out=a.out, store=Store(a.store), study_id=a.id,
+                        jobs=a.jobs, only=only, extra=a.overrides, config=a.config,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as e:
+        if isinstance(e, _user_errors()):
+            raise
+        raise _user_errors()[0](str(e)) from None
+    print(json.dumps({"study": res["study"], "html": res["html"], "markdown": res["markdown"],
+                      "verdicts": {c["claim"]: c["verdict"] for c in res["claims"]},
+                      "failed": [k for k, v in res["runs"].items() if v.startswith("failed")]}))
+    return 0
+
+
 def cmd_config(a) -> int:
     from engine.config import describe
 
@@ -197,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="SFT steps (default: the shipped model's)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("study", help="run the sample-polarity study grid and write its report")
+    s.add_argument("--preset", choices=["quick", "full"], default="quick")
+    s.add_argument("--seeds", type=int, help="seeds per setting (default: preset's)")
+    s.add_argument("--steps", type=int, help="training steps per run (default: preset's)")
+    s.add_argument("--out", default="reports/study", help="report folder")
+    s.add_argument("--store", default=store_default)
+    s.add_argument("--id", help="study id (default study-<preset>); rerun with the same id to continue")
+    s.add_argument("--jobs", type=int, help="runs in parallel (default: CPU cores, at most 4)")
+    s.add_argument("--only", help="comma-separated subset of settings")
+    s.add_argument("--config", help="base config for every run (default: the demo config)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    s.set_defaults(fn=cmd_study)
 
     c = sub.add_parser("config", help="print every config key with its help")
     c.set_defaults(fn=cmd_config)

@@ -59,6 +59,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("fork_tokens", "methods", "DAPO + fork tokens (top 20% entropy)", ("algorithm.name=fork_tokens",)),
     Setting("a3po", "methods", "A3PO (decay on)", ("algorithm.name=a3po",)),
     Setting("a3po-static", "methods", "A3PO static scales (decay off)", ("algorithm.name=a3po", "algorithm.decay=constant")),
+    # the scale sweep the A3PO defaults are chosen from (alpha+_0 = alpha-_0)
+    Setting("a3po-a1.5", "a3po scales", "A3PO alpha0 1.5", ("algorithm.name=a3po", "algorithm.alpha_pos=1.5", "algorithm.alpha_neg=1.5")),
+    Setting("a3po-a3", "a3po scales", "A3PO alpha0 3", ("algorithm.name=a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=3")),
 ]}
 # P1N1 is GRPO; the sample-level section reuses the grpo runs as its reference.
 
@@ -75,8 +78,8 @@ PRESETS = {
     "quick": Preset(("grpo", "psr", "nsr", "w_reinforce", "dapo", "a3po"), seeds=1, steps=80,
                     overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
                                "train.store_tokens=false", "train.save_final_model=false")),
-    "full": Preset(tuple(SETTINGS), seeds=3, steps=200,
-                   overrides=("train.eval_every=25", "eval.n_prompts=200", "eval.final_k=[1,2,4,8,16,32,64]",
+    "full": Preset(tuple(SETTINGS), seeds=3, steps=100,
+                   overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
                               "train.store_tokens=false", "train.save_final_model=false")),
 }
 
@@ -144,6 +147,9 @@ def run_study(*, preset: str = "quick", seeds: int | None = None, steps: int | N
     cores = os.cpu_count() or 1
     jobs = jobs or max(1, min(cores, 4))
     threads = max(1, cores // jobs)
+    from engine.cli import DEFAULT_CONFIG
+
+    config = config or str(DEFAULT_CONFIG)
     base_cfg = load_config(config, list(extra or []))  # validates the overrides once, before launching anything
     todo = plan(study_id, pr, seeds=seeds or pr.seeds, steps=steps or pr.steps, only=only, extra=list(extra or []),
                 base_lr=base_cfg.actor.lr, threads=threads, config=config)
