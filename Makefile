@@ -1,11 +1,11 @@
 # A3PO Lab: every command creates the environment on first use.
-#   make demo    install, train A3PO on the embedded model (~3 min on 2 CPU cores), print where the data is
+#   make demo    install, train A3PO on the embedded model (~2 min on 2 CPU cores), then open the app
 #   make test    install if needed, run the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test bench build-tiny-model clean
+.PHONY: install demo train-demo test bench build-tiny-model clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
+demo: train-demo
+	$(VENV)/bin/a3po app --store runs
+
+train-demo: install
 	$(VENV)/bin/a3po train --config configs/demo.yaml
 	@echo "Runs are stored under ./runs (list them with: $(VENV)/bin/a3po runs)"
 

@@ -133,7 +133,10 @@ def shape_advantages(algo: Algorithm, acfg, *, scores: torch.Tensor, group_ids, 
 
 
 def alpha_schedule(acfg, total_steps: int, points: int = 101) -> list[tuple[int, float, float]]:
-    """(step, alpha+, alpha-) over the run, for plots."""
+    """(s, alpha+, alpha-) for s in [0, total_steps], for plots.
+
+    The trainer evaluates the schedule at ``s = step - 1``: training step 1 uses alpha0, and the
+    last step S uses ``alpha(S - 1)``, one decay increment above 1 for the linear schedule."""
     S = acfg.decay_steps or total_steps
     out = []
     for i in range(points):

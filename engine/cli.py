@@ -7,6 +7,7 @@
     a3po export RUN_ID --format parquet|duckdb DIR [--store DIR]
     a3po build-tiny-model [--out DIR] [--steps N]
     a3po study [--preset quick|full] [--seeds N] [--steps S] [--out DIR]
+    a3po app [--store DIR] [--port 8501]   # the Streamlit explorer, on localhost
     a3po config                      # every config key with its help text
 
 Errors in user input (config, dataset, model path, run id) end with one line on stderr and exit 2.
@@ -164,6 +165,18 @@ def cmd_study(a) -> int:
     return 0
 
 
+def cmd_app(a) -> int:
+    """Serve the Streamlit app (localhost only unless --host says otherwise)."""
+    import subprocess
+
+    app = PACKAGE_ROOT / "app" / "main.py"
+    env = dict(os.environ, A3PO_STORE=str(Path(a.store).expanduser().resolve()))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", a.host, "--server.port", str(a.port),
+           "--server.headless", "true" if a.headless else "false", "--browser.gatherUsageStats", "false"]
+    print(f"A3PO Lab app on http://{a.host}:{a.port} (store {env['A3PO_STORE']})", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
 def cmd_config(a) -> int:
     from engine.config import describe
 
@@ -230,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="base config for every run (default: the demo config)")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     s.set_defaults(fn=cmd_study)
+
+    ap = sub.add_parser("app", help="open the Streamlit app on the store")
+    ap.add_argument("--store", default=store_default)
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    ap.add_argument("--port", type=int, default=8501)
+    ap.add_argument("--headless", action="store_true", help="do not open a browser")
+    ap.set_defaults(fn=cmd_app)
 
     c = sub.add_parser("config", help="print every config key with its help")
     c.set_defaults(fn=cmd_config)

@@ -80,7 +80,7 @@ STOP_STEP = 1050
 
 def build_tiny_model(out: Path = DEFAULT_OUT, *, steps: int = STOP_STEP, schedule_steps: int = SCHEDULE_STEPS, batch: int = 64,
                      lr: float = 3e-3, seed: int = 0, threads: int = 2, eval_every: int = 0, write_data: bool = True,
-                     log=print) -> dict:
+                     n_eval: int | None = None, log=print) -> dict:
     """Write the task splits and a freshly SFT-trained tiny model to ``out``; returns build stats.
 
     ``steps`` optimiser steps of a warm-up + cosine schedule whose horizon is ``schedule_steps``."""
@@ -126,7 +126,7 @@ def build_tiny_model(out: Path = DEFAULT_OUT, *, steps: int = STOP_STEP, schedul
     model.generation_config.bos_token_id = tok.bos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    acc = sampled_accuracy(model, tok, test, seed=seed)
+    acc = sampled_accuracy(model, tok, test[:n_eval] if n_eval else test, seed=seed)
     stats = {"sft_steps": steps, "schedule_steps": horizon, "batch": batch, "lr": lr, "seed": seed, "threads": threads,
              "seconds": round(time.time() - t0, 1), "test_sampled_accuracy_t1": round(acc, 4),
              "params": sum(p.numel() for p in model.parameters()), "history": history}

@@ -327,7 +327,7 @@ class Trainer:
                 if ref_lp is not None:
                     kl = masked_mean(kl_penalty(lp, ref_lp[mb], cfg.actor.kl_type), m)
                     loss = loss + cfg.actor.kl_coef * kl
-                    stats["kl_ref"].append(float(kl))
+                    stats["kl_ref"].append(float(kl.detach()))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.actor.grad_clip if cfg.actor.grad_clip > 0 else float("inf"))

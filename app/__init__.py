@@ -1,0 +1,1 @@
+"""A3PO Lab's Streamlit app: runs, rollouts, shaping playground, launcher, Polarity 101."""

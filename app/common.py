@@ -1,0 +1,115 @@
+"""Shared helpers for the app pages: the store, cached queries, token rendering, validation.
+
+Every query goes through ``engine.store.Store`` (parameterised SQL over Parquet files, no database
+lock), so pages work while a run is being written.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from engine.store import Store, StoreError, check_name
+from engine.tasks import DATA_DIR
+
+EMBEDDED_STORE = DATA_DIR / "store"
+QUANTITIES = {"shaped advantage": "adv_shaped", "raw advantage": "adv_raw", "probability": "prob", "entropy": "entropy"}
+
+
+def store_root() -> Path:
+    return Path(os.environ.get("A3PO_STORE", "runs")).expanduser().resolve()
+
+
+def get_store() -> Store:
+    """The app's store; an empty one is seeded with the embedded default runs (data/store)."""
+    root = store_root()
+    s = Store(root)
+    if not s.run_ids() and EMBEDDED_STORE.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        for d in EMBEDDED_STORE.iterdir():
+            if (d / "run.json").exists() and not (root / d.name).exists():
+                shutil.copytree(d, root / d.name)
+    return s
+
+
+def embedded_store() -> Store:
+    return Store(EMBEDDED_STORE)
+
+
+def q(sql: str, params: list | None = None, run_ids: list[str] | None = None, store: Store | None = None) -> pd.DataFrame:
+    """One parameterised query against the store (fresh file list each time, so live runs show up)."""
+    return (store or get_store()).query(sql, params or [], run_ids=run_ids)
+
+
+def runs_df(store: Store | None = None) -> pd.DataFrame:
+    df = (store or get_store()).runs_table().to_pandas()
+    return df.sort_values("created", ascending=False) if len(df) else df
+
+
+def safe_run_id(run_id: str) -> str:
+    """Validate a run id coming from the UI before it touches a path or a query."""
+    try:
+        return check_name(run_id)
+    except StoreError as e:
+        st.error(str(e))
+        st.stop()
+
+
+def pick_run(label: str = "Run", key: str = "run", with_tokens: bool = True, store: Store | None = None) -> str | None:
+    df = runs_df(store)
+    if with_tokens and len(df):
+        has = q("select distinct run_id from tokens", store=store)
+        df = df[df.run_id.isin(has.run_id)]
+    if not len(df):
+        st.info("No runs with stored tokens yet: launch one on the Launch page or run `a3po train`.")
+        return None
+    ids = df.run_id.tolist()
+    default = st.session_state.get(key)
+    return st.selectbox(label, ids, index=ids.index(default) if default in ids else 0, key=key,
+                        format_func=lambda r: f"{r}  ({df.set_index('run_id').loc[r, 'algorithm']}, {df.set_index('run_id').loc[r, 'status']})")
+
+
+# ------------------------------------------------------------------ token rendering
+def _color(v: float, vmax: float, signed: bool) -> str:
+    if not np.isfinite(v):
+        return "transparent"
+    if signed:
+        a = min(1.0, abs(v) / vmax) if vmax > 0 else 0.0
+        return f"rgba(34,139,34,{0.15 + 0.7 * a:.2f})" if v >= 0 else f"rgba(220,20,60,{0.15 + 0.7 * a:.2f})"
+    a = min(1.0, v / vmax) if vmax > 0 else 0.0
+    return f"rgba(65,105,225,{0.1 + 0.8 * a:.2f})"
+
+
+def render_tokens(tokens: pd.DataFrame, quantity: str, vmax: float | None = None, key_col: str = "is_key") -> str:
+    """HTML for one response: each token a span coloured by ``quantity``, key tokens outlined,
+    a tooltip with text, id, probability, entropy, raw and shaped advantage."""
+    col = QUANTITIES[quantity]
+    vals = tokens[col].to_numpy(dtype=float) if col != "prob" else np.exp(tokens["logprob"].to_numpy(dtype=float))
+    signed = col.startswith("adv")
+    if vmax is None:
+        vmax = float(np.nanmax(np.abs(vals))) if len(vals) else 1.0
+    spans = []
+    for row, v in zip(tokens.itertuples(index=False), vals):
+        text = row.token_text if row.token_text != "" else "∅"
+        tip = (f"token {text!r} (id {row.token_id}) | p={np.exp(row.logprob):.4f} | H={row.entropy:.4f} | "
+               f"raw adv={row.adv_raw:+.4f} | shaped adv={row.adv_shaped:+.4f}" + (" | KEY TOKEN" if getattr(row, key_col) else ""))
+        style = f"background:{_color(v, vmax, signed)};padding:1px 0;font-family:monospace;white-space:pre"
+        cls = "tok key" if getattr(row, key_col) else "tok"
+        if getattr(row, key_col):
+            style += ";outline:2px solid #111;outline-offset:-1px;font-weight:bold"
+        spans.append(f'<span class="{cls}" title="{html.escape(tip)}" style="{style}">{html.escape(text)}</span>')
+    return "<div style='line-height:1.9'>" + "".join(spans) + "</div>"
+
+
+def bounded(value: float, lo: float, hi: float, name: str) -> float | None:
+    """Refuse an out-of-range coefficient with a message (returns None)."""
+    if value is None or not np.isfinite(value) or value < lo or value > hi:
+        st.error(f"{name} must be between {lo} and {hi}; got {value}.")
+        return None
+    return value

@@ -1,0 +1,87 @@
+"""Polarity 101: what positive and negative samples do to a policy."""
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from app.common import embedded_store, get_store, q
+from app.toy import entropy, pg_step, softmax
+
+st.title("Polarity 101")
+st.markdown(
+    "In RLVR every sampled answer is **positive** (verified correct, advantage > 0) or **negative** (wrong, advantage < 0). "
+    "Tang et al. (2025) find that positive samples *sharpen* what the model already does (entropy falls, answers get "
+    "shorter), negative samples make it *explore* (entropy stays up), and that training on both is best. Below: the "
+    "same comparison on this project's tiny arithmetic model, then a one-step toy you can play with.")
+
+LABELS = {"grpo": "GRPO (both)", "psr": "PSR only (positive)", "nsr": "NSR only (negative)", "a3po": "A3PO"}
+COLORS = {"grpo": "#1f77b4", "psr": "#2ca02c", "nsr": "#d62728", "a3po": "#9467bd"}
+
+
+def study_runs():
+    for store in (get_store(), embedded_store()):
+        r = q("select run_id from runs where study = 'study-quick' and status = 'finished'", store=store)
+        if len(r):
+            return store, {rid.split(".")[1]: rid for rid in r.run_id if rid.split(".")[1] in LABELS}
+    return None, {}
+
+
+store, runs = study_runs()
+if not runs:
+    st.info("No quick-study runs found: run `a3po study --preset quick`.")
+else:
+    ids = list(runs.values())
+    steps = q("select run_id, step, entropy, length, reward from steps order by step", run_ids=ids, store=store)
+    evals = q("select run_id, step, metric, k, value from evals", run_ids=ids, store=store)
+    fig = make_subplots(rows=1, cols=4, subplot_titles=("entropy", "response length", "test accuracy", "pass@k at the end"))
+    for key, rid in runs.items():
+        s, e = steps[steps.run_id == rid], evals[evals.run_id == rid]
+        kw = dict(name=LABELS[key], legendgroup=key, line=dict(color=COLORS[key]))
+        fig.add_trace(go.Scatter(x=s.step, y=s.entropy.rolling(5, min_periods=1).mean(), **kw), 1, 1)
+        fig.add_trace(go.Scatter(x=s.step, y=s.length.rolling(5, min_periods=1).mean(), showlegend=False, **kw), 1, 2)
+        acc = e[e.metric == "sampled_acc"].sort_values("step")
+        fig.add_trace(go.Scatter(x=acc.step, y=acc.value, mode="lines+markers", showlegend=False, **kw), 1, 3)
+        pk = e[(e.metric == "pass@k") & (e.step == e.step.max())].sort_values("k")
+        fig.add_trace(go.Scatter(x=pk.k, y=pk.value, mode="lines+markers", showlegend=False, **kw), 1, 4)
+    fig.update_xaxes(type="log", row=1, col=4)
+    fig.update_layout(height=380, legend=dict(orientation="h", y=-0.2))
+    st.plotly_chart(fig, width="stretch")
+    st.markdown(
+        "- **Entropy**: how unsure the policy is about its next token (5-step moving average). Positive-only training "
+        "should drive it down fastest; negative-only should keep it highest.\n"
+        "- **Response length**: sharpening tends to shorten answers; exploration lengthens them.\n"
+        "- **Test accuracy**: one sample per held-out prompt at temperature 1.\n"
+        "- **pass@k**: the chance that at least one of k samples is right; at large k it measures the reasoning "
+        "*boundary*, where exploration (negative samples) is expected to help.\n\n"
+        "These are single-seed runs of the quick study; the full study (`a3po study --preset full`) states which of "
+        "these effects hold on this task over several seeds.")
+
+st.header("One step on one token")
+st.markdown("A softmax over five candidate next tokens. Pick which one was sampled, whether the answer it was part of "
+            "was correct, and the size of the advantage; see the distribution before and after one policy-gradient step.")
+tokens = ["7", "8", "9", "+", ";"]
+c1, c2, c3 = st.columns(3)
+sampled = c1.selectbox("Sampled token", range(5), format_func=lambda i: f"{tokens[i]!r}", key="toy_token")
+polarity = c2.radio("Its response was", ["correct (positive)", "incorrect (negative)"], key="toy_pol")
+scale = c3.slider("Advantage size |A|", 0.1, 3.0, 1.0, 0.1, key="toy_scale")
+logits = np.array([2.5, 1.0, 0.5, -0.5, -1.0])
+A = scale if polarity.startswith("correct") else -scale
+before = softmax(logits)
+after = softmax(pg_step(logits, sampled, A, lr=1.0))
+h0, h1 = entropy(before), entropy(after)
+fig = go.Figure([go.Bar(x=tokens, y=before, name="before", marker_color="#aaaaaa"),
+                 go.Bar(x=tokens, y=after, name="after", marker_color="#1f77b4" if A > 0 else "#d62728")])
+fig.update_layout(barmode="group", height=320, yaxis_title="probability")
+st.plotly_chart(fig, width="stretch")
+st.metric("Entropy", f"{h1:.3f}", delta=f"{h1 - h0:+.3f} (before {h0:.3f})")
+p = before[sampled]
+kind = "low" if p < 0.5 else "high"
+if A > 0:
+    msg = ("Raising a **low-probability** token of a correct answer spreads mass away from the favourite: entropy goes **up**."
+           if h1 > h0 else "Raising a **high-probability** token of a correct answer sharpens the favourite: entropy goes **down**.")
+else:
+    msg = ("Pushing down a **high-probability** token of a wrong answer spreads mass to the alternatives: entropy goes **up**."
+           if h1 > h0 else "Pushing down a **low-probability** token of a wrong answer makes the favourite even surer: entropy goes **down**.")
+st.info(f"The sampled token had probability {p:.2f} ({kind}). {msg} A3PO boosts exactly the two entropy-raising cases "
+        "early in training: low-probability tokens in positive samples, high-probability tokens in negative samples.")
