@@ -40,8 +40,8 @@ def to_batch(rollouts: pd.DataFrame, tokens: pd.DataFrame) -> StoredBatch:
     row_of = {int(r): i for i, r in enumerate(ro.rollout_idx)}
     B = len(ro)
     T = int(tokens.position.max()) + 1 if len(tokens) else 1
-    b = tokens.rollout_idx.map(row_of).to_numpy()
-    p = tokens.position.to_numpy()
+    b = torch.as_tensor(tokens.rollout_idx.map(row_of).to_numpy(dtype=np.int64, copy=True))
+    p = torch.as_tensor(tokens.position.to_numpy(dtype=np.int64, copy=True))
 
     def grid(col, dtype=torch.float32, fill=0.0):
         out = torch.full((B, T), fill, dtype=dtype)

@@ -79,7 +79,7 @@ PRESETS = {
                     overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
                                "train.store_tokens=false", "train.save_final_model=false")),
     "full": Preset(tuple(SETTINGS), seeds=3, steps=100,
-                   overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
+                   overrides=("train.eval_every=25", "eval.n_prompts=64", "eval.final_k=[1,2,4,8,16,32,64]",
                               "train.store_tokens=false", "train.save_final_model=false")),
 }
 
@@ -99,9 +99,9 @@ def plan(study_id: str, preset: Preset, *, seeds: int, steps: int, only: list[st
     if unknown:
         raise ValueError(f"unknown study setting(s) {unknown}; known: {', '.join(SETTINGS)}")
     jobs = []
-    for name in names:
-        s = SETTINGS[name]
-        for seed in range(seeds):
+    for seed in range(seeds):  # seed-major: an interrupted study has whole seeds of every setting
+        for name in names:
+            s = SETTINGS[name]
             rid = check_name(f"{study_id}.{name}.s{seed}")
             args = ([f"--config={config}"] if config else []) + list(preset.overrides) + list(s.overrides) + [
                 f"seed={seed}", f"train.steps={steps}", f"train.threads={threads}", f"name={rid}"] + list(extra)

@@ -63,7 +63,8 @@ def test_rollouts_page_renders_key_tokens(store):
     assert not at.exception
     at.checkbox(key="ro_wrong").check().run()
     assert not at.exception
-    assert all("❌" in m.value for m in at.markdown if m.value.startswith("**#"))
+    shown = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert shown and all(":red[**incorrect**]" in v for v in shown)
     at.text_input(key="ro_search").input("zzzz-no-such-text").run()
     assert any("No group matches" in w.value for w in at.warning)
 

@@ -96,10 +96,10 @@ def test_app_in_browser(app_url, tmp_path):
         expect(page.get_by_role("heading", name="Launch")).to_be_visible(timeout=30_000)
         page.get_by_text("The demo config").click()
         for label, value in (("Steps", "2"), ("Group size G", "2"), ("Prompts per step", "2")):
-            box = page.get_by_label(label)
+            box = page.get_by_label(label, exact=True)
             box.fill(value)
             box.press("Enter")
-        name = page.get_by_label("Run name")
+        name = page.get_by_label("Run name", exact=True)
         name.fill("browser-run")
         name.press("Enter")
         page.get_by_role("button", name="Run with these settings").click()

@@ -84,7 +84,7 @@ c3.metric("α⁺ / α⁻ at this step", " / ".join(f"{r.scale:.2f}" for r in new
 vmax = float(np.abs(tok.adv_shaped).max() or 1.0)
 for r in ro[ro.group_idx == g].itertuples(index=False):
     t = tok[tok.rollout_idx == r.rollout_idx]
-    st.markdown(f"**#{r.rollout_idx}** {'✅ correct' if r.polarity == 1 else '❌ incorrect'} · reward {r.reward:.2f}")
+    st.markdown(f"**#{r.rollout_idx}** {':green[**correct**]' if r.polarity == 1 else ':red[**incorrect**]'} · reward {r.reward:.2f}")
     st.html(render_tokens(t, "shaped advantage", vmax))
 
 # ---- before/after per token, distribution by polarity, schedule, push

@@ -51,7 +51,7 @@ st.markdown(f"**{grp.prompt.iloc[0] if len(grp) else ''}** — gold answer `{grp
 cols = st.columns(2)
 for i, r in enumerate(grp.itertuples(index=False)):
     with cols[i % 2]:
-        mark = "✅ correct" if r.polarity == 1 else "❌ incorrect"
+        mark = ":green[**correct**]" if r.polarity == 1 else ":red[**incorrect**]"
         st.markdown(f"**#{r.rollout_idx}** {mark} · reward {r.reward:.2f} · advantage {r.adv_raw:+.3f} · {r.n_key} key tokens")
         st.html(render_tokens(tok[tok.rollout_idx == r.rollout_idx], quantity, vmax))
 

@@ -34,7 +34,7 @@ default = [r for r in ids if r in st.session_state.get("runs_sel", [])] or ids[:
 sel = st.multiselect("Overlay runs", ids, default=default, key="runs_sel")
 
 PANELS = [
-    ("reward", ["reward"]), ("test accuracy (sampled)", ["test_acc"]), ("entropy", ["entropy", "entropy_pos", "entropy_neg"]),
+    ("reward", ["reward"]), ("test accuracy (sampled, from evals)", []), ("entropy", ["entropy", "entropy_pos", "entropy_neg"]),
     ("response length", ["length", "length_pos", "length_neg"]), ("all-correct / all-wrong groups", ["frac_all_correct", "frac_all_wrong"]),
     ("clip fractions", ["clipfrac", "clipfrac_lower"]),
 ]
@@ -59,6 +59,8 @@ def curves(sel):
                 fig.add_trace(go.Scatter(x=x.step, y=x[col], mode="lines+markers" if col == "test_acc" else "lines",
                                          name=f"{rid}: {col}", line=dict(dash=dash.get(j, "solid"))), row=r + 1, col=c + 1)
     for rid in sel:
+        acc = evals[(evals.run_id == rid) & (evals.metric == "sampled_acc")].sort_values("step")
+        fig.add_trace(go.Scatter(x=acc.step, y=acc.value, mode="lines+markers", name=f"{rid}: test accuracy"), row=1, col=2)
         e = evals[(evals.run_id == rid) & (evals.metric == "pass@k")]
         if len(e):
             last = e[e.step == e.step.max()].sort_values("k")
