@@ -45,7 +45,7 @@ def to_batch(rollouts: pd.DataFrame, tokens: pd.DataFrame) -> StoredBatch:
 
     def grid(col, dtype=torch.float32, fill=0.0):
         out = torch.full((B, T), fill, dtype=dtype)
-        out[b, p] = torch.as_tensor(tokens[col].to_numpy()).to(dtype)
+        out[b, p] = torch.as_tensor(tokens[col].to_numpy(copy=True)).to(dtype)
         return out
 
     mask = torch.zeros((B, T), dtype=torch.long)

@@ -78,8 +78,8 @@ PRESETS = {
     "quick": Preset(("grpo", "psr", "nsr", "w_reinforce", "dapo", "a3po"), seeds=1, steps=80,
                     overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
                                "train.store_tokens=false", "train.save_final_model=false")),
-    "full": Preset(tuple(SETTINGS), seeds=3, steps=100,
-                   overrides=("train.eval_every=25", "eval.n_prompts=64", "eval.final_k=[1,2,4,8,16,32,64]",
+    "full": Preset(tuple(SETTINGS), seeds=3, steps=60,
+                   overrides=("train.eval_every=20", "eval.n_prompts=48", "eval.final_k=[1,2,4,8,16,32,64]",
                               "train.store_tokens=false", "train.save_final_model=false")),
 }
 
