@@ -161,7 +161,7 @@ def cmd_study(a) -> int:
         raise _user_errors()[0](str(e)) from None
     print(json.dumps({"study": res["study"], "html": res["html"], "markdown": res["markdown"],
                       "verdicts": {c["claim"]: c["verdict"] for c in res["claims"]},
-                      "failed": [k for k, v in res["runs"].items() if v.startswith("failed")]}))
+                      "runs": res["runs"], "failed": [k for k, v in res["runs"].items() if v.startswith("failed")]}))
     return 0
 
 

@@ -16,9 +16,9 @@ shaping and per-token logging cost no extra forward pass.
 
 from __future__ import annotations
 
-import json
-import math
+import os
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -154,15 +154,11 @@ class Trainer:
         d = self.ckpt_dir()
         tmp = d.with_name(".checkpoint-tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
         torch.save({"optimizer": self.opt.state_dict(), "step": step}, tmp / "trainer_state.pt")
         if d.exists():
-            import shutil
-
             old = d.with_name(".checkpoint-old")
             if old.exists():
                 shutil.rmtree(old)
@@ -432,7 +428,7 @@ class Trainer:
         cfg = self.cfg
         S = cfg.train.steps
         store, rid = self.store, self.run_id
-        store.update_run(rid, status="running", pid=__import__("os").getpid(), error=None)
+        store.update_run(rid, status="running", pid=os.getpid(), error=None)
         self.log(f"run {rid}: {cfg.algorithm.name}, {S} steps, store {store.root}")
         last_eval = None
         try:
@@ -467,7 +463,8 @@ class Trainer:
                     self.save_checkpoint(step)
                     if step % cfg.train.compact_every == 0 or step == S:
                         store.compact(rid, step)
-                store.update_run(rid, last_step=step) if step % 5 == 0 else None
+                if step % 5 == 0:
+                    store.update_run(rid, last_step=step)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['acc']:.2f}", ent=f"{metrics['entropy']:.3f}",
                                     len=f"{metrics['length']:.1f}", s_per_step=f"{metrics['t_step']:.2f}", refresh=False)

@@ -136,3 +136,47 @@ def test_toy_entropy_directions(sampled, adv, up):
 def test_toy_gradient_by_hand():
     # z = [0, 0]: p = [.5, .5]; sampled 0 with A = 1, lr = 1: z' = [0.5, -0.5]
     assert np.allclose(pg_step(np.zeros(2), 0, 1.0), [0.5, -0.5])
+
+
+def _tiny_cfg(**train):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["train"].update({"prompts_per_step": 2, "eval_every": 0, "save_final_model": False, **train})
+    cfg["rollout"]["n"] = 2
+    cfg["eval"].update({"n_prompts": 4, "k": [1, 2]})
+    return cfg
+
+
+def test_launcher_failed_run_shows_its_error(tmp_path):
+    from app.launcher import Launcher
+    from engine.store import Store
+
+    L = Launcher(Store(tmp_path))
+    cfg = _tiny_cfg(steps=1)
+    cfg["data"]["train"] = str(tmp_path / "missing.jsonl")
+    L.submit(cfg, "bad-data")
+    job = L.wait("bad-data", timeout=120)
+    assert job.state == "failed" and "dataset file not found" in job.last_error()
+
+
+def test_launcher_stop_marks_run_killed_and_queue_runs_in_order(tmp_path):
+    import time
+
+    from app.launcher import Launcher
+    from engine.store import Store
+
+    store = Store(tmp_path)
+    L = Launcher(store)
+    L.submit(_tiny_cfg(steps=500), "long")
+    L.submit(_tiny_cfg(steps=1), "after")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "long" / "segments" / "step_000001").exists():
+        time.sleep(0.1)
+    assert [j.state for j in L.jobs] == ["running", "queued"]  # one at a time
+    L.stop("long")
+    L.wait("long", timeout=60)
+    assert L.wait("after", timeout=120).state == "finished"
+    meta = store.read_run("long")
+    assert meta["status"] == "killed"
+    assert store.query("select count(*) c from steps where run_id = 'long'")["c"][0] >= 1  # completed steps kept

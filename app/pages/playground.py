@@ -65,8 +65,8 @@ mask = batch.mask.bool()
 # ---- key tokens of one group, before (as stored) and after (this rule)
 tok = q("select * from tokens where run_id = ? and step = ? order by rollout_idx, position", [run, step], run_ids=[run])
 row_of = {int(r): i for i, r in enumerate(batch.rollout_idx)}
-b = tok.rollout_idx.map(row_of).to_numpy()
-p = tok.position.to_numpy()
+b = tok.rollout_idx.map(row_of).to_numpy(dtype=np.int64, copy=True)
+p = tok.position.to_numpy(dtype=np.int64, copy=True)
 tok["adv_stored"] = tok.adv_shaped
 tok["key_stored"] = tok.is_key
 tok["adv_shaped"] = new.adv[b, p].numpy()
