@@ -72,7 +72,7 @@ after = softmax(pg_step(logits, sampled, A, lr=1.0))
 h0, h1 = entropy(before), entropy(after)
 fig = go.Figure([go.Bar(x=tokens, y=before, name="before", marker_color="#aaaaaa"),
                  go.Bar(x=tokens, y=after, name="after", marker_color="#1f77b4" if A > 0 else "#d62728")])
-fig.update_layout(barmode="group", height=320, yaxis_title="probability")
+fig.update_layout(barmode="group", height=320, yaxis_title="probability", xaxis_type="category")
 st.plotly_chart(fig, width="stretch")
 st.metric("Entropy", f"{h1:.3f}", delta=f"{h1 - h0:+.3f} (before {h0:.3f})")
 p = before[sampled]
