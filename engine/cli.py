@@ -44,7 +44,9 @@ def cmd_train(a) -> int:
     _sigterm_as_interrupt()
     if a.resume:
         if a.config or a.overrides:
-            raise _user_errors()[0]("--resume takes the run's stored config; drop --config and overrides")
+            from engine.config import ConfigError
+
+            raise ConfigError("--resume takes the run's stored config; drop --config and overrides")
         res = trainer.resume(a.resume, store, progress=not a.quiet)
     else:
         cfg = load_config(a.config or DEFAULT_CONFIG, a.overrides)
@@ -78,7 +80,9 @@ def cmd_eval(a) -> int:
     torch.set_num_threads(a.threads)
     ks = [int(k) for k in a.k.split(",") if k.strip()]
     if not ks or min(ks) < 1:
-        raise _user_errors()[0](f"--k must be positive integers, got {a.k!r}")
+        from engine.config import ConfigError
+
+        raise ConfigError(f"--k must be positive integers, got {a.k!r}")
     model, tok, _ = load_policy(a.model, device=a.device)
     probs = load_problems(a.task, a.split, prompt_key=a.prompt_key, answer_key=a.answer_key)
     if a.n_prompts:
@@ -104,7 +108,7 @@ def cmd_runs(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from engine.store import TABLES, Store, check_name
+    from engine.store import TABLES, Store, StoreError, check_name
 
     store = Store(a.store)
     store.read_run(check_name(a.run))
@@ -120,7 +124,7 @@ def cmd_export(a) -> int:
         else:
             path = out / f"{a.run}.duckdb"
             if path.exists():
-                raise _user_errors()[2](f"{path} exists; remove it or pick another folder")
+                raise StoreError(f"{path} exists; remove it or pick another folder")
             con.execute(f"ATTACH '{_sql_path(path)}' AS dst")
             for t in ("runs",) + TABLES:
                 con.execute(f"CREATE TABLE dst.{t} AS SELECT * FROM {t} WHERE run_id = ?", [a.run])
@@ -132,9 +136,11 @@ def cmd_export(a) -> int:
 
 
 def _sql_path(p: Path) -> str:
+    from engine.store import StoreError
+
     s = str(p.resolve())
     if "'" in s:
-        raise _user_errors()[2](f"export path may not contain a quote: {s}")
+        raise StoreError(f"export path may not contain a quote: {s}")
     return s
 
 
@@ -158,7 +164,9 @@ def cmd_study(a) -> int:
     except ValueError as e:
         if isinstance(e, _user_errors()):
             raise
-        raise _user_errors()[0](str(e)) from None
+        from engine.config import ConfigError
+
+        raise ConfigError(str(e)) from None
     print(json.dumps({"study": res["study"], "html": res["html"], "markdown": res["markdown"],
                       "verdicts": {c["claim"]: c["verdict"] for c in res["claims"]},
                       "runs": res["runs"], "failed": [k for k, v in res["runs"].items() if v.startswith("failed")]}))

@@ -59,7 +59,10 @@ class Timer:
 
 
 def response_logits(model, ro: Rollouts, chunk: int):
-    """Forward the full sequences; return ``(logprobs, entropy_fn)`` on response positions ``(B, T)``."""
+    """Forward prompt + response; return the logits that predict the response tokens, ``(B, T, V)``.
+
+    Only the last ``T + 1`` positions go through the LM head (``logits_to_keep``), so long prompts
+    cost no vocabulary-sized activations."""
     ids, att = ro.input_ids, ro.attention_mask
     T = ro.response_ids.shape[1]
     out = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False)
@@ -211,18 +214,13 @@ class Trainer:
                 rewards = [float(c) + overlong_penalty(int(L), cfg.rollout.max_new_tokens, self.overlong_buffer)
                            for c, L in zip(correct, lengths)]
             rounds += 1
-            for g, pi in enumerate(idx):
-                sl = slice(g * n, (g + 1) * n)
-                grp = {"prompt_idx": pi, "ro": ro, "rows": list(range(sl.start, sl.stop)), "texts": texts[sl],
-                       "correct": correct[sl], "rewards": rewards[sl]}
-                if self.dynamic and len(set(grp["rewards"])) == 1:
-                    continue
-                kept.append(grp)
+            groups = [{"prompt_idx": pi, "ro": ro, "rows": list(range(g * n, (g + 1) * n)), "texts": texts[g * n:(g + 1) * n],
+                       "correct": correct[g * n:(g + 1) * n], "rewards": rewards[g * n:(g + 1) * n]} for g, pi in enumerate(idx)]
+            kept += [grp for grp in groups if not (self.dynamic and len(set(grp["rewards"])) == 1)]
             if not self.dynamic or len(kept) >= P or rounds >= cfg.algorithm.max_gen_batches:
                 break
-        if self.dynamic and not kept:  # nothing mixed at all: train on the last round as is (zero advantage)
-            kept = [{"prompt_idx": pi, "ro": ro, "rows": list(range(g * n, (g + 1) * n)), "texts": texts[g * n:(g + 1) * n],
-                     "correct": correct[g * n:(g + 1) * n], "rewards": rewards[g * n:(g + 1) * n]} for g, pi in enumerate(idx)]
+        if not kept:  # dynamic sampling found no mixed group: train on the last round as is (zero advantage)
+            kept = groups
         kept = kept[:P]
         return self._merge(kept), rounds
 
