@@ -124,5 +124,8 @@ def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
             import vllm  # noqa: F401
         except ImportError:
             raise RuntimeError("rollout.backend=vllm needs vLLM (pip install 'a3po-lab[gpu]' on a CUDA machine)") from None
-        raise RuntimeError("rollout.backend=vllm is not available in this build yet; use rollout.backend=hf")
+        from engine.policy import resolve_model_path
+        from engine.rollout_vllm import VLLMBackend
+
+        return VLLMBackend(model, tokenizer, model_path=resolve_model_path(cfg.model.path), seed=cfg.seed)
     raise ValueError(f"unknown rollout backend {name!r}")

@@ -293,6 +293,7 @@ class Trainer:
         # --- update
         with timer("update"):
             upd = self._update(ro, old_lp, shaped.adv, ref_lp, lp if single_pass else None)
+            self.backend.sync_weights(self.model)  # no-op for HF; pushes weights into a vLLM engine
         metrics = self._metrics(batch, ro, old_lp, ent, shaped, polarity, scores, upd, rounds)
         # --- per-token tables (written by the caller, timed there)
         with timer("store"):
