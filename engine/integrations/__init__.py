@@ -1,0 +1,1 @@
+"""Plug-ins that bring A3PO shaping and the per-token store to other training stacks (TRL)."""
