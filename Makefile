@@ -1,11 +1,13 @@
 # A3PO Lab: every command creates the environment on first use.
 #   make demo    install, train A3PO on the embedded model (~2 min on 2 CPU cores), then open the app
-#   make test    install if needed, run the test suite (what CI runs)
+#   make test    install if needed, run the test suite (what CI runs): main env, then verl's env
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo train-demo test bench build-tiny-model clean
+VERL_VENV ?= .venv-verl
+
+.PHONY: install install-verl demo train-demo test test-main test-verl bench build-tiny-model clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,8 +25,24 @@ train-demo: install
 	$(VENV)/bin/a3po train --config configs/demo.yaml
 	@echo "Runs are stored under ./runs (list them with: $(VENV)/bin/a3po runs)"
 
-test: install
+# verl pins transformers<5.11, so its integration tests run in an environment of their own.
+$(VERL_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VERL_VENV)/bin/python -m pip install -q verl==0.9.1 pytest duckdb pyarrow pandas pyyaml math-verify
+	$(VERL_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+install-verl: $(VERL_VENV)/.installed
+
+test: test-main test-verl
+
+test-main: install
 	$(PY) -m pytest
+
+test-verl: install-verl
+	$(VERL_VENV)/bin/python -m pytest -p no:cacheprovider tests/verl
 
 bench: install
 	$(PY) bench/bench_step.py
@@ -33,4 +51,4 @@ build-tiny-model: install
 	$(VENV)/bin/a3po build-tiny-model
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache
