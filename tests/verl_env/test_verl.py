@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-verl = pytest.importorskip("verl")
+pytest.importorskip("verl.trainer.ppo.core_algos")
 
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
