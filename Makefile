@@ -42,7 +42,7 @@ test-main: install
 	$(PY) -m pytest
 
 test-verl: install-verl
-	$(VERL_VENV)/bin/python -m pytest -p no:cacheprovider tests/verl_env_env
+	$(VERL_VENV)/bin/python -m pytest -p no:cacheprovider tests/verl_env
 
 bench: install
 	$(PY) bench/bench_step.py
