@@ -108,6 +108,7 @@ def test_app_in_browser(app_url, tmp_path):
 
         page.get_by_role("link", name="Polarity 101").click()
         expect(page.get_by_role("heading", name="One step on one token")).to_be_visible(timeout=30_000)
-        expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
+        expect(page.locator(".js-plotly-plot")).to_have_count(2, timeout=60_000)  # study curves and the toy
+        expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(shots / "polarity101.png"))
         browser.close()
