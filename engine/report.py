@@ -59,24 +59,23 @@ def final_acc(d: StudyData, rid: str) -> float:
     return float(e.sort_values("step").value.iloc[-1]) if len(e) else math.nan
 
 
-def pass_at_max_k(d: StudyData, rid: str) -> float:
-    e = d.evals[(d.evals.run_id == rid) & (d.evals.metric == "pass@k")]
-    if not len(e):
-        return math.nan
-    last = e[e.step == e.step.max()]
-    return float(last.sort_values("k").value.iloc[-1])
-
-
 LARGE_K = 16  # "large k" for the exploration claim: pass@64 saturates at 1.0 on the embedded task
+
+
+def _final_pass_at(d: StudyData, rid: str, k_max: int | None = None) -> float:
+    """pass@k at the final evaluation for the largest evaluated k (at most ``k_max``)."""
+    e = d.evals[(d.evals.run_id == rid) & (d.evals.metric == "pass@k")]
+    last = e[(e.step == e.step.max()) & ((e.k <= k_max) if k_max is not None else True)] if len(e) else e
+    return float(last.sort_values("k").value.iloc[-1]) if len(last) else math.nan
+
+
+def pass_at_max_k(d: StudyData, rid: str) -> float:
+    return _final_pass_at(d, rid)
 
 
 def pass_at_large_k(d: StudyData, rid: str) -> float:
     """pass@16 at the final evaluation (or the largest k below it that was evaluated)."""
-    e = d.evals[(d.evals.run_id == rid) & (d.evals.metric == "pass@k")]
-    if not len(e):
-        return math.nan
-    last = e[(e.step == e.step.max()) & (e.k <= LARGE_K)]
-    return float(last.sort_values("k").value.iloc[-1]) if len(last) else math.nan
+    return _final_pass_at(d, rid, LARGE_K)
 
 
 def _window(d: StudyData, rid: str, col: str, lo: float, hi: float) -> float:

@@ -65,6 +65,46 @@ RUN_COLUMNS = [("run_id", pa.string()), ("name", pa.string()), ("algorithm", pa.
                ("config", pa.string())]
 
 
+def step_tables(run_id: str, step: int, *, mask, token_ids, logprob, entropy, adv_tokens_raw, adv_shaped, is_key, polarity,
+                rollouts: dict, token_text, with_tokens: bool = True) -> dict[str, pa.Table]:
+    """One step's ``rollouts`` (and ``tokens``) rows in the store's schema, from padded tensors.
+
+    Args:
+        mask: ``(B, T)`` valid response tokens; token_ids, logprob, entropy, adv_tokens_raw, adv_shaped,
+            is_key: ``(B, T)``; polarity: ``(B,)``.
+        rollouts: the per-rollout columns only the caller knows (group_idx, prompt_idx, prompt,
+            response, answer, reward, correct, truncated, adv_raw); rollout_idx, polarity, length,
+            mean_logprob, mean_entropy and n_key are derived here.
+        token_text: maps an int32 numpy array of token ids to their texts.
+    Used by the trainer and by the TRL and verl integrations, so every writer produces one schema.
+    """
+    import numpy as np
+    import torch
+
+    m = mask.bool().cpu()
+    B = m.shape[0]
+    mf = m.float()
+    n = mf.sum(1).clamp(min=1)
+    lp, ent = logprob.detach().float().cpu(), entropy.detach().float().cpu()
+    key = is_key.bool().cpu()
+    pol = torch.as_tensor(polarity).cpu().numpy().astype(np.int8)
+    cols = {"run_id": [run_id] * B, "step": np.full(B, step, np.int32), "rollout_idx": np.arange(B, dtype=np.int32),
+            **rollouts, "polarity": pol, "length": m.sum(1).numpy().astype(np.int32),
+            "mean_logprob": ((lp * mf).sum(1) / n).numpy(), "mean_entropy": ((ent * mf).sum(1) / n).numpy(),
+            "n_key": key.sum(1).numpy().astype(np.int32)}
+    out = {"rollouts": pa.table({k: cols[k] for k in SCHEMAS["rollouts"].names}, schema=SCHEMAS["rollouts"])}
+    if with_tokens:
+        rows, pos = m.nonzero(as_tuple=True)
+        ids = token_ids.cpu()[rows, pos].numpy().astype(np.int32)
+        out["tokens"] = pa.table({
+            "run_id": [run_id] * len(ids), "step": np.full(len(ids), step, np.int32), "rollout_idx": rows.numpy().astype(np.int32),
+            "position": pos.numpy().astype(np.int32), "token_id": ids, "token_text": token_text(ids),
+            "logprob": lp[m].numpy(), "entropy": ent[m].numpy(), "adv_raw": adv_tokens_raw.detach().float().cpu()[m].numpy(),
+            "adv_shaped": adv_shaped.detach().float().cpu()[m].numpy(), "is_key": key[m].numpy(), "polarity": pol[rows.numpy()],
+        }, schema=SCHEMAS["tokens"])
+    return out
+
+
 class StoreError(ValueError):
     """Bad run id, missing run, or an unreadable store."""
 

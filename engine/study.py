@@ -15,7 +15,6 @@ are skipped and unfinished ones resume from their checkpoint.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

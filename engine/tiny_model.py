@@ -141,7 +141,6 @@ def sampled_accuracy(model, tok, problems, *, seed: int = 0, batch: int = 100, m
     from engine.reward import is_correct
 
     model.eval()
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     correct = 0
     for i in range(0, len(problems), batch):
@@ -156,5 +155,4 @@ def sampled_accuracy(model, tok, problems, *, seed: int = 0, batch: int = 100, m
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
             correct += is_correct(tok.decode(row, skip_special_tokens=True), p.answer)
-    del g
     return correct / max(1, len(problems))

@@ -37,7 +37,7 @@ from engine.ops import token_entropy, token_logprobs
 from engine.policy import load_policy
 from engine.reward import is_correct, overlong_penalty
 from engine.rollout import Rollouts, SamplingParams, make_backend, position_ids
-from engine.store import Store
+from engine.store import Store, step_tables
 from engine.tasks import load_problems
 
 
@@ -262,11 +262,9 @@ class Trainer:
         ro: Rollouts = batch["ro"]
         dev = self.device
         ro = Rollouts(*(x.to(dev) for x in (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, ro.truncated)))
-        mask = ro.response_mask.bool()
         scores = torch.tensor(batch["rewards"], dtype=torch.float32, device=dev)
         correct = torch.tensor(batch["correct"], dtype=torch.bool, device=dev)
         polarity = torch.where(correct, 1, -1).to(torch.int8)
-        B = scores.shape[0]
         single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
         chunk = cfg.model.logit_chunk
 
@@ -329,7 +327,7 @@ class Trainer:
                 if torch.isfinite(gn):
                     self.opt.step()
                 else:
-                    self.log(f"non-finite grad norm: update skipped")
+                    self.log("non-finite grad norm: update skipped")
                 stats["loss"].append(float(loss.detach())); stats["grad_norm"].append(float(gn))
                 for k in ("clipfrac", "clipfrac_lower", "approx_kl"):
                     stats[k].append(met[k])
@@ -367,43 +365,15 @@ class Trainer:
         }
 
     def _tables(self, step, batch, ro, old_lp, ent, shaped, polarity) -> dict:
-        rid = self.run_id
-        mask = ro.response_mask.bool().cpu()
-        B, T = mask.shape
-        lengths = mask.sum(1).numpy()
-        pol = polarity.cpu().numpy().astype(np.int8)
-        lp_c, ent_c = old_lp.float().cpu(), ent.float().cpu()
-        key = shaped.key_mask.cpu()
-        m = mask.float()
-        mean_lp = ((lp_c * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
-        mean_ent = ((ent_c * m).sum(1) / m.sum(1).clamp(min=1)).numpy()
-        rollouts = pa.table({
-            "run_id": pa.array([rid] * B), "step": pa.array(np.full(B, step, np.int32)),
-            "rollout_idx": pa.array(np.arange(B, dtype=np.int32)), "group_idx": pa.array(np.array(batch["group"], np.int32)),
-            "prompt_idx": pa.array(np.array(batch["prompt_idx"], np.int64)),
-            "prompt": pa.array([self.train_set[i].prompt for i in batch["prompt_idx"]]),
-            "response": pa.array(batch["texts"]), "answer": pa.array([self.train_set[i].answer for i in batch["prompt_idx"]]),
-            "reward": pa.array(np.array(batch["rewards"], np.float32)), "correct": pa.array(batch["correct"]),
-            "polarity": pa.array(pol), "length": pa.array(lengths.astype(np.int32)),
-            "truncated": pa.array(ro.truncated.cpu().numpy()), "adv_raw": pa.array(shaped.adv_raw.float().cpu().numpy()),
-            "mean_logprob": pa.array(mean_lp.astype(np.float32)), "mean_entropy": pa.array(mean_ent.astype(np.float32)),
-            "n_key": pa.array(key.sum(1).numpy().astype(np.int32)),
-        })
-        tables = {"rollouts": rollouts}
-        if self.cfg.train.store_tokens:
-            rows, pos = mask.nonzero(as_tuple=True)
-            ids = ro.response_ids.cpu()[rows, pos].numpy().astype(np.int32)
-            tables["tokens"] = pa.table({
-                "run_id": pa.array([rid] * len(ids)) if len(ids) else pa.array([], pa.string()),
-                "step": pa.array(np.full(len(ids), step, np.int32)), "rollout_idx": pa.array(rows.numpy().astype(np.int32)),
-                "position": pa.array(pos.numpy().astype(np.int32)), "token_id": pa.array(ids),
-                "token_text": self.vocab_text.take(pa.array(ids)),
-                "logprob": pa.array(lp_c[mask].numpy()), "entropy": pa.array(ent_c[mask].numpy()),
-                "adv_raw": pa.array(shaped.adv_tokens_raw.float().cpu()[mask].numpy()),
-                "adv_shaped": pa.array(shaped.adv.detach().float().cpu()[mask].numpy()),
-                "is_key": pa.array(key[mask].numpy()), "polarity": pa.array(pol[rows.numpy()]),
-            })
-        return tables
+        return step_tables(
+            self.run_id, step, mask=ro.response_mask, token_ids=ro.response_ids, logprob=old_lp, entropy=ent,
+            adv_tokens_raw=shaped.adv_tokens_raw, adv_shaped=shaped.adv, is_key=shaped.key_mask, polarity=polarity,
+            token_text=lambda ids: self.vocab_text.take(pa.array(ids)), with_tokens=self.cfg.train.store_tokens,
+            rollouts={"group_idx": np.array(batch["group"], np.int32), "prompt_idx": np.array(batch["prompt_idx"], np.int64),
+                      "prompt": [self.train_set[i].prompt for i in batch["prompt_idx"]], "response": batch["texts"],
+                      "answer": [self.train_set[i].answer for i in batch["prompt_idx"]],
+                      "reward": np.array(batch["rewards"], np.float32), "correct": batch["correct"],
+                      "truncated": ro.truncated.cpu().numpy(), "adv_raw": shaped.adv_raw.float().cpu().numpy()})
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> tuple[dict, pa.Table]:

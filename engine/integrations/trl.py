@@ -26,7 +26,7 @@ from trl import GRPOTrainer
 
 from engine.advantage import a3po_rules, polarity_weighting, token_shaping
 from engine.reward import is_correct
-from engine.store import Store
+from engine.store import Store, step_tables
 
 A3PO_DEFAULTS = {"ratio": 0.2, "alpha_pos": 2.0, "alpha_neg": 2.0, "decay": "linear", "rate": 5.0, "w_pos": 1.0, "w_neg": 1.0}
 
@@ -80,47 +80,30 @@ class A3POGRPOTrainer(GRPOTrainer):
 
     def _a3po_log(self, step, texts, inputs, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent):
         """Write this generation batch (main process) as one store step in the engine's schema."""
-        rid = self.a3po_run
-        m = mask.bool().cpu()
-        B = m.shape[0]
+        rid, B = self.a3po_run, mask.shape[0]
         G = max(1, int(self.num_generations))
-        pol = polarity.cpu().numpy().astype(np.int8)
-        rows, pos = m.nonzero(as_tuple=True)
-        tid = ids.cpu()[rows, pos].numpy().astype(np.int32)
-        vocab = self.processing_class.convert_ids_to_tokens(tid.tolist())
-        texts_tok = [self.processing_class.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
-        key_c = key.cpu()
-        lengths = m.sum(1).numpy()
+        tok = self.processing_class
 
-        def masked(x):
-            return x.detach().float().cpu()[m].numpy()
+        def token_text(tid):
+            return [tok.convert_tokens_to_string([t]) if t is not None else "" for t in tok.convert_ids_to_tokens(tid.tolist())]
 
         prompt = [x.get("prompt") if isinstance(x.get("prompt"), str) else str(x.get("prompt")) for x in inputs] or [""] * B
-        rollouts = pa.table({
-            "run_id": [rid] * B, "step": pa.array(np.full(B, self._a3po_calls + 1, np.int32)),
-            "rollout_idx": pa.array(np.arange(B, dtype=np.int32)), "group_idx": pa.array((np.arange(B) // G).astype(np.int32)),
-            "prompt_idx": pa.array(np.arange(B, dtype=np.int64) // G), "prompt": prompt[:B], "response": texts,
-            "answer": [str(x.get("answer", "")) for x in inputs][:B], "reward": pa.array(np.array(correct, np.float32)),
-            "correct": [bool(c) for c in correct], "polarity": pa.array(pol), "length": pa.array(lengths.astype(np.int32)),
-            "truncated": pa.array(np.zeros(B, bool)), "adv_raw": pa.array(adv.float().cpu().numpy()),
-            "mean_logprob": pa.array(((logps.float().cpu() * m).sum(1) / m.sum(1).clamp(min=1)).numpy()),
-            "mean_entropy": pa.array(((ent.float().cpu() * m).sum(1) / m.sum(1).clamp(min=1)).numpy()),
-            "n_key": pa.array(key_c.sum(1).numpy().astype(np.int32)),
-        })
-        tokens = pa.table({
-            "run_id": [rid] * len(tid), "step": pa.array(np.full(len(tid), self._a3po_calls + 1, np.int32)),
-            "rollout_idx": pa.array(rows.numpy().astype(np.int32)), "position": pa.array(pos.numpy().astype(np.int32)),
-            "token_id": pa.array(tid), "token_text": texts_tok, "logprob": pa.array(masked(logps)), "entropy": pa.array(masked(ent)),
-            "adv_raw": pa.array(masked(tok_raw)), "adv_shaped": pa.array(masked(shaped)), "is_key": pa.array(key_c[m].numpy()),
-            "polarity": pa.array(pol[rows.numpy()]),
-        })
+        tables = step_tables(
+            rid, self._a3po_calls + 1, mask=mask, token_ids=ids, logprob=logps, entropy=ent, adv_tokens_raw=tok_raw,
+            adv_shaped=shaped, is_key=key, polarity=polarity, token_text=token_text,
+            rollouts={"group_idx": (np.arange(B) // G).astype(np.int32), "prompt_idx": np.arange(B, dtype=np.int64) // G,
+                      "prompt": prompt[:B], "response": texts, "answer": [str(x.get("answer", "")) for x in inputs][:B],
+                      "reward": np.array(correct, np.float32), "correct": [bool(c) for c in correct],
+                      "truncated": np.zeros(B, bool), "adv_raw": adv.float().cpu().numpy()})
+        m = mask.bool().cpu()
+        lengths = m.sum(1).numpy()
         mk = m.float()
         e = ent.float().cpu()
         steps = pa.table({"run_id": [rid], "step": pa.array([self._a3po_calls + 1], pa.int32()),
                           "reward": [float(np.mean(correct))], "acc": [float(np.mean(correct))],
                           "entropy": [float((e * mk).sum() / mk.sum().clamp(min=1))], "length": [float(lengths.mean())],
                           "trl_global_step": [float(step)]})
-        self.a3po_store.write_step(rid, self._a3po_calls + 1, {"rollouts": rollouts, "tokens": tokens, "steps": steps})
+        self.a3po_store.write_step(rid, self._a3po_calls + 1, {**tables, "steps": steps})
         self.a3po_store.update_run(rid, last_step=self._a3po_calls + 1)
 
     def train(self, *args, **kw):

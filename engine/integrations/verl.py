@@ -30,11 +30,11 @@ import json
 import os
 
 import numpy as np
-import pyarrow as pa
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_policy_loss
 
 from engine.advantage import TokenRule, a3po_rules, polarity_weighting, token_shaping
+from engine.store import step_tables
 
 _calls = {"n": 0}
 
@@ -107,29 +107,16 @@ def log_verl_batch(store, run_id: str, step: int, batch, tokenizer, mode: str = 
     shaped, key = shape_for_verl(mode, old, adv, mask.long(), step=step)
     ent = t["entropys"].float().cpu() if "entropys" in t.keys() else torch.full_like(old, float("nan"))
     scores = t["token_level_scores"].float().cpu().sum(-1) if "token_level_scores" in t.keys() else torch.zeros(len(ids))
-    pol = polarity_from_advantages(adv, mask.long()).numpy().astype(np.int8)
+    pol = polarity_from_advantages(adv, mask.long())
     B = ids.shape[0]
-    rows, pos = mask.nonzero(as_tuple=True)
-    tid = ids[rows, pos].numpy().astype(np.int32)
     uid = batch.non_tensor_batch.get("uid", np.arange(B)) if hasattr(batch, "non_tensor_batch") else np.arange(B)
     groups = {u: i for i, u in enumerate(dict.fromkeys(list(uid)))}
-    rollouts = pa.table({
-        "run_id": [run_id] * B, "step": pa.array(np.full(B, step, np.int32)), "rollout_idx": pa.array(np.arange(B, dtype=np.int32)),
-        "group_idx": pa.array(np.array([groups[u] for u in uid], np.int32)), "prompt_idx": pa.array(np.arange(B, dtype=np.int64)),
-        "prompt": [""] * B, "response": tokenizer.batch_decode([r[m] for r, m in zip(ids, mask)], skip_special_tokens=True),
-        "answer": [""] * B, "reward": pa.array(scores.numpy().astype(np.float32)), "correct": pa.array((scores > 0).numpy()),
-        "polarity": pa.array(pol), "length": pa.array(mask.sum(1).numpy().astype(np.int32)), "truncated": pa.array(np.zeros(B, bool)),
-        "adv_raw": pa.array(((adv * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy().astype(np.float32)),
-        "mean_logprob": pa.array(((old * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy().astype(np.float32)),
-        "mean_entropy": pa.array(((ent * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy().astype(np.float32)),
-        "n_key": pa.array(key.sum(1).numpy().astype(np.int32)),
-    })
-    tokens = pa.table({
-        "run_id": [run_id] * len(tid), "step": pa.array(np.full(len(tid), step, np.int32)),
-        "rollout_idx": pa.array(rows.numpy().astype(np.int32)), "position": pa.array(pos.numpy().astype(np.int32)),
-        "token_id": pa.array(tid), "token_text": [tokenizer.decode([i]) for i in tid.tolist()],
-        "logprob": pa.array(old[mask].numpy()), "entropy": pa.array(ent[mask].numpy()), "adv_raw": pa.array(adv[mask].numpy()),
-        "adv_shaped": pa.array(shaped[mask].numpy()), "is_key": pa.array(key[mask].numpy()), "polarity": pa.array(pol[rows.numpy()]),
-    })
-    store.write_step(run_id, step, {"rollouts": rollouts, "tokens": tokens})
-    return len(tid)
+    tables = step_tables(
+        run_id, step, mask=mask, token_ids=ids, logprob=old, entropy=ent, adv_tokens_raw=adv, adv_shaped=shaped, is_key=key,
+        polarity=pol, token_text=lambda tid: [tokenizer.decode([i]) for i in tid.tolist()],
+        rollouts={"group_idx": np.array([groups[u] for u in uid], np.int32), "prompt_idx": np.arange(B, dtype=np.int64),
+                  "prompt": [""] * B, "response": tokenizer.batch_decode([r[m] for r, m in zip(ids, mask)], skip_special_tokens=True),
+                  "answer": [""] * B, "reward": scores.numpy().astype(np.float32), "correct": (scores > 0).numpy(),
+                  "truncated": np.zeros(B, bool), "adv_raw": ((adv * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy().astype(np.float32)})
+    store.write_step(run_id, step, tables)
+    return tables["tokens"].num_rows
