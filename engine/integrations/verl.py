@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_policy_loss
 
+from engine.algorithms import ALGORITHMS
 from engine.advantage import TokenRule, a3po_rules, polarity_weighting, token_shaping
 from engine.store import step_tables
 
@@ -63,10 +64,9 @@ def shape_for_verl(mode: str, old_log_prob, advantages, response_mask, step: int
     if mode in ("a3po", "a3po_static"):
         rules = a3po_rules(step, total, ratio=ratio, alpha_pos=_env("A3PO_ALPHA_POS", 2.0), alpha_neg=_env("A3PO_ALPHA_NEG", 2.0),
                            decay="constant" if mode == "a3po_static" else _env("A3PO_DECAY", "linear"))
-    elif mode == "psr":
-        adv = polarity_weighting(adv, pol, w_pos=1.0, w_neg=0.0)
-    elif mode == "nsr":
-        adv = polarity_weighting(adv, pol, w_pos=0.0, w_neg=1.0)
+    elif mode in ("psr", "nsr"):  # the engine registry's fixed polarity weights
+        w_pos, w_neg = ALGORITHMS[mode].polarity_weights
+        adv = polarity_weighting(adv, pol, w_pos=w_pos, w_neg=w_neg)
     elif mode == "p2n1":
         adv = polarity_weighting(adv, pol, w_pos=2.0, w_neg=1.0)
     elif mode == "token_weighted":
