@@ -29,7 +29,6 @@ from engine.config import load_config  # noqa: E402
 from engine.evaluate import decode_responses  # noqa: E402
 from engine.loss import policy_loss  # noqa: E402
 from engine.ops import token_logprobs  # noqa: E402
-from engine.reward import is_correct  # noqa: E402
 from engine.rollout import SamplingParams  # noqa: E402
 from engine.store import Store  # noqa: E402
 from engine.trainer import Trainer, response_logits  # noqa: E402
@@ -47,9 +46,9 @@ def bare_step(tr: Trainer, step: int) -> dict:
     t1 = time.perf_counter()
     texts = decode_responses(tr.tok, ro.response_ids, ro.response_mask)
     n = cfg.rollout.n
-    scores = torch.tensor([float(is_correct(x, tr.train_set[idx[b // n]].answer)) for b, x in enumerate(texts)])
+    scores = torch.tensor([float(tr.verify(x, tr.train_set[idx[b // n]])) for b, x in enumerate(texts)])
     adv = group_advantages(scores, [b // n for b in range(len(texts))]).unsqueeze(-1) * ro.response_mask
-    lp = token_logprobs(response_logits(tr.model, ro, 1024), ro.response_ids)
+    lp = token_logprobs(response_logits(tr.model, ro, tr.cfg.rollout.temperature), ro.response_ids)
     loss, _ = policy_loss(lp, lp.detach(), adv, ro.response_mask, clip_high=0.2)
     tr.opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -214,6 +214,29 @@ def token_shaping(
     return adv * scale, key
 
 
+def gradient_push(adv_from: torch.Tensor, adv_to: torch.Tensor, logprobs: torch.Tensor, response_mask: torch.Tensor,
+                  polarity: torch.Tensor) -> dict[str, float]:
+    """How much a change of advantages can move the policy, by polarity: ``Σ |adv_to − adv_from| · (1 − p)``.
+
+    Why ``(1 − p)``: the gradient of ``log p(token)`` with respect to that token's own logit is
+    ``1 − p``, so an advantage change on a near-certain token (p > 0.99) moves almost nothing. A token
+    rule that only picks such tokens has a large ``Σ|Δadv|`` and a push near zero; this is the number
+    that says whether a rule acts. With ``adv_from = 0`` it is the push of the advantages themselves.
+
+    Args:
+        adv_from, adv_to: ``(B, T)`` per-token advantages (e.g. raw and shaped).
+        logprobs: ``(B, T)`` old-policy log-probs of the sampled tokens.
+        response_mask: ``(B, T)`` 1 for valid tokens; polarity: ``(B,)`` in {+1, -1, 0}.
+    Returns:
+        ``{"positive": float, "negative": float}`` sums over valid tokens of each polarity's rows.
+    """
+    valid = response_mask.bool()
+    w = (adv_to.double() - adv_from.double()).abs() * (1.0 - logprobs.detach().double().exp()).clamp(min=0.0)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    pol = torch.as_tensor(polarity, device=w.device).reshape(-1)
+    return {name: float(w[pol == code].sum()) for name, code in _POLARITY_NAMES.items()}
+
+
 def fork_token_mask(entropy: torch.Tensor, response_mask: torch.Tensor, quantile: float = 0.2) -> torch.Tensor:
     """Top-``quantile`` highest-entropy valid tokens over the whole batch ("forking tokens").
 

@@ -2,10 +2,10 @@
 
     a3po train [--config FILE.yaml] [--store DIR] [key=value ...]
     a3po train --resume RUN_ID [--store DIR]
-    a3po eval --model PATH [--task builtin:arith] [--k 1,4,8]
+    a3po eval --model PATH [--task builtin:countdown] [--k 1,4,8]
     a3po runs [--store DIR]
     a3po export RUN_ID --format parquet|duckdb DIR [--store DIR]
-    a3po build-tiny-model [--out DIR] [--steps N]
+    a3po build-tiny-model [--task countdown|arith] [--out DIR] [--steps N]
     a3po study [--preset quick|full] [--seeds N] [--steps S] [--out DIR]
     a3po app [--store DIR] [--port 8501]   # the Streamlit explorer, on localhost
     a3po config                      # every config key with its help text
@@ -74,6 +74,7 @@ def cmd_eval(a) -> int:
 
     from engine.evaluate import evaluate
     from engine.policy import load_policy
+    from engine.reward import resolve_verifier
     from engine.rollout import make_backend
     from engine.tasks import load_problems
 
@@ -88,7 +89,7 @@ def cmd_eval(a) -> int:
     if a.n_prompts:
         probs = probs[: a.n_prompts]
     res = evaluate(make_backend("hf", model, tok), tok, probs, ks=ks, temperature=a.temperature,
-                   max_new_tokens=a.max_new_tokens, seed=a.seed)
+                   max_new_tokens=a.max_new_tokens, seed=a.seed, verify=resolve_verifier(a.task, a.verifier))
     print(json.dumps(res))
     return 0
 
@@ -145,9 +146,9 @@ def _sql_path(p: Path) -> str:
 
 
 def cmd_build(a) -> int:
-    from engine.tiny_model import DEFAULT_OUT, build_tiny_model
+    from engine.tiny_model import build_tiny_model
 
-    stats = build_tiny_model(Path(a.out) if a.out else DEFAULT_OUT, seed=a.seed, **({"steps": a.steps} if a.steps else {}))
+    stats = build_tiny_model(Path(a.out) if a.out else None, task=a.task, seed=a.seed, steps=a.steps)
     print(json.dumps({k: v for k, v in stats.items() if k != "history"}))
     return 0
 
@@ -174,15 +175,43 @@ def cmd_study(a) -> int:
 
 
 def cmd_app(a) -> int:
-    """Serve the Streamlit app (localhost only unless --host says otherwise)."""
-    import subprocess
+    """Serve the Streamlit app (localhost only unless --host says otherwise).
 
+    It serves straight away with no terminal (Streamlit's first-run e-mail prompt is off), opens a
+    browser only with --browser or when a terminal is attached (and not --headless), and the server
+    stops with ``a3po app`` whatever signal stops it: on POSIX this process *becomes* the Streamlit
+    server (exec), elsewhere it runs it as a child and passes SIGINT/SIGTERM on.
+    """
+    from engine.config import ConfigError
+
+    if not 1 <= a.port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535, got {a.port} — pick a free port, e.g. --port 8501")
     app = PACKAGE_ROOT / "app" / "main.py"
     env = dict(os.environ, A3PO_STORE=str(Path(a.store).expanduser().resolve()))
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    open_browser = a.browser or (tty and not a.headless)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", a.host, "--server.port", str(a.port),
-           "--server.headless", "true" if a.headless else "false", "--browser.gatherUsageStats", "false"]
-    print(f"A3PO Lab app on http://{a.host}:{a.port} (store {env['A3PO_STORE']})", file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+           "--server.headless", "false" if open_browser else "true", "--server.showEmailPrompt", "false",
+           "--browser.gatherUsageStats", "false"]
+    print(f"A3PO Lab app on http://{a.host}:{a.port} (store {env['A3PO_STORE']})", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if os.name == "posix":
+        os.execve(sys.executable, cmd, env)  # no return: the server is this very process
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # pragma: no cover - forwarded above; keep waiting for the child
+            continue
 
 
 def cmd_config(a) -> int:
@@ -207,13 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="greedy accuracy and pass@k of a model")
-    e.add_argument("--model", required=True, help="HF folder, HF id or builtin:tiny")
-    e.add_argument("--task", default="builtin:arith", help="builtin:arith or a .jsonl/.parquet file")
+    e.add_argument("--model", required=True, help="HF folder, HF id, builtin:tiny-countdown or builtin:tiny")
+    e.add_argument("--task", default="builtin:countdown", help="builtin:countdown, builtin:arith or a .jsonl/.parquet file")
+    e.add_argument("--verifier", choices=["math", "countdown"], help="default: the built-in task's own, math for files")
     e.add_argument("--split", default="test")
     e.add_argument("--k", default="1,4,8")
     e.add_argument("--n-prompts", type=int, default=200)
     e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--prompt-key", default="prompt")
     e.add_argument("--answer-key", default="answer")
     e.add_argument("--device", default="auto")
@@ -233,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--store", default=store_default)
     x.set_defaults(fn=cmd_export)
 
-    b = sub.add_parser("build-tiny-model", help="rebuild the embedded tiny model and task data from scratch")
-    b.add_argument("--out", help="output folder (default data/tiny-model)")
+    b = sub.add_parser("build-tiny-model", help="rebuild an embedded tiny model and its task data from scratch")
+    b.add_argument("--task", choices=["countdown", "arith"], default="countdown",
+                   help="task (countdown -> data/tiny-countdown, arith -> data/tiny-model)")
+    b.add_argument("--out", help="output folder (default: the task's shipped model folder)")
     b.add_argument("--steps", type=int, default=None, help="SFT steps (default: the shipped model's)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build)
@@ -256,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--store", default=store_default)
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
     ap.add_argument("--port", type=int, default=8501)
-    ap.add_argument("--headless", action="store_true", help="do not open a browser")
+    ap.add_argument("--headless", action="store_true", help="never open a browser (the default without a terminal)")
+    ap.add_argument("--browser", action="store_true", help="open a browser even without a terminal")
     ap.set_defaults(fn=cmd_app)
 
     c = sub.add_parser("config", help="print every config key with its help")

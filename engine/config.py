@@ -35,8 +35,9 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
-    path: str = _f("builtin:tiny", "Policy: 'builtin:tiny' (the embedded model in data/tiny-model), a local HF folder, "
-                                    "or a Hugging Face model id (needs network or a local HF cache).")
+    path: str = _f("builtin:tiny-countdown", "Policy: 'builtin:tiny-countdown' (the embedded Countdown-lite model, "
+                   "data/tiny-countdown), 'builtin:tiny' (the arith model, data/tiny-model), a local HF folder, "
+                   "or a Hugging Face model id (needs network or a local HF cache).")
     dtype: str = _f("auto", "Parameter dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
     device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (large models on GPU).")
@@ -45,10 +46,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("builtin:arith", "Training prompts: 'builtin:arith' or a local .jsonl/.parquet file.")
-    test: str = _f("builtin:arith", "Held-out prompts for evaluation: 'builtin:arith' or a local file.")
+    train: str = _f("builtin:countdown", "Training prompts: 'builtin:countdown', 'builtin:arith' or a local "
+                    ".jsonl/.parquet file.")
+    test: str = _f("builtin:countdown", "Held-out prompts for evaluation: 'builtin:countdown', 'builtin:arith' or a "
+                   "local file.")
+    verifier: str | None = _f(None, "Reward: 'math' (math-verify on the last \\boxed{}) or 'countdown' (the "
+                              "Countdown-lite step verifier). null = the built-in task's own, 'math' for files.",
+                              choices=["math", "countdown", None])
     prompt_key: str = _f("prompt", "Column holding the prompt text (GSM8K/MATH exports: 'question'/'problem').")
-    answer_key: str = _f("answer", "Column holding the gold answer checked by math-verify.")
+    answer_key: str = _f("answer", "Column holding the gold answer checked by the verifier.")
     prompt_template: str = _f("{prompt}", "Python format string applied to each prompt, e.g. '{prompt}\\nAnswer in \\\\boxed{{}}.'")
     chat_template: bool = _f(False, "Wrap prompts with the tokenizer's chat template (instruct models).")
     max_prompt_tokens: int = _f(256, "Prompts longer than this are left-truncated.")
@@ -58,10 +64,12 @@ class DataConfig:
 class RolloutConfig:
     backend: str = _f("hf", "Rollout backend: 'hf' (transformers generate with KV cache) or 'vllm' (GPU, [gpu] extra).")
     n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1)
-    temperature: float = _f(1.0, "Sampling temperature for training rollouts.", min=0.0)
+    temperature: float = _f(1.0, "Sampling temperature for training rollouts. Log-probs, entropies, key tokens and "
+                                 "the PPO ratio are computed on logits / temperature, the distribution actually "
+                                 "sampled (as verl does).", min=0.0)
     top_p: float = _f(1.0, "Nucleus sampling; 1.0 disables it.", min=0.0, max=1.0)
     top_k: int = _f(0, "Top-k sampling; 0 disables it (transformers defaults to 50 otherwise).", min=0)
-    max_new_tokens: int = _f(48, "Maximum response length in tokens (DAPO's L_max).", min=1)
+    max_new_tokens: int = _f(64, "Maximum response length in tokens (DAPO's L_max).", min=1)
 
 
 @dataclass
@@ -132,6 +140,8 @@ class EvalConfig:
                            "boundary curve); empty = eval.k.")
     temperature: float = _f(1.0, "Temperature of the pass@k samples (greedy accuracy is also reported).", min=0.0)
     max_new_tokens: int | None = _f(None, "null = rollout.max_new_tokens.", min=1)
+    at_start: bool = _f(True, "Also evaluate the initial policy (step 0). A study whose claims compare final "
+                              "accuracies turns it off: the start is the same model in every run.")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from math import comb
 
 import torch
 
-from engine.reward import is_correct
+from engine.reward import math_correct
 from engine.rollout import SamplingParams
 
 
@@ -42,8 +42,11 @@ def decode_responses(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 
 def evaluate(backend, tok, problems, *, ks=(1, 4, 8), temperature: float = 1.0, max_new_tokens: int = 48,
-             seed: int = 0, template: str = "{prompt}", chat: bool = False, batch_prompts: int = 64) -> dict:
+             seed: int = 0, template: str = "{prompt}", chat: bool = False, batch_prompts: int = 64,
+             verify=math_correct) -> dict:
     """Greedy accuracy, mean sampled accuracy and pass@k over ``problems``.
+
+    ``verify(response_text, problem) -> bool`` is the task's verifier (``engine.reward.VERIFIERS``).
 
     Returns ``{"greedy_acc", "sampled_acc", "pass@k": {k: v}, "n_prompts", "n_samples"}``.
     """
@@ -53,11 +56,11 @@ def evaluate(backend, tok, problems, *, ks=(1, 4, 8), temperature: float = 1.0, 
     for i in range(0, len(problems), batch_prompts):
         chunk, pids = problems[i:i + batch_prompts], prompts[i:i + batch_prompts]
         g = backend.generate(pids, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed))
-        greedy_ok += [is_correct(t, p.answer) for t, p in zip(decode_responses(tok, g.response_ids, g.response_mask), chunk)]
+        greedy_ok += [verify(t, p) for t, p in zip(decode_responses(tok, g.response_ids, g.response_mask), chunk)]
         s = backend.generate(pids, SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 1 + i))
         texts = decode_responses(tok, s.response_ids, s.response_mask)
         for j, p in enumerate(chunk):
-            counts.append(sum(is_correct(t, p.answer) for t in texts[j * n:(j + 1) * n]))
+            counts.append(sum(verify(t, p) for t in texts[j * n:(j + 1) * n]))
     P = max(1, len(problems))
     return {
         "greedy_acc": sum(greedy_ok) / P,

@@ -8,7 +8,7 @@ import torch
 
 from engine.tasks import DATA_DIR
 
-BUILTIN = {"builtin:tiny": DATA_DIR / "tiny-model"}
+BUILTIN = {"builtin:tiny-countdown": DATA_DIR / "tiny-countdown", "builtin:tiny": DATA_DIR / "tiny-model"}
 
 
 class ModelError(ValueError):
@@ -19,7 +19,7 @@ def resolve_model_path(spec: str) -> str:
     if spec in BUILTIN:
         return str(BUILTIN[spec])
     if spec.startswith("builtin:"):
-        raise ModelError(f"unknown builtin model {spec!r}; the embedded one is 'builtin:tiny'")
+        raise ModelError(f"unknown builtin model {spec!r}; the embedded ones are {', '.join(BUILTIN)}")
     return spec
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import Counter
 from functools import lru_cache
 
 _INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
@@ -85,3 +86,77 @@ def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
     if length >= max_len:
         return -1.0
     return (max_len - buffer - length) / buffer
+
+
+# ------------------------------------------------------------------ Countdown-lite step verifier
+_CD_PROMPT = re.compile(r"^\s*((?:\d+ )*\d+):(\d+)=\s*$")
+_CD_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(-?\d+)\(((?:-?\d+ )*-?\d+)\)$")
+
+
+def parse_countdown_prompt(prompt: str) -> tuple[list[int], int]:
+    """``"10 8 9 7:117="`` -> ``([10, 8, 9, 7], 117)``; raises ValueError on another format."""
+    m = _CD_PROMPT.match(prompt)
+    if not m:
+        raise ValueError(f"not a countdown prompt (want 'n1 n2 ...:target='): {prompt[:60]!r}")
+    return [int(x) for x in m.group(1).split()], int(m.group(2))
+
+
+def countdown_correct(response: str, prompt: str) -> bool:
+    """Step verifier of the Countdown-lite task: True only for a fully valid derivation.
+
+    Every ``;``-separated step ``a<op>b=r(left)`` must combine two numbers still in the pool, with
+    exact arithmetic (+, -, *) and list the numbers left (as a multiset) in parentheses; every
+    number is used exactly once, so the last step leaves one number, and that number is the target.
+    Any malformed step is a wrong answer, never an error.
+    """
+    try:
+        numbers, target = parse_countdown_prompt(prompt)
+    except ValueError:
+        return False
+    pool = Counter(numbers)
+    steps = response.strip().split(";")
+    if len(steps) != len(numbers) - 1:
+        return False
+    for step in steps:
+        m = _CD_STEP.match(step)
+        if not m:
+            return False
+        a, op, b, r, left = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)), m.group(5)
+        pool[a] -= 1
+        pool[b] -= 1
+        if pool[a] < 0 or pool[b] < 0:
+            return False
+        if r != (a + b if op == "+" else a - b if op == "-" else a * b):
+            return False
+        pool[r] += 1
+        if Counter(int(x) for x in left.split()) != +pool:
+            return False
+    return r == target
+
+
+def math_correct(response: str, problem) -> bool:
+    return is_correct(response, problem.answer)
+
+
+def countdown_verifier(response: str, problem) -> bool:
+    return countdown_correct(response, problem.prompt)
+
+
+# A verifier maps (response text, Problem) -> bool. Tasks name theirs; data.verifier overrides.
+VERIFIERS = {"math": math_correct, "countdown": countdown_verifier}
+
+
+def get_verifier(name: str):
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; choose one of {', '.join(VERIFIERS)}")
+    return VERIFIERS[name]
+
+
+def resolve_verifier(data_spec: str, name: str | None = None):
+    """The verifier for a dataset: ``name`` when given, else the built-in task's own, else math-verify."""
+    from engine.tasks import builtin_task
+
+    if name is None:
+        task = builtin_task(data_spec)
+        name = task.verifier if task else "math"
+    return get_verifier(name)

@@ -1,6 +1,16 @@
-"""Tasks: the embedded synthetic arithmetic task and loading of real prompt/answer datasets.
+"""Tasks: the embedded synthetic tasks and loading of real prompt/answer datasets.
 
-The embedded task is a three-operand expression ``a op b op c`` (operands 1..99, ops + and -)
+Two built-in tasks ship in data/ (``TASKS``), each with its own tiny model:
+
+* ``countdown`` (the default): Countdown-lite. Four numbers and a target; the response combines two
+  numbers per step and lists the numbers left, ``"10 8 9 7:117="`` ->
+  ``"10+8=18(9 7 18);18*7=126(9 126);126-9=117(117)"``. Every step starts at a real choice point (which
+  pair, which order, which operator), so sampled responses fork and both polarities occur in most
+  groups. Half the problems have 3 numbers, half 4. Scored by a step verifier (``engine.reward.countdown_correct``).
+* ``arith``: the quick smoke task below. Almost every token is determined by the prompt, so
+  it has little uncertainty for token-level shaping to act on.
+
+The arith task is a three-operand expression ``a op b op c`` (operands 1..99, ops + and -)
 whose reference response is a short worked solution, one line per partial result, then the
 boxed answer:  prompt ``"37+48-12="`` -> response ``"37+48=85;85-12=73;\\boxed{73}"``.
 That gives ~25 response tokens with a reasoning part whose tokens differ in probability and
@@ -16,6 +26,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = PACKAGE_ROOT / "data"
@@ -46,23 +57,119 @@ def arith_problem(rng: random.Random) -> Problem:
     return Problem(prompt, str(abc), solution)
 
 
-def make_arith_splits(n_train: int = 20000, n_test: int = 500, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint train/test splits, deterministic in ``seed`` (test drawn first, train excludes it)."""
-    rng_test = random.Random(f"arith-test-{seed}")
+# --------------------------------------------------------------------------------------------
+# Embedded reasoning task with real forks: Countdown-lite
+# --------------------------------------------------------------------------------------------
+COUNTDOWN_SIZES = (3, 4)  # numbers per problem, drawn uniformly: 3 is the easier half, 4 the longer one
+COUNTDOWN_RANGE = (1, 12)  # each number is drawn from this range
+COUNTDOWN_MAX = 200  # every intermediate result lies in 1..COUNTDOWN_MAX
+
+
+def countdown_prompt(numbers: list[int], target: int) -> str:
+    return " ".join(map(str, numbers)) + f":{target}="
+
+
+def countdown_problem(rng: random.Random, n_numbers: int | None = None) -> Problem:
+    """A random combination tree over ``n_numbers`` numbers, written as a step-by-step solution.
+
+    Each step combines two numbers still in the pool with +, - or * (result in 1..200) and writes
+    the numbers left; the last step leaves the target alone, e.g. prompt ``"10 8 9 7:117="`` ->
+    ``"10+8=18(9 7 18);18*7=126(9 126);126-9=117(117)"``. ``n_numbers`` defaults to a uniform draw
+    from ``COUNTDOWN_SIZES``.
+    The pair, its order and the operator are drawn uniformly among the valid choices, so the
+    reference solutions of one prompt differ in step order and operand order: the model learns that
+    several continuations are valid at the start of each step (the choice points RL shapes).
+    """
+    lo, hi = COUNTDOWN_RANGE
+    n_numbers = n_numbers or rng.choice(COUNTDOWN_SIZES)
+    while True:
+        numbers = [rng.randint(lo, hi) for _ in range(n_numbers)]
+        pool, steps = list(numbers), []
+        while len(pool) > 1:
+            choices = []
+            for i, a in enumerate(pool):
+                for j, b in enumerate(pool):
+                    if i == j:
+                        continue
+                    for op in "+-*":
+                        r = _apply(a, op, b)
+                        if 1 <= r <= COUNTDOWN_MAX:
+                            choices.append((i, j, op, r))
+            if not choices:
+                break
+            i, j, op, r = rng.choice(choices)
+            a, b = pool[i], pool[j]
+            pool = [x for k, x in enumerate(pool) if k not in (i, j)] + [r]
+            steps.append(f"{a}{op}{b}={r}({' '.join(map(str, pool))})")
+        if len(pool) == 1 and len(steps) == n_numbers - 1:
+            return Problem(countdown_prompt(numbers, pool[0]), str(pool[0]), ";".join(steps))
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_splits(make_problem, n_train: int = 20000, n_test: int = 500, seed: int = 0,
+                name: str = "arith") -> tuple[list[Problem], list[Problem]]:
+    """Disjoint train/test splits, deterministic in ``seed`` (test drawn first, train excludes its prompts)."""
+    rng_test = random.Random(f"{name}-test-{seed}")
     test, seen = [], set()
     while len(test) < n_test:
-        p = arith_problem(rng_test)
+        p = make_problem(rng_test)
         if p.prompt not in seen:
             seen.add(p.prompt)
             test.append(p)
-    rng_train = random.Random(f"arith-train-{seed}")
+    rng_train = random.Random(f"{name}-train-{seed}")
     train = []
     while len(train) < n_train:
-        p = arith_problem(rng_train)
+        p = make_problem(rng_train)
         if p.prompt not in seen:
             seen.add(p.prompt)
             train.append(p)
     return train, test
+
+
+def make_arith_splits(n_train: int = 20000, n_test: int = 500, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    return make_splits(arith_problem, n_train, n_test, seed, name="arith")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: how its problems are drawn, where its splits live, which verifier scores it."""
+
+    name: str
+    make_problem: Callable[[random.Random], Problem]
+    verifier: str  # a name in engine.reward.VERIFIERS
+    model: str  # the built-in model trained on it
+    doc: str
+
+    @property
+    def dir(self) -> Path:
+        return DATA_DIR / self.name
+
+    def splits(self, n_train: int = 20000, n_test: int = 500, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+        return make_splits(self.make_problem, n_train, n_test, seed, name=self.name)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("countdown", countdown_problem, "countdown", "builtin:tiny-countdown",
+         "Countdown-lite: reach a target from 3-4 numbers (1-12) with + - *, one written step at a time; "
+         "the default task (several valid continuations at every step)."),
+    Task("arith", arith_problem, "math", "builtin:tiny",
+         "a+-b+-c with a worked solution and a boxed answer; the quick smoke task (about two decisions per response)."),
+]}
+DEFAULT_TASK = "countdown"
+
+
+def builtin_task(spec: str) -> Task | None:
+    """The ``Task`` behind ``builtin:<name>``, None for a file path; unknown names raise ``DatasetError``."""
+    if not spec.startswith("builtin:"):
+        return None
+    name = spec.split(":", 1)[1]
+    if name not in TASKS:
+        raise DatasetError(f"unknown builtin dataset {spec!r}; the embedded ones are "
+                           + ", ".join(f"'builtin:{n}'" for n in TASKS))
+    return TASKS[name]
 
 
 def write_jsonl(problems: list[Problem], path: Path) -> None:
@@ -79,13 +186,9 @@ def write_jsonl(problems: list[Problem], path: Path) -> None:
 # Loading
 # --------------------------------------------------------------------------------------------
 def resolve_data_path(spec: str, split: str) -> Path:
-    """``builtin:arith`` -> the shipped split file; anything else is a local path."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name != "arith":
-            raise DatasetError(f"unknown builtin dataset {spec!r}; the embedded one is 'builtin:arith'")
-        return ARITH_DIR / f"{split}.jsonl"
-    return Path(spec).expanduser()
+    """``builtin:<task>`` -> the shipped split file; anything else is a local path."""
+    task = builtin_task(spec)
+    return task.dir / f"{split}.jsonl" if task else Path(spec).expanduser()
 
 
 def load_problems(spec: str, split: str = "train", *, prompt_key: str = "prompt", answer_key: str = "answer",

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from engine.tasks import ARITH_DIR, DATA_DIR, make_arith_splits, write_jsonl
+from engine.tasks import DATA_DIR, TASKS, Task, write_jsonl
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+-*/=;:,.()[]{}\\^_ \n") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-DEFAULT_OUT = DATA_DIR / "tiny-model"
+# Where each task's model ships (``builtin:tiny`` is the arith model, as before).
+MODEL_DIRS = {"arith": DATA_DIR / "tiny-model", "countdown": DATA_DIR / "tiny-countdown"}
+DEFAULT_OUT = MODEL_DIRS["arith"]
 
 
 def build_tokenizer():
@@ -72,26 +74,41 @@ def _sft_batch(tok, problems, rng: random.Random, batch: int):
     return inp, att, lab
 
 
-# The SFT stops early on a longer cosine schedule: at SCHEDULE_STEPS=3000 the model reaches ~90%
-# sampled accuracy; stopping at STOP_STEP leaves it in the 20-60% band RL needs (measured; README).
-SCHEDULE_STEPS = 3000
-STOP_STEP = 1050
+# Each task's SFT recipe. The SFT stops early on a longer warm-up + cosine schedule: run to the end
+# of its horizon the model is too good (arith ~90% sampled accuracy); stopping at ``steps`` leaves it
+# in the band RL needs, where most groups hold both polarities (measured; build_stats.json).
+RECIPES = {
+    "arith": {"steps": 1050, "schedule_steps": 3000, "lr": 3e-3},
+    "countdown": {"steps": 1500, "schedule_steps": 3000, "lr": 3e-3},
+}
+FORK_ENTROPY = 0.672  # nats; a token above it is a "fork" (Wang et al. 2025: ~20% of Qwen3-8B reasoning tokens)
 
 
-def build_tiny_model(out: Path = DEFAULT_OUT, *, steps: int = STOP_STEP, schedule_steps: int = SCHEDULE_STEPS, batch: int = 64,
-                     lr: float = 3e-3, seed: int = 0, threads: int = 2, eval_every: int = 0, write_data: bool = True,
-                     n_eval: int | None = None, log=print) -> dict:
-    """Write the task splits and a freshly SFT-trained tiny model to ``out``; returns build stats.
+def build_tiny_model(out: Path | None = None, *, task: str = "arith", steps: int | None = None,
+                     schedule_steps: int | None = None, batch: int = 64, lr: float | None = None, seed: int = 0,
+                     threads: int = 2, eval_every: int = 0, write_data: bool = True, n_eval: int | None = None,
+                     log=print) -> dict:
+    """Write ``task``'s splits and a freshly SFT-trained tiny model to ``out``; returns build stats.
 
-    ``steps`` optimiser steps of a warm-up + cosine schedule whose horizon is ``schedule_steps``."""
+    ``steps`` optimiser steps of a warm-up + cosine schedule whose horizon is ``schedule_steps``
+    (defaults: the task's ``RECIPES`` entry). The stats (written to build_stats.json) include the
+    rollout statistics of ``rollout_stats`` on the test split at temperature 1."""
     from transformers import LlamaForCausalLM
 
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    t: Task = TASKS[task]
+    recipe = RECIPES[task]
+    steps = steps or recipe["steps"]
+    schedule_steps = schedule_steps or recipe["schedule_steps"]
+    lr = lr or recipe["lr"]
+    out = Path(out) if out else MODEL_DIRS[task]
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    train, test = make_arith_splits(seed=0)
+    train, test = t.splits(seed=0)
     if write_data:
-        write_jsonl(train, ARITH_DIR / "train.jsonl")
-        write_jsonl(test, ARITH_DIR / "test.jsonl")
+        write_jsonl(train, t.dir / "train.jsonl")
+        write_jsonl(test, t.dir / "test.jsonl")
     tok = build_tokenizer()
     model = LlamaForCausalLM(build_config(len(tok)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -114,45 +131,90 @@ def build_tiny_model(out: Path = DEFAULT_OUT, *, steps: int = STOP_STEP, schedul
         if step % 100 == 0:
             log(f"sft step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
         if eval_every and step % eval_every == 0:
-            acc = sampled_accuracy(model, tok, test[:200], seed=seed)
-            history.append((step, acc))
-            log(f"  step {step}: sampled accuracy {acc:.3f}")
+            st = rollout_stats(model, tok, test[:200], t.verifier, seed=seed)
+            history.append({"step": step, **st})
+            log(f"  step {step}: {st}")
             model.train()
+    seconds = round(time.time() - t0, 1)
     model.eval()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    acc = sampled_accuracy(model, tok, test[:n_eval] if n_eval else test, seed=seed)
-    stats = {"sft_steps": steps, "schedule_steps": horizon, "batch": batch, "lr": lr, "seed": seed, "threads": threads,
-             "seconds": round(time.time() - t0, 1), "test_sampled_accuracy_t1": round(acc, 4),
-             "params": sum(p.numel() for p in model.parameters()), "history": history}
+    st = rollout_stats(model, tok, test[:n_eval] if n_eval else test, t.verifier, seed=seed)
+    stats = {"task": task, "sft_steps": steps, "schedule_steps": horizon, "batch": batch, "lr": lr, "seed": seed,
+             "threads": threads, "seconds": seconds, "test_sampled_accuracy_t1": st["accuracy"],
+             "rollout_stats_t1": st, "params": sum(p.numel() for p in model.parameters()), "history": history}
     (out / "build_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    log(f"wrote {out} ({stats['params']} params); sampled accuracy at T=1 on test: {acc:.3f}")
+    log(f"wrote {out} ({stats['params']} params); on fresh T=1 rollouts of the test split: {st}")
     return stats
 
 
 @torch.no_grad()
-def sampled_accuracy(model, tok, problems, *, seed: int = 0, batch: int = 100, max_new_tokens: int = 48) -> float:
-    """Share of problems answered correctly by one temperature-1.0 sample each."""
-    from engine.reward import is_correct
+def rollout_stats(model, tok, problems, verifier: str = "math", *, group: int = 8, seed: int = 0, batch: int = 32,
+                  max_new_tokens: int = 64, temperature: float = 1.0) -> dict:
+    """Polarity statistics of fresh rollouts: ``group`` samples per problem at ``temperature``.
 
+    Returns accuracy (share of correct samples), mixed_groups (share of problems whose group holds
+    both polarities), all_wrong / all_correct group shares, mean response length (tokens incl. EOS),
+    mean token entropy (nats, of the sampling distribution) and fork_frac (share of response tokens
+    with entropy > ``FORK_ENTROPY``). These are the numbers that say whether a task gives
+    token-level shaping something to act on."""
+    from engine.reward import get_verifier
+
+    verify = get_verifier(verifier)
     model.eval()
-    torch.manual_seed(seed)
-    correct = 0
+    gen = torch.Generator().manual_seed(seed)
+    n_ok = n_tok = n_fork = 0
+    ent_sum = 0.0
+    mixed = all_wrong = all_right = 0
     for i in range(0, len(problems), batch):
         chunk = problems[i : i + batch]
-        enc = [[tok.bos_token_id] + tok.encode(p.prompt, add_special_tokens=False) for p in chunk]
+        enc = [[tok.bos_token_id] + tok.encode(p.prompt, add_special_tokens=False) for p in chunk for _ in range(group)]
         T = max(map(len, enc))
         ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc])
-        att = (torch.arange(T).expand(len(enc), T) >= torch.tensor([T - len(e) for e in enc]).unsqueeze(1)).long()
-        out = model.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for p, row in zip(chunk, out[:, T:].tolist()):
+        att = (ids != tok.pad_token_id).long()
+        B = ids.shape[0]
+        done = torch.zeros(B, dtype=torch.bool)
+        resp = torch.full((B, max_new_tokens), tok.pad_token_id)
+        valid = torch.zeros((B, max_new_tokens), dtype=torch.bool)
+        ent = torch.zeros((B, max_new_tokens))
+        pos = (att.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float() / temperature, -1)
+            ent[:, t] = -(logp.exp() * logp).sum(-1)
+            nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+            valid[:, t] = ~done
+            resp[:, t] = nxt
+            done = done | (nxt == tok.eos_token_id)
+            if bool(done.all()):
+                break
+            att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype)], 1)
+            out = model(input_ids=nxt.unsqueeze(1), attention_mask=att, position_ids=(att.sum(1, keepdim=True) - 1),
+                        past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        ok = []
+        for b in range(B):
+            row = resp[b][valid[b]].tolist()
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
-            correct += is_correct(tok.decode(row, skip_special_tokens=True), p.answer)
-    return correct / max(1, len(problems))
+            ok.append(bool(verify(tok.decode(row, skip_special_tokens=True), chunk[b // group])))
+        n_ok += sum(ok)
+        n_tok += int(valid.sum())
+        ent_sum += float(ent[valid].sum())
+        n_fork += int((ent[valid] > FORK_ENTROPY).sum())
+        for g in range(len(chunk)):
+            c = sum(ok[g * group:(g + 1) * group])
+            mixed += 0 < c < group
+            all_wrong += c == 0
+            all_right += c == group
+    n_samples = len(problems) * group
+    return {"accuracy": round(n_ok / n_samples, 4), "mixed_groups": round(mixed / len(problems), 4),
+            "all_wrong_groups": round(all_wrong / len(problems), 4), "all_correct_groups": round(all_right / len(problems), 4),
+            "length": round(n_tok / n_samples, 2), "entropy": round(ent_sum / max(1, n_tok), 4),
+            "fork_frac": round(n_fork / max(1, n_tok), 4), "n_prompts": len(problems), "group": group}

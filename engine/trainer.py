@@ -29,13 +29,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from engine.advantage import gradient_push
 from engine.algorithms import ALGORITHMS, shape_advantages
 from engine.config import Config, config_from_dict
 from engine.evaluate import decode_responses, encode_prompts, evaluate
 from engine.loss import kl_penalty, masked_mean, policy_loss
 from engine.ops import token_entropy, token_logprobs
 from engine.policy import load_policy
-from engine.reward import is_correct, overlong_penalty
+from engine.reward import overlong_penalty, resolve_verifier
 from engine.rollout import Rollouts, SamplingParams, make_backend, position_ids
 from engine.store import Store, step_tables
 from engine.tasks import load_problems
@@ -58,15 +59,19 @@ class Timer:
         return _T()
 
 
-def response_logits(model, ro: Rollouts, chunk: int):
+def response_logits(model, ro: Rollouts, temperature: float = 1.0):
     """Forward prompt + response; return the logits that predict the response tokens, ``(B, T, V)``.
 
-    Only the last ``T + 1`` positions go through the LM head (``logits_to_keep``), so long prompts
-    cost no vocabulary-sized activations."""
+    The logits are divided by the rollout ``temperature`` (when > 0), so log-probs, entropies, key
+    tokens and the PPO ratio all refer to the distribution the rollouts were sampled from (verl does
+    the same). Only the last ``T + 1`` positions go through the LM head (``logits_to_keep``), so
+    long prompts cost no vocabulary-sized activations."""
     ids, att = ro.input_ids, ro.attention_mask
     T = ro.response_ids.shape[1]
     out = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, :-1, :]  # position t predicts token t+1: keep the T predictions of response tokens
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     return logits
 
 
@@ -91,6 +96,8 @@ class Trainer:
         self.overlong_buffer = buf
         self.train_set = load_problems(cfg.data.train, "train", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
         self.test_set = load_problems(cfg.data.test, "test", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+        self.verify = resolve_verifier(cfg.data.train, cfg.data.verifier)
+        self.verify_test = resolve_verifier(cfg.data.test, cfg.data.verifier)
         if cfg.eval.n_prompts:
             self.test_set = self.test_set[: cfg.eval.n_prompts]
         self.model, self.tok, self.device = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
@@ -209,7 +216,7 @@ class Trainer:
                 ro = self.backend.generate([self.train_prompts[i] for i in idx], params)
             with timer("score"):
                 texts = decode_responses(self.tok, ro.response_ids, ro.response_mask)
-                correct = [is_correct(t, self.train_set[idx[b // n]].answer) for b, t in enumerate(texts)]
+                correct = [self.verify(t, self.train_set[idx[b // n]]) for b, t in enumerate(texts)]
                 lengths = ro.response_mask.sum(1).tolist()
                 rewards = [float(c) + overlong_penalty(int(L), cfg.rollout.max_new_tokens, self.overlong_buffer)
                            for c, L in zip(correct, lengths)]
@@ -266,13 +273,13 @@ class Trainer:
         correct = torch.tensor(batch["correct"], dtype=torch.bool, device=dev)
         polarity = torch.where(correct, 1, -1).to(torch.int8)
         single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
-        chunk = cfg.model.logit_chunk
+        chunk, temp = cfg.model.logit_chunk, cfg.rollout.temperature
 
         # --- old policy log-probs and entropy (one pass; reused for the update when on-policy)
         with timer("forward"):
             ctx = nullcontext() if single_pass else torch.no_grad()
             with ctx:
-                logits = response_logits(self.model, ro, chunk)
+                logits = response_logits(self.model, ro, temp)
                 lp = token_logprobs(logits, ro.response_ids, chunk_size=chunk)
             with torch.no_grad():
                 ent = token_entropy(logits.detach(), chunk_size=chunk)
@@ -280,7 +287,7 @@ class Trainer:
             ref_lp = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref_lp = token_logprobs(response_logits(self.ref, ro, chunk), ro.response_ids, chunk_size=chunk)
+                    ref_lp = token_logprobs(response_logits(self.ref, ro, temp), ro.response_ids, chunk_size=chunk)
             if not single_pass:
                 del logits, lp
         # --- advantages
@@ -312,7 +319,7 @@ class Trainer:
                     lp = lp_live
                 else:
                     sub = Rollouts(ro.prompt_ids[mb], ro.prompt_mask[mb], ro.response_ids[mb], ro.response_mask[mb], ro.truncated[mb])
-                    lp = token_logprobs(response_logits(self.model, sub, cfg.model.logit_chunk), sub.response_ids,
+                    lp = token_logprobs(response_logits(self.model, sub, cfg.rollout.temperature), sub.response_ids,
                                         chunk_size=cfg.model.logit_chunk)
                 m = mask[mb]
                 loss, met = policy_loss(lp, old_lp[mb], adv[mb], m, clip_low=self.clip_low, clip_high=self.clip_high,
@@ -350,6 +357,10 @@ class Trainer:
             return float(lengths[sel].mean()) if sel.any() else float("nan")
 
         rules = {f"{r.polarity}": r.scale for r in shaped.rules}
+        # Effective push (Σ|Δadv|·(1−p)): what the token rules add, and what the raw advantage gives.
+        push_rule = gradient_push(shaped.adv_tokens_raw, shaped.adv, old_lp, ro.response_mask, polarity)
+        push_raw = gradient_push(torch.zeros_like(shaped.adv_tokens_raw), shaped.adv_tokens_raw, old_lp, ro.response_mask,
+                                 polarity)
         return {
             "reward": float(scores.mean()), "acc": float(corr.mean()),
             "entropy": mm(ent, mask), "entropy_pos": mm(ent, pos), "entropy_neg": mm(ent, neg),
@@ -358,6 +369,8 @@ class Trainer:
             "frac_all_wrong": float((corr.max(1).values == 0).float().mean()),
             "truncated_frac": float(ro.truncated.float().mean()),
             "push_pos": float((a_abs * pos).sum()), "push_neg": float((a_abs * neg).sum()),
+            "push_rule_pos": push_rule["positive"], "push_rule_neg": push_rule["negative"],
+            "push_raw_pos": push_raw["positive"], "push_raw_neg": push_raw["negative"],
             "key_frac": float(shaped.key_mask[mask].float().mean()) if mask.any() else 0.0,
             "alpha_pos": rules.get("positive", 1.0), "alpha_neg": rules.get("negative", 1.0),
             "n_rollouts": float(mask.shape[0]), "gen_rounds": float(rounds),
@@ -382,7 +395,7 @@ class Trainer:
         ks = cfg.eval.final_k if (step == cfg.train.steps and cfg.eval.final_k) else cfg.eval.k
         res = evaluate(self.backend, self.tok, self.test_set, ks=ks, temperature=cfg.eval.temperature,
                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, seed=cfg.seed + 7919,
-                       template=cfg.data.prompt_template, chat=cfg.data.chat_template)
+                       template=cfg.data.prompt_template, chat=cfg.data.chat_template, verify=self.verify_test)
         self.model.train()
         rows = [("greedy_acc", None, res["greedy_acc"]), ("sampled_acc", None, res["sampled_acc"])]
         rows += [("pass@k", k, v) for k, v in res["pass@k"].items()]
@@ -401,7 +414,7 @@ class Trainer:
         self.log(f"run {rid}: {cfg.algorithm.name}, {S} steps, store {store.root}")
         last_eval = None
         try:
-            if self.start_step == 0:
+            if self.start_step == 0 and cfg.eval.at_start:
                 res, et = self.evaluate(0)
                 store.write_step(rid, 0, {"evals": et})
                 last_eval = res

@@ -178,3 +178,59 @@ def test_overlong_penalty_monotone_and_bounded():
     vals = [overlong_penalty(n, 64, 16) for n in range(0, 80)]
     assert all(-1.0 <= v <= 0.0 for v in vals)
     assert all(b <= a for a, b in zip(vals, vals[1:]))
+
+
+# ------------------------------------------------------------------------------------ countdown verifier
+from engine.reward import countdown_correct, parse_countdown_prompt, resolve_verifier  # noqa: E402
+from engine.tasks import Problem  # noqa: E402
+
+CD_PROMPT = "10 8 9 7:117="
+CD_GOOD = "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117)"
+
+
+def test_countdown_prompt_parses():
+    assert parse_countdown_prompt(CD_PROMPT) == ([10, 8, 9, 7], 117)
+    with pytest.raises(ValueError, match="not a countdown prompt"):
+        parse_countdown_prompt("37+48-12=")
+
+
+def test_countdown_valid_derivations():
+    assert countdown_correct(CD_GOOD, CD_PROMPT)
+    # another order of steps and operands, and the numbers-left list in any order
+    assert countdown_correct("8+10=18(18 9 7);7*18=126(126 9);126-9=117(117)", CD_PROMPT)
+    assert countdown_correct("7*9=63(10 8 63);10+8=18(63 18);63+18=81(81)", "10 8 9 7:81=")
+    # duplicates in the pool are a multiset; three numbers take two steps
+    assert countdown_correct("3*3=9(2 9);9-2=7(7)", "3 3 2:7=")
+    assert countdown_correct(" 3*3=9(2 9);9-2=7(7)\n", "3 3 2:7=")  # surrounding whitespace is ignored
+
+
+@pytest.mark.parametrize("response", [
+    "10+8=18(9 7 18);18*7=126(9 126);126-9=117(116)",   # wrong final list
+    "10+8=18(9 7 18);18*7=126(9 126);126-10=116(116)",  # 10 used twice, wrong value
+    "10+8=19(9 7 19);19*7=133(9 133);133-16=117(117)",  # arithmetic error
+    "10+8=18(9 7 18);18*7=126(9 126)",                  # stops early: numbers left
+    "10+8=18(9 7 18);18*7=126(9 126);126-9=117",        # the last step lists nothing
+    "10+8=18(9 7);18*7=126(9 126);126-9=117(117)",      # wrong numbers-left list
+    "10+8=18(9 7 18);18*7=126;126-9=117(117)",          # missing numbers-left list
+    "10+10=20(8 9 7 20);20*7=140(9 140);140-23=117(117)",  # uses 10 twice
+    "11+6=17(10 8 9 7 17);17*7=119(10 8 9 119);119-2=117(10 8 9 117)",  # numbers not in the prompt
+    "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117);",  # trailing separator
+    "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117);117+0=117(117)",  # one step too many
+    "", "117", "\\boxed{117}", "10+8=18(9 7 18) ;18*7=126(9 126);126-9=117(117)",
+])
+def test_countdown_invalid_derivations(response):
+    assert countdown_correct(response, CD_PROMPT) is False
+
+
+def test_countdown_malformed_prompt_is_wrong_not_error():
+    assert countdown_correct(CD_GOOD, "what is 117?") is False
+
+
+def test_resolve_verifier_by_task_and_override():
+    p = Problem(CD_PROMPT, "117")
+    assert resolve_verifier("builtin:countdown")(CD_GOOD, p) is True
+    assert resolve_verifier("builtin:arith")(CD_GOOD, p) is False  # math-verify wants a boxed answer
+    assert resolve_verifier("some/file.jsonl")("x \\boxed{117}", p) is True
+    assert resolve_verifier("some/file.jsonl", "countdown")(CD_GOOD, p) is True
+    with pytest.raises(ValueError, match="unknown verifier"):
+        resolve_verifier("some/file.jsonl", "chess")

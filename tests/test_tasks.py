@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.reward import is_correct, last_boxed
-from engine.tasks import (ARITH_DIR, DatasetError, Problem, arith_problem, load_problems, make_arith_splits,
-                          resolve_data_path, write_jsonl)
+from engine.tasks import (ARITH_DIR, TASKS, DatasetError, Problem, arith_problem, builtin_task, countdown_problem,
+                          load_problems, make_arith_splits, resolve_data_path, write_jsonl)
 
 PROMPT_RE = re.compile(r"^([1-9][0-9]?)([+-])([1-9][0-9]?)([+-])([1-9][0-9]?)=$")
 
@@ -256,3 +256,82 @@ def test_dataset_error_is_value_error():
 def test_shipped_test_split_matches_generator():
     _, test = make_arith_splits(n_train=0, n_test=500, seed=0)
     assert load_problems("builtin:arith", "test") == test
+
+
+# ------------------------------------------------------------------------------------ countdown task
+from engine.reward import countdown_correct, parse_countdown_prompt  # noqa: E402
+
+CD_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)\(([\d ]+)\)$")
+
+
+@pytest.fixture(scope="module")
+def cd_splits():
+    return TASKS["countdown"].splits(n_train=1500, n_test=200, seed=0)
+
+
+def test_countdown_splits_deterministic_disjoint(cd_splits):
+    train, test = cd_splits
+    assert len(train) == 1500 and len(test) == 200
+    assert TASKS["countdown"].splits(n_train=1500, n_test=200, seed=0) == cd_splits
+    tr, te = [p.prompt for p in train], [p.prompt for p in test]
+    assert len(set(tr)) == len(tr) and len(set(te)) == len(te) and set(tr).isdisjoint(te)
+
+
+def test_countdown_solutions_follow_the_rules(cd_splits):
+    train, test = cd_splits
+    for p in train + test:
+        numbers, target = parse_countdown_prompt(p.prompt)
+        assert len(numbers) in (3, 4) and all(1 <= x <= 12 for x in numbers)
+        assert p.answer == str(target)
+        steps = p.solution.split(";")
+        assert len(steps) == len(numbers) - 1
+        pool = list(numbers)
+        for s in steps:
+            a, op, b, r, left = CD_STEP.match(s).groups()
+            a, b, r = int(a), int(b), int(r)
+            assert 1 <= r <= 200 and r == {"+": a + b, "-": a - b, "*": a * b}[op]
+            pool.remove(a)
+            pool.remove(b)
+            pool.append(r)
+            left = [int(x) for x in left.split()]  # the numbers left: unused numbers, then the new result
+            assert sorted(left) == sorted(pool) and left[-1] == r
+        assert pool == [target]
+        assert countdown_correct(p.solution, p.prompt)
+
+
+def test_countdown_solutions_vary_order(cd_splits):
+    # operand order and step order are random: both orders of + and * occur, so the first token of a step forks
+    train, _ = cd_splits
+    first_bigger = sum(int(CD_STEP.match(s).group(1)) > int(CD_STEP.match(s).group(3))
+                       for p in train for s in p.solution.split(";") if CD_STEP.match(s).group(2) in "+*")
+    first_smaller = sum(int(CD_STEP.match(s).group(1)) < int(CD_STEP.match(s).group(3))
+                        for p in train for s in p.solution.split(";") if CD_STEP.match(s).group(2) in "+*")
+    assert first_bigger > 0.3 * (first_bigger + first_smaller) and first_smaller > 0.3 * (first_bigger + first_smaller)
+    ops = [s.split("=")[0] for p in train for s in p.solution.split(";")]
+    assert all(any(o in x for x in ops) for o in "+-*")
+
+
+def test_countdown_sizes_mixed_and_responses_long_enough(cd_splits):
+    train, _ = cd_splits
+    sizes = [len(parse_countdown_prompt(p.prompt)[0]) for p in train]
+    assert 0.45 < sizes.count(3) / len(sizes) < 0.55
+    assert sum(len(p.solution) for p in train) / len(train) >= 30
+
+
+def test_builtin_tasks_resolve():
+    assert builtin_task("builtin:countdown") is TASKS["countdown"]
+    assert builtin_task("data/x.jsonl") is None
+    with pytest.raises(DatasetError, match="builtin:countdown"):
+        builtin_task("builtin:chess")
+    assert resolve_data_path("builtin:countdown", "test") == TASKS["countdown"].dir / "test.jsonl"
+
+
+def test_shipped_countdown_split_matches_generator():
+    _, test = TASKS["countdown"].splits(n_train=0, n_test=500, seed=0)
+    assert load_problems("builtin:countdown", "test") == test
+
+
+def test_countdown_problem_is_deterministic():
+    a = [countdown_problem(random.Random(5)) for _ in range(3)]
+    b = [countdown_problem(random.Random(5)) for _ in range(3)]
+    assert a == b

@@ -121,3 +121,50 @@ def test_final_k_extends_final_eval(tmp_path):
     assert final[1] == pytest.approx(sampled)
     # the step row reports the final eval's sampled accuracy
     assert store.query("select test_acc from steps where step = 2")["test_acc"].item() == pytest.approx(sampled)
+
+
+def test_logprobs_and_entropy_use_the_rollout_temperature(tmp_path):
+    """At T = 0.7 the stored log-probs/entropies are those of softmax(logits / 0.7) of the initial policy."""
+    from engine.evaluate import encode_prompts
+    from engine.policy import load_policy
+    from engine.tasks import Problem
+
+    store = run(tmp_path, "algorithm.name=grpo", "rollout.temperature=0.7", "train.steps=1")
+    ro = store.query("select rollout_idx, prompt from rollouts where step = 1 order by rollout_idx")
+    tk = store.query("select rollout_idx, position, token_id, logprob, entropy from tokens where step = 1 "
+                     "order by rollout_idx, position")
+    model, tok, _ = load_policy(load_config(None, []).model.path, device="cpu")
+    model.eval()
+    checked = 0
+    for rid, prompt in zip(ro["rollout_idx"], ro["prompt"]):
+        rows = tk[tk["rollout_idx"] == rid]
+        p_ids = encode_prompts(tok, [Problem(prompt, "0")])[0]
+        ids = torch.tensor([p_ids + rows["token_id"].tolist()])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1].double()
+        for temp, expect_match in ((0.7, True), (1.0, False)):
+            logp = torch.log_softmax(logits / temp, -1)
+            lp = logp.gather(1, ids[0, len(p_ids):].unsqueeze(1)).squeeze(1)
+            ent = -(logp.exp() * logp).sum(-1)
+            close = (torch.allclose(lp.float(), torch.tensor(rows["logprob"].to_numpy()), atol=2e-4)
+                     and torch.allclose(ent.float(), torch.tensor(rows["entropy"].to_numpy()), atol=2e-4))
+            assert close == expect_match, (temp, rid)
+        checked += 1
+    assert checked == 8
+
+
+def test_push_by_rule_is_stored(tmp_path):
+    store = run(tmp_path, "algorithm.name=a3po")
+    st = store.query("select push_rule_pos, push_rule_neg, push_raw_pos, push_raw_neg, clipfrac from steps")
+    assert (st[["push_rule_pos", "push_rule_neg", "push_raw_pos", "push_raw_neg"]] >= 0).all().all()
+    grpo = run(tmp_path / "g", "algorithm.name=grpo")
+    g = grpo.query("select push_rule_pos, push_rule_neg, push_raw_pos from steps")
+    assert (g["push_rule_pos"] == 0).all() and (g["push_rule_neg"] == 0).all()  # no token rules -> no extra push
+
+
+def test_arith_smoke_task_still_trains(tmp_path):
+    store = run(tmp_path, "model.path=builtin:tiny", "data.train=builtin:arith", "data.test=builtin:arith",
+                "algorithm.name=a3po")
+    ro = store.query("select prompt, response, correct from rollouts")
+    assert ro["prompt"].str.match(r"^\d+[+-]\d+[+-]\d+=$").all()
+    assert ro["response"].str.contains("boxed").any()
