@@ -6,7 +6,7 @@
     a3po runs [--store DIR]
     a3po export RUN_ID --format parquet|duckdb DIR [--store DIR]
     a3po build-tiny-model [--task countdown|arith] [--out DIR] [--steps N]
-    a3po study [--preset quick|full] [--seeds N] [--steps S] [--out DIR]
+    a3po study [--preset quick|pilot|full] [--seeds N] [--steps S] [--out DIR]
     a3po app [--store DIR] [--port 8501]   # the Streamlit explorer, on localhost
     a3po config                      # every config key with its help text
 
@@ -160,7 +160,7 @@ def cmd_study(a) -> int:
     only = [x for x in (a.only or "").split(",") if x] or None
     try:
         res = run_study(preset=a.preset, seeds=a.seeds, steps=a.steps, out=a.out, store=Store(a.store), study_id=a.id,
-                        jobs=a.jobs, only=only, extra=a.overrides, config=a.config,
+                        jobs=a.jobs, only=only, extra=a.overrides, config=a.config, secondary_seeds=a.secondary_seeds,
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as e:
         if isinstance(e, _user_errors()):
@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("study", help="run the sample-polarity study grid and write its report")
-    s.add_argument("--preset", choices=["quick", "full"], default="quick")
-    s.add_argument("--seeds", type=int, help="seeds per setting (default: preset's)")
+    s.add_argument("--preset", choices=["quick", "pilot", "full"], default="quick")
+    s.add_argument("--seeds", type=int, help="seeds per core setting (default: preset's)")
+    s.add_argument("--secondary-seeds", type=int, help="seeds per secondary setting (full preset; default: preset's)")
     s.add_argument("--steps", type=int, help="training steps per run (default: preset's)")
     s.add_argument("--out", default="reports/study", help="report folder")
     s.add_argument("--store", default=store_default)

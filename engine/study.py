@@ -3,10 +3,17 @@
 Why: Tang et al. 2025 make claims about training dynamics (positive samples sharpen, negative
 samples explore, only the ratio of polarity weights matters, token-level choices move entropy in
 opposite directions, A3PO beats GRPO/DAPO). ``a3po study`` re-measures each claim on the embedded
-task with several seeds and states, by a fixed rule, whether it holds here.
+task with paired seeds and states, by the rule in ``engine.stats``, whether it holds here.
 
-    a3po study --preset quick --out reports/quick          # ~15 min on 2 cores, 1 seed
-    a3po study --preset full --seeds 3 --out reports/full  # hours; the real study
+    a3po study --preset quick --out reports/quick            # 1 seed, tiny budget: a smoke test
+    a3po study --preset pilot --out reports/pilot            # A3PO, GRPO, DAPO x 10 seeds: the spread
+    a3po study --preset full --seeds 14 --out docs/study-full  # the real study
+
+Presets: "full" runs the core settings (``CORE``: the comparisons the paper's main claims rest on)
+with ``seeds`` paired seeds and every secondary cell (token grid, P1N2, P1N0.5, ...) with
+``secondary_seeds``; both evaluate on every test prompt at the end of each run (``eval.n_prompts=0``)
+and skip intermediate evaluations (``train.eval_every=0``: step 0 and the last step only). Choose
+the seed count from the pilot's ``engine.report.power_table``.
 
 Every run is a normal run in the store (run id ``<study>.<setting>.s<seed>``, tagged with the
 study id), launched through the real CLI. A killed study continues where it stopped: finished runs
@@ -49,37 +56,58 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("w_reinforce", "polarity", "W-REINFORCE (lambda 0.1)", ("algorithm.name=w_reinforce", "algorithm.lam=0.1")),
     Setting("p2n1", "sample", "P2N1", ("algorithm.name=polarity_weighted", "algorithm.w_pos=2", "algorithm.w_neg=1")),
     Setting("p1n2", "sample", "P1N2", ("algorithm.name=polarity_weighted", "algorithm.w_pos=1", "algorithm.w_neg=2")),
-    Setting("p1n0.5-lr2x", "sample", "P1N0.5 at 2x lr", ("algorithm.name=polarity_weighted", "algorithm.w_pos=1",
-                                                           "algorithm.w_neg=0.5"), lr_scale=2.0),
+    # same ratio as P2N1 at the same lr: Adam cancels the constant scale (see engine/report.py, RATIO_NOTE)
+    Setting("p1n0.5", "sample", "P1N0.5",
+            ("algorithm.name=polarity_weighted", "algorithm.w_pos=1", "algorithm.w_neg=0.5")),
     *[_tok(p, m, e, 2.0) for m in ("prob", "entropy") for p in ("positive", "negative") for e in ("high", "low")],
     _tok("positive", "prob", "high", 0.5),
     _tok("positive", "entropy", "high", 0.5),
     Setting("dapo", "methods", "DAPO", ("algorithm.name=dapo",)),
+    Setting("dapo-clip-sym", "methods", "DAPO, symmetric clip 0.2",
+            ("algorithm.name=dapo", "actor.clip_ratio_high=0.2")),
     Setting("fork_tokens", "methods", "DAPO + fork tokens (top 20% entropy)", ("algorithm.name=fork_tokens",)),
     Setting("a3po", "methods", "A3PO (decay on)", ("algorithm.name=a3po",)),
-    Setting("a3po-static", "methods", "A3PO static scales (decay off)", ("algorithm.name=a3po", "algorithm.decay=constant")),
+    # A3PO on DAPO's sampling: dynamic sampling and DAPO's default overlong buffer (max_new_tokens // 4);
+    # A3PO already has DAPO's clip-higher 0.28 and token-mean loss
+    Setting("a3po-dapo", "methods", "A3PO on DAPO", ("algorithm.name=a3po", "algorithm.dynamic_sampling=true",
+                                                     "algorithm.overlong_buffer={dapo_overlong_buffer}")),
+    Setting("a3po-static", "methods", "A3PO static scales (decay off)",
+            ("algorithm.name=a3po", "algorithm.decay=constant")),
     # the scale sweep the A3PO defaults are chosen from (alpha+_0 = alpha-_0)
-    Setting("a3po-a1.5", "a3po scales", "A3PO alpha0 1.5", ("algorithm.name=a3po", "algorithm.alpha_pos=1.5", "algorithm.alpha_neg=1.5")),
-    Setting("a3po-a3", "a3po scales", "A3PO alpha0 3", ("algorithm.name=a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=3")),
+    Setting("a3po-a1.5", "a3po scales", "A3PO alpha0 1.5",
+            ("algorithm.name=a3po", "algorithm.alpha_pos=1.5", "algorithm.alpha_neg=1.5")),
+    Setting("a3po-a3", "a3po scales", "A3PO alpha0 3",
+            ("algorithm.name=a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=3")),
 ]}
 # P1N1 is GRPO; the sample-level section reuses the grpo runs as its reference.
+CORE = ("grpo", "dapo", "a3po", "a3po-dapo", "p2n1", "psr", "nsr")  # the comparisons the main claims rest on
 
 
 @dataclass(frozen=True)
 class Preset:
     settings: tuple[str, ...]
-    seeds: int
+    seeds: int  # paired seeds of the core settings
     steps: int
     overrides: tuple[str, ...] = ()
+    core: tuple[str, ...] | None = None  # settings run with ``seeds``; None: all of them
+    secondary_seeds: int | None = None  # seeds of the other settings (at most ``seeds``); None: ``seeds``
+
+    def seeds_for(self, name: str, seeds: int, secondary: int | None = None) -> int:
+        """Seeds of setting ``name`` when the core settings get ``seeds`` (``secondary`` overrides the preset's)."""
+        sec = secondary if secondary is not None else self.secondary_seeds
+        if self.core is None or name in self.core or sec is None:
+            return seeds
+        return min(seeds, sec)
 
 
+DECIDE = ("train.eval_every=0", "eval.n_prompts=0", "eval.final_k=[1,2,4,8,16,32,64]",
+          "train.store_tokens=false", "train.save_final_model=false")
 PRESETS = {
     "quick": Preset(("grpo", "psr", "nsr", "w_reinforce", "dapo", "a3po"), seeds=1, steps=80,
                     overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
                                "train.store_tokens=false", "train.save_final_model=false")),
-    "full": Preset(tuple(SETTINGS), seeds=3, steps=60,
-                   overrides=("train.eval_every=20", "eval.n_prompts=48", "eval.final_k=[1,2,4,8,16,32,64]",
-                              "train.store_tokens=false", "train.save_final_model=false")),
+    "pilot": Preset(("grpo", "dapo", "a3po"), seeds=10, steps=100, overrides=DECIDE),
+    "full": Preset(tuple(SETTINGS), seeds=10, steps=100, overrides=DECIDE, core=CORE, secondary_seeds=5),
 }
 
 
@@ -91,19 +119,34 @@ class Job:
     args: list[str] = field(default_factory=list)
 
 
+def _fill(text: str, values: dict[str, str]) -> str:
+    for k, v in values.items():
+        text = text.replace(k, v)
+    return text
+
+
 def plan(study_id: str, preset: Preset, *, seeds: int, steps: int, only: list[str] | None, extra: list[str],
-         base_lr: float, threads: int, config: str | None) -> list[Job]:
+         base_lr: float, threads: int, config: str | None, secondary_seeds: int | None = None,
+         max_new_tokens: int = 48) -> list[Job]:
+    """The runs of a study, seed-major (an interrupted study has whole seeds of every setting).
+
+    ``{dapo_overlong_buffer}`` in a setting's overrides becomes DAPO's default, ``max_new_tokens // 4``.
+    """
     names = only or list(preset.settings)
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         raise ValueError(f"unknown study setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+    fill = {"{dapo_overlong_buffer}": str(max_new_tokens // 4)}
     jobs = []
-    for seed in range(seeds):  # seed-major: an interrupted study has whole seeds of every setting
+    for seed in range(seeds):
         for name in names:
+            if seed >= preset.seeds_for(name, seeds, secondary_seeds):
+                continue
             s = SETTINGS[name]
             rid = check_name(f"{study_id}.{name}.s{seed}")
-            args = ([f"--config={config}"] if config else []) + list(preset.overrides) + list(s.overrides) + [
-                f"seed={seed}", f"train.steps={steps}", f"train.threads={threads}", f"name={rid}"] + list(extra)
+            args = ([f"--config={config}"] if config else []) + list(preset.overrides)
+            args += [_fill(o, fill) for o in s.overrides]
+            args += [f"seed={seed}", f"train.steps={steps}", f"train.threads={threads}", f"name={rid}"] + list(extra)
             if s.lr_scale != 1.0:
                 args.append(f"actor.lr={base_lr * s.lr_scale:g}")
             jobs.append(Job(s, seed, rid, args))
@@ -133,14 +176,18 @@ def _run_job(job: Job, store: Store, study_id: str, log) -> tuple[str, str]:
     return job.run_id, "finished"
 
 
-def run_study(*, preset: str = "quick", seeds: int | None = None, steps: int | None = None, out: str | Path = "reports/study",
-              store: Store, study_id: str | None = None, jobs: int | None = None, only: list[str] | None = None,
-              extra: list[str] | None = None, config: str | None = None, log=print) -> dict:
-    """Run (or continue) a study and write its report. Returns the report's paths and claims."""
+def run_study(*, preset: str = "quick", seeds: int | None = None, steps: int | None = None,
+              out: str | Path = "reports/study", store: Store, study_id: str | None = None, jobs: int | None = None,
+              only: list[str] | None = None, extra: list[str] | None = None, config: str | None = None,
+              secondary_seeds: int | None = None, log=print) -> dict:
+    """Run (or continue) a study and write its report. Returns the report's paths and claims.
+
+    ``seeds`` are the core settings' paired seeds; ``secondary_seeds`` (default: the preset's) the others'.
+    """
     from engine.config import load_config
 
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose quick or full")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     pr = PRESETS[preset]
     study_id = check_name(study_id or f"study-{preset}")
     cores = os.cpu_count() or 1
@@ -149,13 +196,33 @@ def run_study(*, preset: str = "quick", seeds: int | None = None, steps: int | N
     from engine.cli import DEFAULT_CONFIG
 
     config = config or str(DEFAULT_CONFIG)
-    base_cfg = load_config(config, list(extra or []))  # validates the overrides once, before launching anything
-    todo = plan(study_id, pr, seeds=seeds or pr.seeds, steps=steps or pr.steps, only=only, extra=list(extra or []),
-                base_lr=base_cfg.actor.lr, threads=threads, config=config)
+    extra = list(extra or [])
+    base_cfg = load_config(config, list(pr.overrides) + extra)  # validates the overrides once, before any launch
+    seeds, steps = seeds or pr.seeds, steps or pr.steps
+    todo = plan(study_id, pr, seeds=seeds, steps=steps, only=only, extra=extra, base_lr=base_cfg.actor.lr,
+                threads=threads, config=config, secondary_seeds=secondary_seeds,
+                max_new_tokens=base_cfg.rollout.max_new_tokens)
     log(f"study {study_id}: {len(todo)} runs, {jobs} at a time, {threads} thread(s) each, store {store.root}")
+    t0 = time.time()
     with ThreadPoolExecutor(max_workers=jobs) as ex:
         results = list(ex.map(lambda j: _run_job(j, store, study_id, log), todo))
     from engine.report import write_report
 
-    paths = write_report(store, study_id, Path(out), settings=[SETTINGS[n] for n in (only or pr.settings)])
+    names = only or list(pr.settings)
+    notes = [_seed_note(preset, pr, names, seeds, secondary_seeds, steps, config),
+             f"This invocation ran {len(todo)} jobs ({jobs} at a time, {threads} thread(s) each) in "
+             f"{(time.time() - t0) / 3600:.2f} h (finished runs are skipped when a study is continued)."]
+    paths = write_report(store, study_id, Path(out), settings=[SETTINGS[n] for n in names], notes=notes)
     return {"study": study_id, "runs": dict(results), **paths}
+
+
+def _seed_note(preset: str, pr: Preset, names: list[str], seeds: int, secondary: int | None, steps: int,
+               config: str) -> str:
+    """One sentence for the report: the preset, steps, and which settings got how many paired seeds."""
+    counts: dict[int, list[str]] = {}
+    for n in names:
+        counts.setdefault(pr.seeds_for(n, seeds, secondary), []).append(n)
+    per = "; ".join(f"{k} paired seed{'s' * (k != 1)}: {', '.join(v)}" for k, v in sorted(counts.items(), reverse=True))
+    return (f"Preset {preset!r} on {Path(config).name}, {steps} steps per run. {per}. Core comparisons use the most "
+            f"seeds; secondary grid cells fewer, so their intervals are wider. "
+            f"Preset overrides: {' '.join(pr.overrides)}.")

@@ -166,53 +166,38 @@ def rollout_stats(model, tok, problems, verifier: str = "math", *, group: int = 
 
     verify = get_verifier(verifier)
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
     n_ok = n_tok = n_fork = 0
     ent_sum = 0.0
     mixed = all_wrong = all_right = 0
-    for i in range(0, len(problems), batch):
-        chunk = problems[i : i + batch]
-        enc = [[tok.bos_token_id] + tok.encode(p.prompt, add_special_tokens=False) for p in chunk for _ in range(group)]
-        T = max(map(len, enc))
-        ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc])
-        att = (ids != tok.pad_token_id).long()
-        B = ids.shape[0]
-        done = torch.zeros(B, dtype=torch.bool)
-        resp = torch.full((B, max_new_tokens), tok.pad_token_id)
-        valid = torch.zeros((B, max_new_tokens), dtype=torch.bool)
-        ent = torch.zeros((B, max_new_tokens))
-        pos = (att.cumsum(1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
-        for t in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float() / temperature, -1)
-            ent[:, t] = -(logp.exp() * logp).sum(-1)
-            nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-            valid[:, t] = ~done
-            resp[:, t] = nxt
-            done = done | (nxt == tok.eos_token_id)
-            if bool(done.all()):
-                break
-            att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype)], 1)
-            out = model(input_ids=nxt.unsqueeze(1), attention_mask=att, position_ids=(att.sum(1, keepdim=True) - 1),
-                        past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
-        ok = []
-        for b in range(B):
-            row = resp[b][valid[b]].tolist()
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            ok.append(bool(verify(tok.decode(row, skip_special_tokens=True), chunk[b // group])))
-        n_ok += sum(ok)
-        n_tok += int(valid.sum())
-        ent_sum += float(ent[valid].sum())
-        n_fork += int((ent[valid] > FORK_ENTROPY).sum())
-        for g in range(len(chunk)):
-            c = sum(ok[g * group:(g + 1) * group])
-            mixed += 0 < c < group
-            all_wrong += c == 0
-            all_right += c == group
+    with torch.random.fork_rng():  # sampling must not move the global RNG a build or a run relies on
+        torch.manual_seed(seed)
+        for i in range(0, len(problems), batch):
+            chunk = problems[i : i + batch]
+            enc = [[tok.bos_token_id] + tok.encode(p.prompt, add_special_tokens=False) for p in chunk for _ in range(group)]
+            T = max(map(len, enc))
+            ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc])
+            att = (torch.arange(T).expand(len(enc), T) >= torch.tensor([T - len(e) for e in enc]).unsqueeze(1)).long()
+            out = model.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=temperature, top_k=0,
+                                 top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+            resp = out.sequences[:, T:]
+            logp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)  # (B, L, V): scores are logits / T
+            ent = -(logp.exp() * logp).nan_to_num().sum(-1)
+            is_eos = resp == tok.eos_token_id
+            valid = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # tokens up to and including the first EOS
+            ok = []
+            for b in range(resp.shape[0]):
+                row = resp[b][valid[b] & ~is_eos[b]].tolist()
+                ok.append(bool(verify(tok.decode(row, skip_special_tokens=True), chunk[b // group])))
+            n_ok += sum(ok)
+            n_tok += int(valid.sum())
+            ent_sum += float(ent[valid].sum())
+            n_fork += int((ent[valid] > FORK_ENTROPY).sum())
+            for g in range(len(chunk)):
+                c = sum(ok[g * group:(g + 1) * group])
+                mixed += 0 < c < group
+                all_wrong += c == 0
+                all_right += c == group
     n_samples = len(problems) * group
     return {"accuracy": round(n_ok / n_samples, 4), "mixed_groups": round(mixed / len(problems), 4),
             "all_wrong_groups": round(all_wrong / len(problems), 4), "all_correct_groups": round(all_right / len(problems), 4),
