@@ -12,7 +12,7 @@ task with paired seeds and states, by the rule in ``engine.stats``, whether it h
 Presets: "full" runs the core settings (``CORE``: the comparisons the paper's main claims rest on)
 with ``seeds`` paired seeds and every secondary cell (token grid, P1N2, P1N0.5, ...) with
 ``secondary_seeds``; both evaluate on every test prompt at the end of each run (``eval.n_prompts=0``)
-and skip intermediate evaluations (``train.eval_every=0``: step 0 and the last step only). Choose
+and skip intermediate evaluations (``train.eval_every=0``, ``eval.at_start=false``: the last step only). Choose
 the seed count from the pilot's ``engine.report.power_table``.
 
 Every run is a normal run in the store (run id ``<study>.<setting>.s<seed>``, tagged with the
@@ -100,14 +100,16 @@ class Preset:
         return min(seeds, sec)
 
 
-DECIDE = ("train.eval_every=0", "eval.n_prompts=0", "eval.final_k=[1,2,4,8,16,32,64]",
+# The deciding presets evaluate once, at the end, on all 500 test prompts with 8 samples each (pass@8 is
+# the exploration claim's "large k"); the start is the same model in every run, so it is not re-evaluated.
+DECIDE = ("train.eval_every=0", "eval.at_start=false", "eval.n_prompts=0", "eval.final_k=[1,2,4,8]",
           "train.store_tokens=false", "train.save_final_model=false")
 PRESETS = {
     "quick": Preset(("grpo", "psr", "nsr", "w_reinforce", "dapo", "a3po"), seeds=1, steps=80,
                     overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
                                "train.store_tokens=false", "train.save_final_model=false")),
-    "pilot": Preset(("grpo", "dapo", "a3po"), seeds=10, steps=100, overrides=DECIDE),
-    "full": Preset(tuple(SETTINGS), seeds=10, steps=100, overrides=DECIDE, core=CORE, secondary_seeds=5),
+    "pilot": Preset(("grpo", "dapo", "a3po"), seeds=10, steps=50, overrides=DECIDE),
+    "full": Preset(tuple(SETTINGS), seeds=10, steps=50, overrides=DECIDE, core=CORE, secondary_seeds=5),
 }
 
 
