@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from conftest import ROOT
 from engine.config import Config, ConfigError, config_from_dict, describe, load_config
 
 
@@ -22,11 +23,12 @@ def test_defaults():
     assert isinstance(cfg, Config)
     assert cfg.seed == 0
     assert cfg.name is None
-    assert cfg.model.path == "builtin:tiny"
-    assert cfg.data.train == "builtin:arith" and cfg.data.test == "builtin:arith"
+    assert cfg.model.path == "builtin:tiny-countdown"
+    assert cfg.data.train == "builtin:countdown" and cfg.data.test == "builtin:countdown"
+    assert cfg.data.verifier is None
     assert cfg.data.prompt_template == "{prompt}"
     assert cfg.rollout.n == 8
-    assert cfg.rollout.max_new_tokens == 48
+    assert cfg.rollout.max_new_tokens == 64
     assert cfg.algorithm.name == "a3po"
     assert cfg.algorithm.ratio == 0.2
     assert cfg.algorithm.alpha_pos == 2.0 and cfg.algorithm.alpha_neg == 2.0
@@ -307,3 +309,14 @@ def test_config_from_dict_validates():
     with pytest.raises(ConfigError) as ei:
         config_from_dict({"actor": {"lr": 0}})
     assert "'actor.lr'" in str(ei.value)
+
+
+def test_demo_config_makes_the_clip_act():
+    cfg = load_config(str(ROOT / "configs" / "demo.yaml"))
+    assert cfg.actor.mini_batches * cfg.actor.ppo_epochs >= 2  # the ratio moves away from 1 after the first update
+    assert cfg.model.path == "builtin:tiny-countdown" and cfg.data.train == "builtin:countdown"
+
+
+def test_unknown_verifier_is_one_line():
+    with pytest.raises(ConfigError, match="data.verifier"):
+        load_config(None, ["data.verifier=chess"])
