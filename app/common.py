@@ -7,6 +7,7 @@ lock), so pages work while a run is being written.
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +20,74 @@ from engine.store import Store, StoreError, check_name
 from engine.tasks import DATA_DIR
 
 EMBEDDED_STORE = DATA_DIR / "store"
-QUANTITIES = {"shaped advantage": "adv_shaped", "raw advantage": "adv_raw", "probability": "prob", "entropy": "entropy"}
+QUANTITIES = {"shaped advantage": "adv_shaped", "raw advantage": "adv_raw", "probability": "prob", "entropy": "entropy",
+              "gradient push": "push"}
+# What each colouring means, shown under the tokens.
+LEGENDS = {
+    "adv_shaped": "Green = positive, red = negative shaped advantage (the one the loss used); stronger = larger.",
+    "adv_raw": "Green = positive, red = negative raw advantage (before polarity weights and token rules); stronger = larger.",
+    "prob": "Blue = the token's probability under the policy that sampled it; darker = surer.",
+    "entropy": "Blue = entropy of the next-token distribution at that position; darker = more uncertain (a fork).",
+    "push": "Blue = gradient push |shaped advantage| · (1 − p): how far the update moves this token's logit (the gradient "
+            "of log p with respect to its own logit is 1 − p). Near-certain tokens stay pale whatever their advantage.",
+}
+# SQL over the tokens table for each quantity (same values as token_values).
+QUANTITY_SQL = {"adv_shaped": "adv_shaped", "adv_raw": "adv_raw", "prob": "exp(logprob)", "entropy": "entropy",
+                "push": "abs(adv_shaped) * greatest(1 - exp(logprob), 0)"}
+
+
+def token_values(tokens: pd.DataFrame, col: str) -> np.ndarray:
+    """Per-token values of a colouring column (``QUANTITIES`` value) from stored token rows."""
+    if col == "prob":
+        return np.exp(tokens["logprob"].to_numpy(dtype=float))
+    if col == "push":
+        p = np.exp(tokens["logprob"].to_numpy(dtype=float))
+        return np.abs(tokens["adv_shaped"].to_numpy(dtype=float)) * np.clip(1.0 - p, 0.0, None)
+    return tokens[col].to_numpy(dtype=float)
+
+
+def task_of(config: dict | str | None) -> str:
+    """The training task of a run's config (``data.train``), e.g. ``builtin:countdown``."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return "?"
+    return str(((config or {}).get("data") or {}).get("train", "?"))
+
+
+def task_label(spec: str) -> str:
+    """``builtin:countdown`` -> ``countdown``; a file path -> its file name."""
+    return spec.split(":", 1)[1] if spec.startswith("builtin:") else Path(spec).name
+
+
+def default_task() -> str:
+    """The default task (``builtin:<DEFAULT_TASK>``, else the demo config's ``data.train``)."""
+    try:
+        from engine.tasks import DEFAULT_TASK
+
+        return f"builtin:{DEFAULT_TASK}"
+    except ImportError:
+        pass
+    try:
+        import yaml
+
+        from engine.tasks import PACKAGE_ROOT
+
+        return task_of(yaml.safe_load((PACKAGE_ROOT / "configs" / "demo.yaml").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
+def default_run(df: pd.DataFrame) -> str | None:
+    """The run a page opens on: the newest run of the default task, preferring a standalone run (not
+    part of a study) that has not failed; with no run of the default task, the newest run."""
+    if not len(df):
+        return None
+    task = default_task()
+    d = df.assign(_task=df.config.map(task_of) == task, _solo=df.study.isna(), _ok=~df.status.isin(["failed"]))
+    d = d.sort_values(["_task", "_solo", "_ok", "created"], ascending=False)
+    return str(d.run_id.iloc[0])
 
 
 def store_root() -> Path:
@@ -71,7 +139,9 @@ def pick_run(label: str = "Run", key: str = "run", with_tokens: bool = True, sto
         return None
     ids = df.run_id.tolist()
     default = st.session_state.get(key)
-    return st.selectbox(label, ids, index=ids.index(default) if default in ids else 0, key=key,
+    if default not in ids:
+        default = default_run(df)
+    return st.selectbox(label, ids, index=ids.index(default), key=key,
                         format_func=lambda r: f"{r}  ({df.set_index('run_id').loc[r, 'algorithm']}, {df.set_index('run_id').loc[r, 'status']})")
 
 
@@ -90,15 +160,17 @@ def render_tokens(tokens: pd.DataFrame, quantity: str, vmax: float | None = None
     """HTML for one response: each token a span coloured by ``quantity``, key tokens outlined,
     a tooltip with text, id, probability, entropy, raw and shaped advantage."""
     col = QUANTITIES[quantity]
-    vals = tokens[col].to_numpy(dtype=float) if col != "prob" else np.exp(tokens["logprob"].to_numpy(dtype=float))
+    vals = token_values(tokens, col)
+    push = token_values(tokens, "push")
     signed = col.startswith("adv")
     if vmax is None:
         vmax = float(np.nanmax(np.abs(vals))) if len(vals) else 1.0
     spans = []
-    for row, v in zip(tokens.itertuples(index=False), vals):
+    for row, v, pu in zip(tokens.itertuples(index=False), vals, push):
         text = row.token_text if row.token_text != "" else "∅"
         tip = (f"token {text!r} (id {row.token_id}) | p={np.exp(row.logprob):.4f} | H={row.entropy:.4f} | "
-               f"raw adv={row.adv_raw:+.4f} | shaped adv={row.adv_shaped:+.4f}" + (" | KEY TOKEN" if getattr(row, key_col) else ""))
+               f"raw adv={row.adv_raw:+.4f} | shaped adv={row.adv_shaped:+.4f} | push={pu:.2e}"
+               + (" | KEY TOKEN" if getattr(row, key_col) else ""))
         style = f"background:{_color(v, vmax, signed)};padding:1px 0;font-family:monospace;white-space:pre"
         cls = "tok key" if getattr(row, key_col) else "tok"
         if getattr(row, key_col):

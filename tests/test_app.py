@@ -104,6 +104,15 @@ def test_launch_page_runs_a_job(store):
     assert any("apptest-run" in m.value and "finished" in m.value for m in at.markdown)
     runs = run_page("runs.py")
     assert "apptest-run" in runs.dataframe[0].value.run_id.tolist()
+    # the push the trainer recorded is the one the app recomputes from the stored tokens of older runs
+    from engine.replay import PUSH_COLUMNS, push_from_tokens, step_push
+    from engine.store import Store
+
+    rec = step_push(Store(store), ["apptest-run"])
+    assert set(rec.source) == {"recorded"} and rec.step.tolist() == [1, 2]
+    again = push_from_tokens(Store(store), ["apptest-run"])
+    for c in PUSH_COLUMNS:
+        assert np.allclose(rec[c], again[c], rtol=1e-4, atol=1e-9), c
 
 
 def test_launch_refuses_bad_name(store):
@@ -115,8 +124,12 @@ def test_launch_refuses_bad_name(store):
 
 
 def test_polarity101_page(store):
+    from engine.store import Store
+
+    studied = Store(store).query("select run_id from runs where study = 'study-quick' and status = 'finished'")
     at = run_page("polarity101.py")
-    assert len(at.get("plotly_chart")) == 2
+    # the quick study's curves (when the embedded store holds its runs) and the toy
+    assert len(at.get("plotly_chart")) == (2 if len(studied) else 1)
     at.radio(key="toy_pol").set_value("incorrect (negative)").run()
     assert not at.exception
 
@@ -180,3 +193,281 @@ def test_launcher_stop_marks_run_killed_and_queue_runs_in_order(tmp_path):
     meta = store.read_run("long")
     assert meta["status"] == "killed"
     assert store.query("select count(*) c from steps where run_id = 'long'")["c"][0] >= 1  # completed steps kept
+
+
+# ------------------------------------------------------------------ gradient push, default task (fixture runs)
+# One group of two rollouts at each of steps 1 and 2: #0 correct, #1 wrong, two tokens each:
+# (rollout, position, p, raw adv, shaped adv).
+FX_TOKENS = [(0, 0, 0.5, 1.0, 2.0), (0, 1, 0.9, 1.0, 1.0), (1, 0, 0.99, -1.0, -3.0), (1, 1, 0.2, -1.0, -1.0)]
+# Σ|shaped − raw|·(1 − p) and Σ|raw|·(1 − p) by polarity, by hand:
+FX_PUSH = {"push_rule_pos": 1.0 * 0.5, "push_rule_neg": 2.0 * 0.01, "push_raw_pos": 0.5 + 0.1, "push_raw_neg": 0.01 + 0.8}
+FX_RECORDED = {"push_rule_pos": [3.0, 4.0], "push_rule_neg": [1e-5, 2e-5], "push_raw_pos": [10.0, 20.0],
+               "push_raw_neg": [30.0, 40.0]}
+
+
+def _fx_config(task: str) -> dict:
+    import dataclasses
+
+    from engine.config import load_config
+
+    cfg = dataclasses.asdict(load_config(ROOT / "configs" / "demo.yaml"))
+    cfg["data"]["train"] = cfg["data"]["test"] = task
+    cfg["train"]["steps"] = 2
+    return cfg
+
+
+def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
+    import pyarrow as pa
+
+    from engine.store import SCHEMAS
+
+    rid = s.create_run(_fx_config(task), name=name)
+    for step in (1, 2):
+        cols = {"run_id": [rid] * 2, "step": [step] * 2, "rollout_idx": [0, 1], "group_idx": [0, 0], "prompt_idx": [7, 7],
+                "prompt": ["3 4 5 -> 17"] * 2, "response": ["3*4=12(5 12);12+5=17", "3+4=7(5 7);7*5=35"],
+                "answer": ["17"] * 2, "reward": [1.0, 0.0], "correct": [True, False], "polarity": [1, -1],
+                "length": [2, 2], "truncated": [False, False], "adv_raw": [1.0, -1.0], "mean_logprob": [-0.4, -0.8],
+                "mean_entropy": [0.5, 0.6], "n_key": [1, 1]}
+        tables = {"rollouts": pa.table(cols, schema=SCHEMAS["rollouts"])}
+        m = {"run_id": [rid], "step": [step], "reward": [0.5], "acc": [0.5], "entropy": [0.55], "length": [2.0],
+             "clipfrac": [0.1 * step], "clipfrac_lower": [0.0]}
+        if recorded:
+            m.update({k: [v[step - 1]] for k, v in FX_RECORDED.items()})
+        tables["steps"] = pa.table(m)
+        if tokens:
+            tables["tokens"] = pa.table({
+                "run_id": [rid] * 4, "step": [step] * 4, "rollout_idx": [t[0] for t in FX_TOKENS],
+                "position": [t[1] for t in FX_TOKENS], "token_id": [5, 6, 7, 8], "token_text": ["3", "*", "3", "+"],
+                "logprob": [float(np.log(t[2])) for t in FX_TOKENS], "entropy": [0.7, 0.1, 0.05, 1.2],
+                "adv_raw": [t[3] for t in FX_TOKENS], "adv_shaped": [t[4] for t in FX_TOKENS],
+                "is_key": [t[3] != t[4] for t in FX_TOKENS], "polarity": [1, 1, -1, -1]}, schema=SCHEMAS["tokens"])
+        s.write_step(rid, step, tables)
+    s.update_run(rid, status="finished", last_step=2)
+
+
+@pytest.fixture
+def fx_store(tmp_path, monkeypatch):
+    """fx-default: the default task, tokens only (an older run: push recomputed from tokens);
+    fx-recorded: arith, push columns recorded; fx-none: arith, neither (the newest run)."""
+    from app.common import default_task
+    from engine.store import Store
+
+    root = tmp_path / "fx"
+    s = Store(root)
+    _fx_run(s, "fx-default", default_task(), tokens=True, recorded=False)
+    _fx_run(s, "fx-recorded", "builtin:arith", tokens=True, recorded=True)
+    _fx_run(s, "fx-none", "builtin:arith", tokens=False, recorded=False)
+    monkeypatch.setenv("A3PO_STORE", str(root))
+    return s
+
+
+def test_step_push_recorded_or_recomputed_from_tokens(fx_store):
+    from engine.replay import PUSH_COLUMNS, batch_push, load_step, step_push
+
+    push = step_push(fx_store, ["fx-default", "fx-recorded", "fx-none"])
+    d = push[push.run_id == "fx-default"]
+    assert d.step.tolist() == [1, 2] and set(d.source) == {"from tokens"}
+    for c in PUSH_COLUMNS:
+        assert np.allclose(d[c], FX_PUSH[c], rtol=1e-4), c
+    r = push[push.run_id == "fx-recorded"]
+    assert set(r.source) == {"recorded"}
+    for c in PUSH_COLUMNS:
+        assert np.allclose(r[c], FX_RECORDED[c]), c
+    assert "fx-none" not in set(push.run_id)
+    # the playground's helper (engine.advantage.gradient_push on the rebuilt tensors) agrees
+    bp = batch_push(load_step(fx_store, "fx-default", 1))
+    assert bp["rule"]["positive"] == pytest.approx(FX_PUSH["push_rule_pos"], rel=1e-4)
+    assert bp["rule"]["negative"] == pytest.approx(FX_PUSH["push_rule_neg"], rel=1e-4)
+    assert bp["raw"]["positive"] == pytest.approx(FX_PUSH["push_raw_pos"], rel=1e-4)
+    assert bp["raw"]["negative"] == pytest.approx(FX_PUSH["push_raw_neg"], rel=1e-4)
+
+
+def _fig(at, i=0):
+    """The i-th Plotly figure as JSON, typed arrays ({"dtype", "bdata"}) decoded to lists."""
+    import base64
+    import json
+
+    def dec(o):
+        if isinstance(o, dict):
+            if "bdata" in o and "dtype" in o:
+                return np.frombuffer(base64.b64decode(o["bdata"]), dtype=o["dtype"]).tolist()
+            return {k: dec(v) for k, v in o.items()}
+        return [dec(v) for v in o] if isinstance(o, list) else o
+
+    return dec(json.loads(at.get("plotly_chart")[i].proto.spec))
+
+
+def test_runs_page_plots_push_by_rule_and_clipfrac(fx_store):
+    at = run_page("runs.py", runs_sel=["fx-default", "fx-recorded", "fx-none"])
+    traces = {t["name"]: t for t in _fig(at)["data"]}
+    t = traces["fx-default: push rule, positive"]
+    assert np.allclose(t["y"], [FX_PUSH["push_rule_pos"]] * 2, rtol=1e-4) and list(t["x"]) == [1, 2]
+    assert np.allclose(traces["fx-default: push rule, negative"]["y"], [FX_PUSH["push_rule_neg"]] * 2, rtol=1e-4)
+    assert np.allclose(traces["fx-recorded: push rule, negative"]["y"], FX_RECORDED["push_rule_neg"])
+    assert np.allclose(traces["fx-recorded: push raw adv, positive"]["y"], FX_RECORDED["push_raw_pos"])
+    assert not any(n.startswith("fx-none: push") for n in traces)
+    assert np.allclose(traces["fx-recorded: clipfrac"]["y"], [0.1, 0.2])
+    push_axis = traces["fx-default: push rule, positive"]["yaxis"].replace("y", "yaxis")
+    assert _fig(at)["layout"][push_axis]["type"] == "log"
+    table = at.dataframe[1].value.set_index("run_id")
+    assert table.loc["fx-none", "source"] == "not recorded for this run"
+    assert table.loc["fx-default", "source"] == "from tokens"
+    assert table.loc["fx-default", "rule, positive"] == pytest.approx(FX_PUSH["push_rule_pos"], rel=1e-4)
+    assert table.loc["fx-recorded", "rule, negative"] == pytest.approx(np.mean(FX_RECORDED["push_rule_neg"]))
+    assert table.loc["fx-recorded", "negative / positive rule"] == pytest.approx(1.5e-5 / 3.5)
+    assert any("fx-default" in c.value and "Recomputed" in c.value for c in at.caption)
+
+
+def test_pages_open_on_the_default_task_run(fx_store):
+    # fx-none and fx-recorded are newer, but fx-default is on the default task
+    at = run_page("runs.py")
+    assert at.multiselect(key="runs_sel").value == ["fx-default"]
+    assert "task" in at.dataframe[0].value.columns
+    for page in ("rollouts.py", "playground.py"):
+        assert run_page(page).selectbox(key="run").value == "fx-default", page
+
+
+def test_rollouts_colour_by_gradient_push(fx_store):
+    at = run_page("rollouts.py", run="fx-default")
+    at.selectbox(key="ro_quantity").set_value("gradient push").run()
+    assert not at.exception
+    html = "".join(h.proto.body for h in at.get("html"))
+    assert "push=1.00e+00" in html  # |2.0| · (1 − 0.5) on the correct response's first token
+    assert "push=3.00e-02" in html  # |−3.0| · (1 − 0.99) on the wrong response's first token
+    assert any("gradient push" in c.value and "1 − p" in c.value for c in at.caption)
+    at.selectbox(key="ro_hist_q").set_value("gradient push").run()
+    assert not at.exception
+
+
+def test_playground_shows_push_of_replayed_and_run_rule(fx_store):
+    from engine.config import config_from_dict
+    from engine.replay import batch_push, load_step, replay
+
+    at = run_page("playground.py", run="fx-default", pg_step=1)
+    tab = at.dataframe[1].value
+    assert tab.loc["run's rule", "positive"] == pytest.approx(FX_PUSH["push_rule_pos"], rel=1e-4)
+    assert tab.loc["run's rule", "negative"] == pytest.approx(FX_PUSH["push_rule_neg"], rel=1e-4)
+    assert tab.loc["raw advantage (scale)", "negative"] == pytest.approx(FX_PUSH["push_raw_neg"], rel=1e-4)
+    # "this rule" is engine.advantage.gradient_push on the engine's own replay of the page's settings
+    cfg = config_from_dict({**_fx_config("builtin:arith"), "algorithm": {
+        **_fx_config("builtin:arith")["algorithm"], **at.session_state["playground_settings"]["algorithm"]}})
+    batch = load_step(fx_store, "fx-default", 1)
+    want = batch_push(batch, replay(batch, cfg.algorithm, step=0, total_steps=2))["rule"]
+    assert tab.loc["this rule", "positive"] == pytest.approx(want["positive"])
+    assert tab.loc["this rule", "negative"] == pytest.approx(want["negative"])
+    assert len(at.get("plotly_chart")) == 3
+    at.selectbox(key="pg_algo").set_value("grpo").run()  # GRPO shapes nothing: its rule pushes nothing
+    tab = at.dataframe[1].value
+    assert tab.loc["this rule"].tolist() == [0.0, 0.0]
+    assert tab.loc["run's rule", "positive"] == pytest.approx(FX_PUSH["push_rule_pos"], rel=1e-4)
+    assert [m.value for m in at.metric if m.label.startswith("Push")] == ["0.00e+00", "0.00e+00"]
+
+
+def _fx_study_run(s, rid: str, task: str, entropy: float) -> None:
+    import pyarrow as pa
+
+    s.create_run(_fx_config(task), name=rid, study="study-quick")
+    for step in (1, 2):
+        s.write_step(rid, step, {
+            "steps": pa.table({"run_id": [rid], "step": [step], "reward": [0.5], "acc": [0.5], "entropy": [entropy * step],
+                               "length": [30.0]}),
+            "evals": pa.table({"run_id": [rid] * 3, "step": pa.array([step] * 3, pa.int32()),
+                               "metric": ["sampled_acc", "pass@k", "pass@k"], "k": pa.array([None, 1, 4], pa.int32()),
+                               "value": [0.3, 0.3, 0.6], "n": pa.array([8] * 3, pa.int32())})})
+    s.update_run(rid, status="finished", last_step=2)
+
+
+def test_polarity101_prefers_the_default_task_study(tmp_path, monkeypatch):
+    from app.common import default_task, task_label
+    from engine.store import Store
+
+    s = Store(tmp_path / "study")
+    _fx_study_run(s, "study-quick.grpo.s1", default_task(), 0.2)
+    _fx_study_run(s, "study-quick.nsr.s1", default_task(), 0.3)
+    _fx_study_run(s, "study-quick.grpo.s0", "builtin:arith", 0.05)  # newer, but not the default task
+    _fx_study_run(s, "study-quick.psr.s0", "builtin:arith", 0.04)
+    monkeypatch.setenv("A3PO_STORE", str(tmp_path / "study"))
+    at = run_page("polarity101.py")
+    assert len(at.get("plotly_chart")) == 2
+    traces = [t for t in _fig(at)["data"] if t.get("name")]
+    assert {t["name"] for t in traces} == {"GRPO (both)", "NSR only (negative)"}
+    grpo = next(t for t in traces if t["name"] == "GRPO (both)")
+    assert np.allclose(grpo["y"], [0.2, 0.3])  # 5-step moving average of entropy 0.2, 0.4
+    assert any(f"Task: `{task_label(default_task())}`" in m.value for m in at.markdown)
+    assert not any("arithmetic" in m.value for m in at.markdown)
+
+
+# ------------------------------------------------------------------ `a3po app` as a service
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serving(port: int) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _poll(cond, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_app_serves_without_terminal_and_stops_with_its_server(tmp_path, sig):
+    """`a3po app < /dev/null` serves (no e-mail prompt even on a first run: fresh HOME), and the
+    signal that stops `a3po app` leaves no Streamlit server behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    log = open(tmp_path / "app.log", "w")
+    env = dict(os.environ, HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "app", "--store", str(tmp_path / "runs"), "--port",
+                             str(port)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _poll(lambda: _serving(port) or proc.poll() is not None, 180, "the app's health endpoint")
+        assert proc.poll() is None, (tmp_path / "app.log").read_text()
+        assert _serving(port)
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(60)
+        _poll(lambda: not _port_open(port), 60, "the port to be free")
+        assert "email" not in (tmp_path / "app.log").read_text().lower()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def test_app_refuses_a_bad_port_in_one_line():
+    from conftest import a3po
+
+    p = a3po("app", "--port", "99999", check=False, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("a3po: error: --port")

@@ -6,6 +6,7 @@ page to $A3PO_SCREENSHOT_DIR (docs/ holds the ones the README shows).
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -34,27 +35,100 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _healthy(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def app_url(tmp_path):
     store = tmp_path / "runs"
     shutil.copytree(ROOT / "data" / "store", store)
     port = _free_port()
+    log = open(tmp_path / "app.log", "w")
+    # `a3po app` becomes the Streamlit server (exec), so stopping this process stops the server.
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "app", "--store", str(store), "--port", str(port), "--headless"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"app did not start: {(tmp_path / 'app.log').read_text()[-2000:]}")
+            time.sleep(0.2)  # polling interval of the health check
+        yield url
+    finally:  # whatever the outcome: no server is left behind
+        proc.terminate()
         try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=1).status == 200:
-                break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("app did not start")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def _has_quick_study() -> bool:
+    from engine.store import Store
+
+    runs = Store(ROOT / "data" / "store").query("select run_id from runs where study = 'study-quick' and status = 'finished'")
+    return len(runs) > 0
+
+
+# Streamlit reruns the script after every widget change; until the rerun ends, elements of the previous
+# run stay on the page marked stale, so one label can match two widgets. Every step below waits (by
+# polling) for the rerun to finish before reading or touching a widget, and retries an action that a
+# rerun interrupted, with generous timeouts: the machine may be busy.
+SETTLED = """() => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    return !!app && app.getAttribute('data-test-script-state') === 'notRunning'
+        && !document.querySelector('[data-testid="stElementContainer"][data-stale="true"]');
+}"""
+
+
+def settle(page, timeout: float = 120_000) -> None:
+    page.wait_for_function(SETTLED, polling=100, timeout=timeout)
+
+
+def retry(action, what: str, timeout: float = 180) -> None:
+    """Run ``action`` until it succeeds (a rerun can replace a widget mid-action) or ``timeout`` s pass."""
+    from playwright.sync_api import Error
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return action()
+        except (AssertionError, Error) as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: {e}") from e
+
+
+def set_value(page, label: str, value: str) -> None:
+    from playwright.sync_api import expect
+
+    def act():
+        settle(page)
+        box = page.get_by_label(label, exact=True)
+        expect(box).to_have_count(1, timeout=10_000)
+        box.fill(value, timeout=10_000)
+        box.press("Enter", timeout=10_000)
+        settle(page)
+        expect(page.get_by_label(label, exact=True)).to_have_value(value, timeout=10_000)
+
+    retry(act, f"set {label!r} to {value!r}")
+
+
+def open_page(page, title: str, heading: str | None = None) -> None:
+    from playwright.sync_api import expect
+
+    def act():
+        settle(page)
+        page.get_by_role("link", name=title).click(timeout=10_000)
+        expect(page.get_by_role("heading", name=heading or title)).to_be_visible(timeout=60_000)
+        settle(page)
+
+    retry(act, f"open {title}")
 
 
 def test_app_in_browser(app_url, tmp_path):
@@ -64,51 +138,77 @@ def test_app_in_browser(app_url, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 2400})
-        page.goto(app_url)
-        expect(page.get_by_role("heading", name="Runs")).to_be_visible(timeout=60_000)
-        expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
-        page.screenshot(path=str(shots / "runs.png"))
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 2400})
+            page.set_default_timeout(60_000)
+            page.goto(app_url, timeout=120_000)
+            expect(page.get_by_role("heading", name="Runs")).to_be_visible(timeout=120_000)
+            expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=120_000)
+            settle(page)
+            page.screenshot(path=str(shots / "runs.png"))
 
-        page.get_by_role("link", name="Rollouts").click()
-        expect(page.get_by_role("heading", name="Rollouts")).to_be_visible(timeout=30_000)
-        keys = page.locator("span.tok.key")
-        expect(keys.first).to_be_visible(timeout=60_000)
-        assert keys.count() > 0 and page.locator("span.tok").count() > keys.count()
-        assert "shaped adv=" in keys.first.get_attribute("title")
-        page.screenshot(path=str(shots / "rollouts.png"))
+            open_page(page, "Rollouts")
+            keys = page.locator("span.tok.key")
+            expect(keys.first).to_be_visible(timeout=120_000)
+            settle(page)
+            assert keys.count() > 0 and page.locator("span.tok").count() > keys.count()
+            assert "shaped adv=" in keys.first.get_attribute("title")
+            page.screenshot(path=str(shots / "rollouts.png"))
 
-        page.get_by_role("link", name="Shaping playground").click()
-        expect(page.get_by_role("heading", name="Shaping playground")).to_be_visible(timeout=30_000)
-        expect(page.locator("span.tok").first).to_be_visible(timeout=60_000)
-        metric = page.locator('[data-testid="stMetricValue"]').first
-        before = int(metric.inner_text())
-        slider = page.get_by_role("slider", name="Key-token ratio")
-        slider.focus()
-        for _ in range(4):
-            page.keyboard.press("ArrowRight")
-        page.wait_for_function(f"() => parseInt(document.querySelector('[data-testid=\"stMetricValue\"]').innerText) > {before}",
-                               timeout=60_000)
-        assert int(metric.inner_text()) > before
-        page.screenshot(path=str(shots / "playground.png"))
+            open_page(page, "Shaping playground")
+            expect(page.locator("span.tok").first).to_be_visible(timeout=120_000)
+            settle(page)
+            metric = page.locator('[data-testid="stMetricValue"]').first
+            before = int(metric.inner_text())
 
-        page.get_by_role("link", name="Launch").click()
-        expect(page.get_by_role("heading", name="Launch")).to_be_visible(timeout=30_000)
-        page.get_by_text("The demo config").click()
-        for label, value in (("Steps", "2"), ("Group size G", "2"), ("Prompts per step", "2")):
-            box = page.get_by_label(label, exact=True)
-            box.fill(value)
-            box.press("Enter")
-        name = page.get_by_label("Run name", exact=True)
-        name.fill("browser-run")
-        name.press("Enter")
-        page.get_by_role("button", name="Run with these settings").click()
-        expect(page.get_by_text("browser-run — finished")).to_be_visible(timeout=240_000)
-        page.screenshot(path=str(shots / "launch.png"))
+            def widen_ratio():
+                settle(page)
+                slider = page.get_by_role("slider", name="Key-token ratio")
+                slider.focus(timeout=10_000)
+                for _ in range(4):
+                    page.keyboard.press("ArrowRight")
+                page.wait_for_function(
+                    f"() => parseInt(document.querySelector('[data-testid=\"stMetricValue\"]').innerText) > {before}",
+                    polling=100, timeout=60_000)
 
-        page.get_by_role("link", name="Polarity 101").click()
-        expect(page.get_by_role("heading", name="One step on one token")).to_be_visible(timeout=30_000)
-        expect(page.locator(".js-plotly-plot")).to_have_count(2, timeout=60_000)  # study curves and the toy
-        expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(timeout=30_000)
-        page.screenshot(path=str(shots / "polarity101.png"))
-        browser.close()
+            retry(widen_ratio, "widen the key-token ratio")
+            settle(page)
+            assert int(metric.inner_text()) > before
+            page.screenshot(path=str(shots / "playground.png"))
+
+            open_page(page, "Launch")
+
+            def demo_config():
+                settle(page)
+                page.get_by_text("The demo config", exact=True).click(timeout=10_000)
+                expect(page.get_by_role("radio", name="The demo config")).to_be_checked(timeout=10_000)
+                settle(page)
+
+            retry(demo_config, "choose the demo config")
+            for label, value in (("Steps", "2"), ("Group size G", "2"), ("Prompts per step", "2")):
+                set_value(page, label, value)
+            set_value(page, "Run name", "browser-run")
+
+            job = page.get_by_text(re.compile(r"browser-run — (queued|running|finished)"))
+
+            def launch():
+                settle(page)
+                if not job.count():  # a retry must not submit the run twice
+                    page.get_by_role("button", name="Run with these settings").click(timeout=10_000)
+                expect(job.first).to_be_visible(timeout=60_000)
+
+            retry(launch, "launch the run")
+            done = page.get_by_text(re.compile(r"browser-run — (finished|failed)"))
+            expect(done.first).to_be_visible(timeout=900_000)  # a 2-step run + evals; slow on a busy machine
+            settle(page)
+            assert "finished" in done.first.inner_text(), page.locator('[role="alert"]').all_inner_texts()
+            page.screenshot(path=str(shots / "launch.png"))
+
+            open_page(page, "Polarity 101", "One step on one token")
+            # the quick study's curves (when the embedded store holds its runs) and the toy
+            expect(page.locator(".js-plotly-plot")).to_have_count(2 if _has_quick_study() else 1, timeout=120_000)
+            expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(timeout=60_000)
+            settle(page)
+            page.screenshot(path=str(shots / "polarity101.png"))
+        finally:
+            browser.close()

@@ -15,7 +15,7 @@ from app.common import get_store, pick_run, q, render_tokens
 from engine.advantage import DECAYS
 from engine.algorithms import ALGORITHMS, alpha_schedule
 from engine.config import ConfigError, config_from_dict
-from engine.replay import load_step, replay
+from engine.replay import batch_push, load_step, replay
 
 st.title("Shaping playground")
 run = pick_run(key="run")
@@ -60,6 +60,7 @@ st.session_state["playground_settings"] = {"algorithm": settings, "source_run": 
 
 batch = load_step(get_store(), run, step)
 new = replay(batch, cfg.algorithm, step=step - 1, total_steps=total)
+run_push, new_push = batch_push(batch), batch_push(batch, new)  # Σ|shaped − raw adv|·(1 − p) by polarity
 mask = batch.mask.bool()
 
 # ---- key tokens of one group, before (as stored) and after (this rule)
@@ -76,11 +77,15 @@ ro = q("select rollout_idx, group_idx, prompt, polarity, reward from rollouts wh
 mixed = ro.groupby("group_idx").polarity.nunique()
 gids = mixed[mixed > 1].index.tolist() or ro.group_idx.unique().tolist()
 g = st.selectbox("Group", gids, key="pg_group", format_func=lambda i: f"#{i}: {ro[ro.group_idx == i].prompt.iloc[0]}")
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4, c5 = st.columns(5)
 changed = int((tok.is_key != tok.key_stored).sum())
 c1.metric("Key tokens (this rule)", int(tok.is_key.sum()), delta=int(tok.is_key.sum() - tok.key_stored.sum()))
 c2.metric("Tokens whose key flag changed", changed)
 c3.metric("α⁺ / α⁻ at this step", " / ".join(f"{r.scale:.2f}" for r in new.rules[:2]) if algo == "a3po" else "–")
+for c, pol, sign in ((c4, "positive", "+"), (c5, "negative", "−")):
+    c.metric(f"Push {sign} (this rule)", f"{new_push['rule'][pol]:.2e}", delta=f"run's rule: {run_push['rule'][pol]:.2e}",
+             delta_color="off", delta_arrow="off",
+             help=f"Σ|shaped − raw advantage|·(1 − p) over the tokens of {pol} responses at this step (see the chart below)")
 vmax = float(np.abs(tok.adv_shaped).max() or 1.0)
 for r in ro[ro.group_idx == g].itertuples(index=False):
     t = tok[tok.rollout_idx == r.rollout_idx]
@@ -105,12 +110,25 @@ fig2 = go.Figure([go.Scatter(x=sch.step, y=sch.alpha_pos, name="α⁺(s)"), go.S
 fig2.add_vline(x=step - 1, line_dash="dot")
 fig2.update_layout(title="A3PO schedule over the run (dotted: this step)", height=330, xaxis_title="s = training step − 1")
 r_.plotly_chart(fig2, width="stretch")
-pos, neg = (batch.polarity == 1).unsqueeze(-1) & mask, (batch.polarity == -1).unsqueeze(-1) & mask
-push = pd.DataFrame({"polarity": ["positive", "negative"] * 2, "rule": ["as run"] * 2 + ["this rule"] * 2,
-                     "push": [float((batch.stored_adv.abs() * pos).sum()), float((batch.stored_adv.abs() * neg).sum()),
-                              float((new.adv.abs() * pos).sum()), float((new.adv.abs() * neg).sum())]})
-fig3 = go.Figure([go.Bar(x=g_.polarity, y=g_.push, name=k) for k, g_ in push.groupby("rule")])
-fig3.update_layout(title="Total push: Σ|advantage| by polarity", height=330, barmode="group")
-st.plotly_chart(fig3, width="stretch")
+st.subheader("Gradient push by polarity: does the rule move anything?")
+push = pd.DataFrame([
+    {"polarity": pol, "run's rule": run_push["rule"][pol], "this rule": new_push["rule"][pol],
+     "raw advantage (scale)": run_push["raw"][pol]} for pol in ("positive", "negative")])
+fig3 = go.Figure([go.Bar(x=push.polarity, y=push[c].where(push[c] > 0), name=c, text=[f"{v:.2e}" for v in push[c]],
+                         textposition="outside", marker_color=col)
+                  for c, col in (("run's rule", "#888888"), ("this rule", "#9467bd"), ("raw advantage (scale)", "#bbbbdd"))])
+fig3.update_layout(title="Σ|shaped − raw advantage|·(1 − p) at this step (log)", height=360, barmode="group",
+                   yaxis_type="log", yaxis_exponentformat="power")
+pl, pr = st.columns([3, 2])
+pl.plotly_chart(fig3, width="stretch")
+pr.dataframe(push.set_index("polarity").T.rename_axis("push"), width="stretch", key="pg_push_table",
+             column_config={c: st.column_config.NumberColumn(format="scientific") for c in ("positive", "negative")})
+ratio_txt = (f"{new_push['rule']['negative'] / new_push['rule']['positive']:.1e}"
+             if new_push["rule"]["positive"] > 0 else "–")
+pr.caption("Push = how far a change of advantage can move the policy: the gradient of log p with respect to a token's "
+           "own logit is 1 − p, so re-weighting near-certain tokens (p ≈ 1) pushes almost nothing. *this rule*: the "
+           "replayed rule's shaped minus raw advantage; *run's rule*: the same for what the run stored; *raw "
+           f"advantage*: Σ|raw adv|·(1 − p), the push of plain GRPO. Negative / positive push of this rule: {ratio_txt}. "
+           "Bars at 0 do not show on the log axis.")
 st.caption("Settings validated by the engine's config checks; 'Run with these settings' on the Launch page uses them: "
            + json.dumps(settings))

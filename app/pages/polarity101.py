@@ -5,7 +5,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app.common import embedded_store, get_store, q
+from app.common import default_task, embedded_store, get_store, q, task_label, task_of
 from app.toy import entropy, pg_step, softmax
 
 st.title("Polarity 101")
@@ -13,24 +13,45 @@ st.markdown(
     "In RLVR every sampled answer is **positive** (verified correct, advantage > 0) or **negative** (wrong, advantage < 0). "
     "Tang et al. (2025) find that positive samples *sharpen* what the model already does (entropy falls, answers get "
     "shorter), negative samples make it *explore* (entropy stays up), and that training on both is best. Below: the "
-    "same comparison on this project's tiny arithmetic model, then a one-step toy you can play with.")
+    "same comparison on one of this project's tiny built-in models, then a one-step toy you can play with.")
 
 LABELS = {"grpo": "GRPO (both)", "psr": "PSR only (positive)", "nsr": "NSR only (negative)", "a3po": "A3PO"}
 COLORS = {"grpo": "#1f77b4", "psr": "#2ca02c", "nsr": "#d62728", "a3po": "#9467bd"}
 
 
+def setting_of(run_id: str) -> str | None:
+    parts = run_id.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LABELS else None
+
+
 def study_runs():
+    """The quick study's finished runs, one per setting (lowest seed), on the default task when there
+    are such runs, else on the task with the most recent runs. Returns (store, {setting: run_id}, task)."""
     for store in (get_store(), embedded_store()):
-        r = q("select run_id from runs where study = 'study-quick' and status = 'finished'", store=store)
-        if len(r):
-            return store, {rid.split(".")[1]: rid for rid in r.run_id if rid.split(".")[1] in LABELS}
-    return None, {}
+        r = q("select run_id, config, created from runs where study = 'study-quick' and status = 'finished'", store=store)
+        r = r.assign(setting=r.run_id.map(setting_of), task=r.config.map(task_of)).dropna(subset=["setting"])
+        if not len(r):
+            continue
+        task = default_task()
+        if task not in set(r.task):
+            task = r.sort_values("created").task.iloc[-1]
+        r = r[r.task == task].sort_values("run_id", ascending=False)
+        return store, {s: rid for s, rid in zip(r.setting, r.run_id)}, task
+    return None, {}, None
 
 
-store, runs = study_runs()
+store, runs, task = study_runs()
 if not runs:
     st.info("No quick-study runs found: run `a3po study --preset quick`.")
 else:
+    try:
+        from engine.tasks import TASKS
+
+        about = TASKS[task_label(task)].doc if task.startswith("builtin:") else ""
+    except (ImportError, KeyError, AttributeError):
+        about = ""
+    st.markdown(f"**Task: `{task_label(task)}`**" + (f" — {about}" if about else "")
+                + " Runs of the quick study (`a3po study --preset quick`), one seed each.")
     ids = list(runs.values())
     steps = q("select run_id, step, entropy, length, reward from steps order by step", run_ids=ids, store=store)
     evals = q("select run_id, step, metric, k, value from evals", run_ids=ids, store=store)
@@ -55,7 +76,7 @@ else:
         "- **pass@k**: the chance that at least one of k samples is right; at large k it measures the reasoning "
         "*boundary*, where exploration (negative samples) is expected to help.\n\n"
         "These are single-seed runs of the quick study; the full study (`a3po study --preset full`) states which of "
-        "these effects hold on this task over several seeds.")
+        "these effects hold over several seeds.")
 
 st.header("One step on one token")
 st.markdown("A softmax over five candidate next tokens. Pick which one was sampled, whether the answer it was part of "

@@ -4,7 +4,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.common import QUANTITIES, pick_run, q, render_tokens
+from app.common import LEGENDS, QUANTITIES, QUANTITY_SQL, pick_run, q, render_tokens, token_values
 
 st.title("Rollouts")
 run = pick_run(key="run")
@@ -16,7 +16,8 @@ if not steps:
     st.stop()
 c1, c2, c3 = st.columns([2, 2, 3])
 step = c1.select_slider("Step", steps, value=st.session_state.get("ro_step", steps[-1]) if st.session_state.get("ro_step") in steps else steps[-1], key="ro_step")
-quantity = c2.selectbox("Colour tokens by", list(QUANTITIES), key="ro_quantity")
+quantity = c2.selectbox("Colour tokens by", list(QUANTITIES), key="ro_quantity",
+                        help="gradient push = |shaped advantage| · (1 − p): how much the update can move each token")
 search = c3.text_input("Search response text", key="ro_search")
 f1, f2 = st.columns(2)
 mixed_only = f1.checkbox("Only groups with both polarities", key="ro_mixed")
@@ -44,10 +45,11 @@ if search:
 tok = q("select * from tokens where run_id = ? and step = ? and list_contains(?, rollout_idx) order by rollout_idx, position",
         [run, step, [int(i) for i in grp.rollout_idx]], run_ids=[run])
 col = QUANTITIES[quantity]
-vals = np.exp(tok.logprob) if col == "prob" else tok[col]
+vals = token_values(tok, col)
 vmax = float(np.nanmax(np.abs(vals))) if len(tok) else 1.0
-st.markdown(f"**{grp.prompt.iloc[0] if len(grp) else ''}** — gold answer `{grp.answer.iloc[0] if len(grp) else ''}`. "
-            "Green = positive, red = negative advantage (blue: magnitude); outlined = key token; hover a token for details.")
+st.markdown(f"**{grp.prompt.iloc[0] if len(grp) else ''}** — gold answer `{grp.answer.iloc[0] if len(grp) else ''}`.")
+st.caption(f"{LEGENDS[col]} Outlined = key token; hover a token for details."
+           + (f" Largest push shown: {vmax:.2e}." if col == "push" and len(tok) else ""))
 cols = st.columns(2)
 for i, r in enumerate(grp.itertuples(index=False)):
     with cols[i % 2]:
@@ -64,7 +66,7 @@ st.dataframe(keys, hide_index=True, width="stretch")
 st.subheader("Token-level distributions by polarity")
 hq = st.selectbox("Quantity", list(QUANTITIES), index=3, key="ro_hist_q")
 hc = QUANTITIES[hq]
-expr = "exp(logprob)" if hc == "prob" else hc
+expr = QUANTITY_SQL[hc]
 h = q(f"select polarity, {expr} as v, is_key from tokens where run_id = ? and step = ?", [run, step], run_ids=[run])
 fig = go.Figure()
 for pol, name, color in ((1, "positive", "seagreen"), (-1, "negative", "crimson")):

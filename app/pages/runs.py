@@ -2,11 +2,13 @@
 
 import json
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app.common import q, runs_df
+from app.common import default_run, get_store, q, runs_df, task_label, task_of
+from engine.replay import PUSH_COLUMNS, step_push
 
 st.title("Runs")
 df = runs_df()
@@ -25,12 +27,12 @@ def coeffs(cfg_json: str) -> str:
     return ", ".join(out)
 
 
-table = df.assign(coefficients=df.config.map(coeffs))[
-    ["run_id", "algorithm", "coefficients", "status", "last_step", "total_steps", "final_accuracy", "study", "error"]]
+table = df.assign(coefficients=df.config.map(coeffs), task=df.config.map(lambda c: task_label(task_of(c))))[
+    ["run_id", "task", "algorithm", "coefficients", "status", "last_step", "total_steps", "final_accuracy", "study", "error"]]
 st.dataframe(table, hide_index=True, width="stretch")
 
 ids = df.run_id.tolist()
-default = [r for r in ids if r in st.session_state.get("runs_sel", [])] or ids[:1]
+default = [r for r in ids if r in st.session_state.get("runs_sel", [])] or [default_run(df)]
 sel = st.multiselect("Overlay runs", ids, default=default, key="runs_sel")
 
 PANELS = [
@@ -38,6 +40,25 @@ PANELS = [
     ("response length", ["length", "length_pos", "length_neg"]), ("all-correct / all-wrong groups", ["frac_all_correct", "frac_all_wrong"]),
     ("clip fractions", ["clipfrac", "clipfrac_lower"]),
 ]
+PUSH_TITLE = "gradient push Σ|Δadv|·(1−p) by rule (log)"
+PUSH_NAMES = {"push_rule_pos": "rule, positive", "push_rule_neg": "rule, negative",
+              "push_raw_pos": "raw adv, positive", "push_raw_neg": "raw adv, negative"}
+PUSH_DASH = {"push_rule_pos": "solid", "push_rule_neg": "dot", "push_raw_pos": "dash", "push_raw_neg": "dashdot"}
+
+
+def push_summary(push: pd.DataFrame, sel: list[str]) -> pd.DataFrame:
+    """Mean push per step for each selected run; runs with nothing to compute it from say so."""
+    rows = []
+    for rid in sel:
+        p = push[push.run_id == rid]
+        if not len(p):
+            rows.append({"run_id": rid, "source": "not recorded for this run"})
+            continue
+        m = p[list(PUSH_COLUMNS)].mean()
+        rows.append({"run_id": rid, "source": p.source.iloc[0], "steps": len(p),
+                     **{PUSH_NAMES[c]: float(m[c]) for c in PUSH_COLUMNS},
+                     "negative / positive rule": float(m.push_rule_neg / m.push_rule_pos) if m.push_rule_pos > 0 else None})
+    return pd.DataFrame(rows)
 
 
 @st.fragment(run_every=2.0 if (df[df.run_id.isin(sel)].status == "running").any() else None)
@@ -46,7 +67,8 @@ def curves(sel):
         return
     steps = q("select * from steps where list_contains(?, run_id) order by run_id, step", [sel], run_ids=sel)
     evals = q("select run_id, step, metric, k, value from evals where list_contains(?, run_id)", [sel], run_ids=sel)
-    fig = make_subplots(rows=3, cols=3, subplot_titles=[p[0] for p in PANELS] + ["pass@k (last eval)", "", ""])
+    push = step_push(get_store(), sel, steps=steps)
+    fig = make_subplots(rows=3, cols=3, subplot_titles=[p[0] for p in PANELS] + ["pass@k (last eval)", PUSH_TITLE, ""])
     dash = {0: "solid", 1: "dot", 2: "dash"}
     for i, (title, cols) in enumerate(PANELS):
         r, c = divmod(i, 3)
@@ -65,9 +87,29 @@ def curves(sel):
         if len(e):
             last = e[e.step == e.step.max()].sort_values("k")
             fig.add_trace(go.Scatter(x=last.k, y=last.value, mode="lines+markers", name=f"{rid}: pass@k"), row=3, col=1)
+        p = push[push.run_id == rid]
+        for c in PUSH_COLUMNS:
+            x = p[p[c] > 0]  # a log axis cannot show 0 (e.g. GRPO's rule push)
+            if len(x):
+                color = ("seagreen" if c.endswith("_pos") else "crimson") if len(sel) == 1 else None
+                fig.add_trace(go.Scatter(x=x.step, y=x[c], mode="lines", name=f"{rid}: push {PUSH_NAMES[c]}",
+                                         line=dict(dash=PUSH_DASH[c], color=color)), row=3, col=2)
     fig.update_xaxes(type="log", row=3, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", row=3, col=2)
     fig.update_layout(height=950, legend=dict(orientation="h"))
     st.plotly_chart(fig, width="stretch")
+    st.markdown(f"**Gradient push by rule** (mean per step). The push of a change of advantage is Σ|Δadv|·(1 − p) "
+                "over the tokens of correct (positive) or incorrect (negative) responses: the gradient of log p with "
+                "respect to a token's own logit is 1 − p, so a rule that only reweights near-certain tokens moves "
+                "almost nothing however large its coefficient. *rule* = shaped − raw advantage (what the token rule "
+                "and polarity weights add), *raw adv* = the unshaped advantage itself, for scale. Zero (e.g. GRPO's "
+                "rule push) does not show on the log axis.")
+    sci = st.column_config.NumberColumn(format="scientific")
+    st.dataframe(push_summary(push, sel), hide_index=True, width="stretch", key="runs_push_table",
+                 column_config={c: sci for c in [*PUSH_NAMES.values(), "negative / positive rule"]})
+    rec = set(push.run_id[push.source == "from tokens"])
+    if rec:
+        st.caption("Recomputed from the stored tokens (the run predates the recorded push columns): " + ", ".join(sorted(rec)))
     live = df[df.run_id.isin(sel) & (df.status == "running")]
     if len(live):
         st.caption(f"Refreshing every 2 s while {', '.join(live.run_id)} trains.")
