@@ -126,9 +126,10 @@ def test_launch_refuses_bad_name(store):
 def test_polarity101_page(store):
     from engine.store import Store
 
-    studied = Store(store).query("select run_id from runs where study = 'study-quick' and status = 'finished'")
+    studied = Store(store).query("select run_id from runs where study in ('study-quick', 'study-full') "
+                                 "and status = 'finished'")
     at = run_page("polarity101.py")
-    # the quick study's curves (when the embedded store holds its runs) and the toy
+    # a study's curves (when the embedded store holds its runs) and the toy
     assert len(at.get("plotly_chart")) == (2 if len(studied) else 1)
     at.radio(key="toy_pol").set_value("incorrect (negative)").run()
     assert not at.exception
@@ -366,7 +367,7 @@ def test_playground_shows_push_of_replayed_and_run_rule(fx_store):
 def _fx_study_run(s, rid: str, task: str, entropy: float) -> None:
     import pyarrow as pa
 
-    s.create_run(_fx_config(task), name=rid, study="study-quick")
+    s.create_run(_fx_config(task), name=rid, study=rid.split(".")[0])
     for step in (1, 2):
         s.write_step(rid, step, {
             "steps": pa.table({"run_id": [rid], "step": [step], "reward": [0.5], "acc": [0.5], "entropy": [entropy * step],
@@ -395,6 +396,22 @@ def test_polarity101_prefers_the_default_task_study(tmp_path, monkeypatch):
     assert np.allclose(grpo["y"], [0.2, 0.3])  # 5-step moving average of entropy 0.2, 0.4
     assert any(f"Task: `{task_label(default_task())}`" in m.value for m in at.markdown)
     assert not any("arithmetic" in m.value for m in at.markdown)
+
+
+def test_polarity101_falls_back_to_the_full_study(tmp_path, monkeypatch):
+    from app.common import default_task
+    from engine.store import Store
+
+    s = Store(tmp_path / "full")
+    _fx_study_run(s, "study-full.grpo.s1", default_task(), 0.2)
+    _fx_study_run(s, "study-full.grpo.s0", default_task(), 0.1)  # the lowest seed is shown
+    _fx_study_run(s, "study-full.psr.s0", default_task(), 0.3)
+    monkeypatch.setenv("A3PO_STORE", str(tmp_path / "full"))
+    at = run_page("polarity101.py")
+    assert not at.exception and len(at.get("plotly_chart")) == 2
+    grpo = next(t for t in _fig(at)["data"] if t.get("name") == "GRPO (both)")
+    assert np.allclose(grpo["y"], [0.1, 0.15])
+    assert any("study-full" in m.value for m in at.markdown)
 
 
 # ------------------------------------------------------------------ `a3po app` as a service

@@ -25,24 +25,28 @@ def setting_of(run_id: str) -> str | None:
 
 
 def study_runs():
-    """The quick study's finished runs, one per setting (lowest seed), on the default task when there
-    are such runs, else on the task with the most recent runs. Returns (store, {setting: run_id}, task)."""
+    """A study's finished runs, one per setting (lowest seed): the quick study's when there are any, else
+    the full study's; on the default task when there are such runs, else on the task with the most
+    recent runs. Returns (store, {setting: run_id}, task, study)."""
     for store in (get_store(), embedded_store()):
-        r = q("select run_id, config, created from runs where study = 'study-quick' and status = 'finished'", store=store)
+        r = q("select run_id, config, created, study from runs where study in ('study-quick', 'study-full') "
+              "and status = 'finished'", store=store)
         r = r.assign(setting=r.run_id.map(setting_of), task=r.config.map(task_of)).dropna(subset=["setting"])
+        if (r.study == "study-quick").any():
+            r = r[r.study == "study-quick"]
         if not len(r):
             continue
         task = default_task()
         if task not in set(r.task):
             task = r.sort_values("created").task.iloc[-1]
         r = r[r.task == task].sort_values("run_id", ascending=False)
-        return store, {s: rid for s, rid in zip(r.setting, r.run_id)}, task
-    return None, {}, None
+        return store, {s: rid for s, rid in zip(r.setting, r.run_id)}, task, r.study.iloc[0]
+    return None, {}, None, None
 
 
-store, runs, task = study_runs()
+store, runs, task, study = study_runs()
 if not runs:
-    st.info("No quick-study runs found: run `a3po study --preset quick`.")
+    st.info("No study runs found: run `a3po study --preset quick`.")
 else:
     try:
         from engine.tasks import TASKS
@@ -51,18 +55,21 @@ else:
     except (ImportError, KeyError, AttributeError):
         about = ""
     st.markdown(f"**Task: `{task_label(task)}`**" + (f" — {about}" if about else "")
-                + " Runs of the quick study (`a3po study --preset quick`), one seed each.")
+                + f" Runs of `{study}`, one seed each.")
     ids = list(runs.values())
-    steps = q("select run_id, step, entropy, length, reward from steps order by step", run_ids=ids, store=store)
+    steps = q("select run_id, step, entropy, length, reward, acc from steps order by step", run_ids=ids, store=store)
     evals = q("select run_id, step, metric, k, value from evals", run_ids=ids, store=store)
-    fig = make_subplots(rows=1, cols=4, subplot_titles=("entropy", "response length", "test accuracy", "pass@k at the end"))
+    fig = make_subplots(rows=1, cols=4, subplot_titles=("entropy", "response length", "accuracy: batch (line), test (dots)",
+                                                        "pass@k at the end"))
     for key, rid in runs.items():
         s, e = steps[steps.run_id == rid], evals[evals.run_id == rid]
         kw = dict(name=LABELS[key], legendgroup=key, line=dict(color=COLORS[key]))
         fig.add_trace(go.Scatter(x=s.step, y=s.entropy.rolling(5, min_periods=1).mean(), **kw), 1, 1)
         fig.add_trace(go.Scatter(x=s.step, y=s.length.rolling(5, min_periods=1).mean(), showlegend=False, **kw), 1, 2)
+        fig.add_trace(go.Scatter(x=s.step, y=s.acc.rolling(5, min_periods=1).mean(), showlegend=False, **kw), 1, 3)
         acc = e[e.metric == "sampled_acc"].sort_values("step")
-        fig.add_trace(go.Scatter(x=acc.step, y=acc.value, mode="lines+markers", showlegend=False, **kw), 1, 3)
+        fig.add_trace(go.Scatter(x=acc.step, y=acc.value, mode="markers", showlegend=False, marker=dict(size=9),
+                                 name=LABELS[key], legendgroup=key, line=dict(color=COLORS[key])), 1, 3)
         pk = e[(e.metric == "pass@k") & (e.step == e.step.max())].sort_values("k")
         fig.add_trace(go.Scatter(x=pk.k, y=pk.value, mode="lines+markers", showlegend=False, **kw), 1, 4)
     fig.update_xaxes(type="log", row=1, col=4)
@@ -72,11 +79,12 @@ else:
         "- **Entropy**: how unsure the policy is about its next token (5-step moving average). Positive-only training "
         "should drive it down fastest; negative-only should keep it highest.\n"
         "- **Response length**: sharpening tends to shorten answers; exploration lengthens them.\n"
-        "- **Test accuracy**: one sample per held-out prompt at temperature 1.\n"
+        "- **Accuracy**: the line is the share of correct rollouts in each training batch (5-step moving average); "
+        "the dots are held-out test accuracy (samples at temperature 1).\n"
         "- **pass@k**: the chance that at least one of k samples is right; at large k it measures the reasoning "
         "*boundary*, where exploration (negative samples) is expected to help.\n\n"
-        "These are single-seed runs of the quick study; the full study (`a3po study --preset full`) states which of "
-        "these effects hold over several seeds.")
+        "These are single-seed runs; the full study (`a3po study --preset full`, report in docs/study-full) states "
+        "which of these effects hold over 10 paired seeds.")
 
 st.header("One step on one token")
 st.markdown("A softmax over five candidate next tokens. Pick which one was sampled, whether the answer it was part of "
