@@ -1,5 +1,5 @@
 # A3PO Lab: every command creates the environment on first use.
-#   make demo    install, train A3PO on the embedded model (~2 min on 2 CPU cores), then open the app
+#   make demo    install, train A3PO on the embedded Countdown-lite model, then open the app
 #   make test    install if needed, run the test suite (what CI runs): main env, then verl's env
 VENV ?= .venv
 PY := $(VENV)/bin/python
