@@ -267,7 +267,7 @@ def test_claims_on_hand_built_data(grid_claims):
     assert psr["length shorter"].verdict == NULL and grid_claims["psr-sharpens"]["verdict"] == NULL
     assert grid_claims["single-polarity-worse"]["verdict"] == HOLDS
     nsr = {q.text: q for q in grid_claims["nsr-explores"]["parts"]}
-    assert nsr["entropy higher"].verdict == HOLDS and nsr["pass@8 at least GRPO's"].verdict == FAILS
+    assert nsr["entropy higher"].verdict == HOLDS and nsr["pass@4 at least GRPO's"].verdict == FAILS
     assert grid_claims["ratio-only"]["verdict"] == HOLDS  # zero-variance differences of exactly 0
     assert grid_claims["raise-negative"]["verdict"] == UNMEASURED  # no P1N2 runs
     # clip-higher: the symmetric arm never clipped -> not judged
