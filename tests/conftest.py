@@ -1,6 +1,8 @@
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,18 @@ def a3po(*args, store=None, check=True, timeout=300, **kw):
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a Streamlit server under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    """True when the Streamlit server at ``url`` answers its health endpoint."""
+    try:
+        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False

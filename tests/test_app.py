@@ -1,14 +1,13 @@
 """Streamlit AppTest for every page, on a copy of the embedded store."""
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from app.toy import entropy, pg_step, softmax
-from conftest import ROOT
+from conftest import ROOT, free_port, healthy
 
 PAGES = ROOT / "app" / "pages"
 
@@ -415,21 +414,8 @@ def test_polarity101_falls_back_to_the_full_study(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ `a3po app` as a service
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serving(port: int) -> bool:
-    import urllib.request
-
-    try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
-    except OSError:
-        return False
+    return healthy(f"http://127.0.0.1:{port}")
 
 
 def _port_open(port: int) -> bool:
@@ -460,7 +446,7 @@ def test_app_serves_without_terminal_and_stops_with_its_server(tmp_path, sig):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "home"
     home.mkdir()
     log = open(tmp_path / "app.log", "w")

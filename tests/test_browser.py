@@ -8,16 +8,14 @@ page to $A3PO_SCREENSHOT_DIR (docs/ holds the ones the README shows).
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port, healthy
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -29,24 +27,11 @@ if not Path(CHROMIUM).exists():
     pytest.skip("Debian chromium not installed (apt-get install chromium)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(url + "/_stcore/health", timeout=2).status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def app_url(tmp_path):
     store = tmp_path / "runs"
     shutil.copytree(ROOT / "data" / "store", store)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "app.log", "w")
     # `a3po app` becomes the Streamlit server (exec), so stopping this process stops the server.
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "app", "--store", str(store), "--port", str(port), "--headless"],
@@ -54,7 +39,7 @@ def app_url(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while not _healthy(url):
+        while not healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"app did not start: {(tmp_path / 'app.log').read_text()[-2000:]}")
             time.sleep(0.2)  # polling interval of the health check

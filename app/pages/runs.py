@@ -98,7 +98,7 @@ def curves(sel):
     fig.update_yaxes(type="log", exponentformat="power", row=3, col=2)
     fig.update_layout(height=950, legend=dict(orientation="h"))
     st.plotly_chart(fig, width="stretch")
-    st.markdown(f"**Gradient push by rule** (mean per step). The push of a change of advantage is Σ|Δadv|·(1 − p) "
+    st.markdown("**Gradient push by rule** (mean per step). The push of a change of advantage is Σ|Δadv|·(1 − p) "
                 "over the tokens of correct (positive) or incorrect (negative) responses: the gradient of log p with "
                 "respect to a token's own logit is 1 − p, so a rule that only reweights near-certain tokens moves "
                 "almost nothing however large its coefficient. *rule* = shaped − raw advantage (what the token rule "
