@@ -54,10 +54,12 @@ def app_url(tmp_path):
         log.close()
 
 
-def _has_quick_study() -> bool:
+def _has_study_runs() -> bool:
+    """Polarity 101 draws its curves from the quick study's runs, else the full study's."""
     from engine.store import Store
 
-    runs = Store(ROOT / "data" / "store").query("select run_id from runs where study = 'study-quick' and status = 'finished'")
+    runs = Store(ROOT / "data" / "store").query(
+        "select run_id from runs where study in ('study-quick', 'study-full') and status = 'finished'")
     return len(runs) > 0
 
 
@@ -190,8 +192,8 @@ def test_app_in_browser(app_url, tmp_path):
             page.screenshot(path=str(shots / "launch.png"))
 
             open_page(page, "Polarity 101", "One step on one token")
-            # the quick study's curves (when the embedded store holds its runs) and the toy
-            expect(page.locator(".js-plotly-plot")).to_have_count(2 if _has_quick_study() else 1, timeout=120_000)
+            # a study's curves (when the embedded store holds its runs) and the toy
+            expect(page.locator(".js-plotly-plot")).to_have_count(2 if _has_study_runs() else 1, timeout=120_000)
             expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(timeout=60_000)
             settle(page)
             page.screenshot(path=str(shots / "polarity101.png"))
