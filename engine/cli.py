@@ -21,7 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.tasks import PACKAGE_ROOT
+from engine.reward import VERIFIERS
+from engine.tasks import DEFAULT_TASK, PACKAGE_ROOT, TASKS
 
 DEFAULT_CONFIG = PACKAGE_ROOT / "configs" / "demo.yaml"
 
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="greedy accuracy and pass@k of a model")
     e.add_argument("--model", required=True, help="HF folder, HF id, builtin:tiny-countdown or builtin:tiny")
     e.add_argument("--task", default="builtin:countdown", help="builtin:countdown, builtin:arith or a .jsonl/.parquet file")
-    e.add_argument("--verifier", choices=["math", "countdown"], help="default: the built-in task's own, math for files")
+    e.add_argument("--verifier", choices=list(VERIFIERS), help="default: the built-in task's own, math for files")
     e.add_argument("--split", default="test")
     e.add_argument("--k", default="1,4,8")
     e.add_argument("--n-prompts", type=int, default=200)
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build-tiny-model", help="rebuild an embedded tiny model and its task data from scratch")
-    b.add_argument("--task", choices=["countdown", "arith"], default="countdown",
+    b.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
                    help="task (countdown -> data/tiny-countdown, arith -> data/tiny-model)")
     b.add_argument("--out", help="output folder (default: the task's shipped model folder)")
     b.add_argument("--steps", type=int, default=None, help="SFT steps (default: the shipped model's)")

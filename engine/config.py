@@ -21,6 +21,7 @@ import yaml
 
 from engine.advantage import DECAYS, TokenRule
 from engine.loss import AGG_MODES
+from engine.reward import VERIFIERS
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class DataConfig:
                    "local file.")
     verifier: str | None = _f(None, "Reward: 'math' (math-verify on the last \\boxed{}) or 'countdown' (the "
                               "Countdown-lite step verifier). null = the built-in task's own, 'math' for files.",
-                              choices=["math", "countdown", None])
+                              choices=[*VERIFIERS, None])
     prompt_key: str = _f("prompt", "Column holding the prompt text (GSM8K/MATH exports: 'question'/'problem').")
     answer_key: str = _f("answer", "Column holding the gold answer checked by the verifier.")
     prompt_template: str = _f("{prompt}", "Python format string applied to each prompt, e.g. '{prompt}\\nAnswer in \\\\boxed{{}}.'")

@@ -18,6 +18,8 @@ import threading
 from collections import Counter
 from functools import lru_cache
 
+from engine.tasks import apply_op
+
 _INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
 
 
@@ -126,7 +128,7 @@ def countdown_correct(response: str, prompt: str) -> bool:
         pool[b] -= 1
         if pool[a] < 0 or pool[b] < 0:
             return False
-        if r != (a + b if op == "+" else a - b if op == "-" else a * b):
+        if r != apply_op(a, op, b):
             return False
         pool[r] += 1
         if Counter(int(x) for x in left.split()) != +pool:

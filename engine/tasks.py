@@ -2,11 +2,11 @@
 
 Two built-in tasks ship in data/ (``TASKS``), each with its own tiny model:
 
-* ``countdown`` (the default): Countdown-lite. Four numbers and a target; the response combines two
+* ``countdown`` (the default): Countdown-lite. Three or four numbers and a target; the response combines two
   numbers per step and lists the numbers left, ``"10 8 9 7:117="`` ->
   ``"10+8=18(9 7 18);18*7=126(9 126);126-9=117(117)"``. Every step starts at a real choice point (which
   pair, which order, which operator), so sampled responses fork and both polarities occur in most
-  groups. Half the problems have 3 numbers, half 4. Scored by a step verifier (``engine.reward.countdown_correct``).
+  groups. Scored by a step verifier (``engine.reward.countdown_correct``).
 * ``arith``: the quick smoke task below. Almost every token is determined by the prompt, so
   it has little uncertainty for token-level shaping to act on.
 
@@ -92,7 +92,7 @@ def countdown_problem(rng: random.Random, n_numbers: int | None = None) -> Probl
                     if i == j:
                         continue
                     for op in "+-*":
-                        r = _apply(a, op, b)
+                        r = apply_op(a, op, b)
                         if 1 <= r <= COUNTDOWN_MAX:
                             choices.append((i, j, op, r))
             if not choices:
@@ -105,7 +105,8 @@ def countdown_problem(rng: random.Random, n_numbers: int | None = None) -> Probl
             return Problem(countdown_prompt(numbers, pool[0]), str(pool[0]), ";".join(steps))
 
 
-def _apply(a: int, op: str, b: int) -> int:
+def apply_op(a: int, op: str, b: int) -> int:
+    """``a op b`` for the Countdown operators + - * (shared by the generator and the step verifier)."""
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
