@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from engine.tasks import DATA_DIR, TASKS, Task, write_jsonl
+from engine.policy import BUILTIN
+from engine.tasks import TASKS, Task, write_jsonl
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+-*/=;:,.()[]{}\\^_ \n") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-# Where each task's model ships (``builtin:tiny`` is the arith model, as before).
-MODEL_DIRS = {"arith": DATA_DIR / "tiny-model", "countdown": DATA_DIR / "tiny-countdown"}
-DEFAULT_OUT = MODEL_DIRS["arith"]
+# Where each task's model ships: the folder behind the task's built-in model id (engine.policy.BUILTIN).
+MODEL_DIRS = {name: BUILTIN[t.model] for name, t in TASKS.items()}
 
 
 def build_tokenizer():
