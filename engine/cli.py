@@ -10,12 +10,16 @@
     a3po app [--store DIR] [--port 8501]   # the Streamlit explorer, on localhost
     a3po config                      # every config key with its help text
 
-Errors in user input (config, dataset, model path, run id) end with one line on stderr and exit 2.
+Every user mistake (config, dataset, model folder, store path, CLI flag, file system state such as a
+read-only folder, a full disk or an existing file) ends with exactly one stderr line
+``a3po: error: <what> — <how to fix>`` and exit status 2, before anything is written where the
+mistake can be seen up front. Genuine bugs keep their traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -27,13 +31,62 @@ from engine.tasks import DEFAULT_TASK, PACKAGE_ROOT, TASKS
 DEFAULT_CONFIG = PACKAGE_ROOT / "configs" / "demo.yaml"
 
 
+class UsageError(ValueError):
+    """A malformed command line (argparse's complaints, made one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus an error and exits; ours raises so ``main`` prints one line."""
+
+    def error(self, message):
+        raise UsageError(f"{message} — see '{self.prog} --help'")
+
+
 def _user_errors():
     from engine.config import ConfigError
     from engine.policy import ModelError
     from engine.store import StoreError
     from engine.tasks import DatasetError
 
-    return (ConfigError, ModelError, StoreError, DatasetError)
+    return (ConfigError, ModelError, StoreError, DatasetError, UsageError)
+
+
+# File system states a user can fix (permissions, space, a path of the wrong kind); other OSErrors,
+# such as a file vanishing under a running process, are bugs and keep their traceback.
+_FS_FIXES = {
+    errno.EACCES: "pick a folder you can write to, or fix its permissions",
+    errno.EPERM: "pick a folder you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: pick another folder (e.g. --store ./runs)",
+    errno.ENOSPC: "free some disk space or point --store at a bigger disk, then resume the run",
+    errno.EDQUOT: "free some disk space or point --store at a bigger disk, then resume the run",
+    errno.EEXIST: "remove it or pick another path",
+    errno.EISDIR: "that path is a folder: pass a file",
+    errno.ENOTDIR: "a file stands where a folder is needed in that path: pick another path",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def _fs_error_line(e: OSError) -> str | None:
+    fix = _FS_FIXES.get(e.errno)
+    if fix is None:
+        return None
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where} — {fix}"
+
+
+def _check_store(path: str, write: bool):
+    """Fail fast (before a model loads) on a store path that cannot work; returns the Store."""
+    from engine.store import Store, StoreError
+
+    store = Store(path)
+    root = store.root
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"store path {root} is a file, not a folder — pass a folder with --store")
+    if write:
+        probe = root if root.exists() else next((p for p in root.parents if p.exists()), None)
+        if probe is not None and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
+            raise StoreError(f"store folder {root} is not writable — pick a folder you can write to with --store")
+    return store
 
 
 def cmd_train(a) -> int:
@@ -41,13 +94,13 @@ def cmd_train(a) -> int:
     from engine.store import Store
     from engine import trainer
 
-    store = Store(a.store)
+    store = _check_store(a.store, write=True)
     _sigterm_as_interrupt()
     if a.resume:
         if a.config or a.overrides:
             from engine.config import ConfigError
 
-            raise ConfigError("--resume takes the run's stored config; drop --config and overrides")
+            raise ConfigError("--resume takes the run's stored config — drop --config and the key=value overrides")
         res = trainer.resume(a.resume, store, progress=not a.quiet)
     else:
         cfg = load_config(a.config or DEFAULT_CONFIG, a.overrides)
@@ -71,6 +124,24 @@ def _sigterm_as_interrupt() -> None:
 
 
 def cmd_eval(a) -> int:
+    from engine.config import ConfigError, check_value
+
+    ks = []
+    for part in a.k.split(","):
+        try:
+            ks.append(int(part))
+        except ValueError:
+            raise ConfigError(f"--k must be comma-separated positive integers, got {a.k!r} — e.g. --k 1,4,8") from None
+    check_value("eval.k", ks, "--k")
+    check_value("eval.n_prompts", a.n_prompts, "--n-prompts")
+    check_value("eval.temperature", a.temperature, "--temperature")
+    check_value("rollout.max_new_tokens", a.max_new_tokens, "--max-new-tokens")
+    check_value("seed", a.seed, "--seed")
+    check_value("train.threads", a.threads, "--threads")
+    check_value("model.device", a.device, "--device")
+    for flag, v in (("--prompt-key", a.prompt_key), ("--answer-key", a.answer_key), ("--split", a.split)):
+        if not v.strip():
+            raise ConfigError(f"{flag} is empty — give a name, e.g. the defaults")
     import torch
 
     from engine.evaluate import evaluate
@@ -80,13 +151,8 @@ def cmd_eval(a) -> int:
     from engine.tasks import load_problems
 
     torch.set_num_threads(a.threads)
-    ks = [int(k) for k in a.k.split(",") if k.strip()]
-    if not ks or min(ks) < 1:
-        from engine.config import ConfigError
-
-        raise ConfigError(f"--k must be positive integers, got {a.k!r}")
-    model, tok, _ = load_policy(a.model, device=a.device)
     probs = load_problems(a.task, a.split, prompt_key=a.prompt_key, answer_key=a.answer_key)
+    model, tok, _ = load_policy(a.model, device=a.device)
     if a.n_prompts:
         probs = probs[: a.n_prompts]
     res = evaluate(make_backend("hf", model, tok), tok, probs, ks=ks, temperature=a.temperature,
@@ -96,9 +162,7 @@ def cmd_eval(a) -> int:
 
 
 def cmd_runs(a) -> int:
-    from engine.store import Store
-
-    t = Store(a.store).runs_table().to_pylist()
+    t = _check_store(a.store, write=False).runs_table().to_pylist()
     if a.json:
         print(json.dumps(t, default=str))
         return 0
@@ -110,44 +174,19 @@ def cmd_runs(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from engine.store import TABLES, Store, StoreError, check_name
-
-    store = Store(a.store)
-    store.read_run(check_name(a.run))
-    out = Path(a.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    con = store.connect([a.run])
-    try:
-        if a.format == "parquet":
-            for t in ("runs",) + TABLES:
-                path = out / f"{t}.parquet"
-                con.execute(f"COPY (SELECT * FROM {t} WHERE run_id = ?) TO '{_sql_path(path)}' (FORMAT parquet)", [a.run])
-                print(path)
-        else:
-            path = out / f"{a.run}.duckdb"
-            if path.exists():
-                raise StoreError(f"{path} exists; remove it or pick another folder")
-            con.execute(f"ATTACH '{_sql_path(path)}' AS dst")
-            for t in ("runs",) + TABLES:
-                con.execute(f"CREATE TABLE dst.{t} AS SELECT * FROM {t} WHERE run_id = ?", [a.run])
-            con.execute("DETACH dst")
-            print(path)
-    finally:
-        con.close()
+    store = _check_store(a.store, write=False)
+    for path in store.export(a.run, Path(a.dir), a.format, force=a.force):
+        print(path)
     return 0
 
 
-def _sql_path(p: Path) -> str:
-    from engine.store import StoreError
-
-    s = str(p.resolve())
-    if "'" in s:
-        raise StoreError(f"export path may not contain a quote: {s}")
-    return s
-
-
 def cmd_build(a) -> int:
+    from engine.config import check_value
     from engine.tiny_model import build_tiny_model
+
+    if a.steps is not None:
+        check_value("train.steps", a.steps, "--steps")
+    check_value("seed", a.seed, "--seed")
 
     stats = build_tiny_model(Path(a.out) if a.out else None, task=a.task, seed=a.seed, steps=a.steps)
     print(json.dumps({k: v for k, v in stats.items() if k != "history"}))
@@ -158,7 +197,16 @@ def cmd_study(a) -> int:
     from engine.store import Store
     from engine.study import run_study
 
-    only = [x for x in (a.only or "").split(",") if x] or None
+    from engine.config import MAX_STEPS
+    from engine.study import SETTINGS
+
+    for flag, v, lo, hi in (("--seeds", a.seeds, 1, 1000), ("--secondary-seeds", a.secondary_seeds, 1, 1000),
+                            ("--steps", a.steps, 1, MAX_STEPS), ("--jobs", a.jobs, 1, 256)):
+        _in_range(flag, v, lo, hi)
+    only = [x.strip() for x in (a.only or "").split(",") if x.strip()] or None
+    unknown = [x for x in only or [] if x not in SETTINGS]
+    if unknown:
+        raise UsageError(f"--only: unknown setting(s) {', '.join(unknown)} — choose from {', '.join(SETTINGS)}")
     try:
         res = run_study(preset=a.preset, seeds=a.seeds, steps=a.steps, out=a.out, store=Store(a.store), study_id=a.id,
                         jobs=a.jobs, only=only, extra=a.overrides, config=a.config, secondary_seeds=a.secondary_seeds,
@@ -173,6 +221,11 @@ def cmd_study(a) -> int:
                       "verdicts": {c["claim"]: c["verdict"] for c in res["claims"]},
                       "runs": res["runs"], "failed": [k for k, v in res["runs"].items() if v.startswith("failed")]}))
     return 0
+
+
+def _in_range(flag: str, value, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise UsageError(f"{flag} must be between {lo} and {hi}, got {value} — pick a value in that range")
 
 
 def cmd_app(a) -> int:
@@ -223,7 +276,7 @@ def cmd_config(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="a3po", description="A3PO Lab: RLVR training with per-token polarity data.")
+    p = _Parser(prog="a3po", description="A3PO Lab: RLVR training with per-token polarity data.")
     sub = p.add_subparsers(dest="cmd", required=True)
     store_default = os.environ.get("A3PO_STORE", "runs")
 
@@ -262,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("dir")
     x.add_argument("--format", choices=["parquet", "duckdb"], default="parquet")
     x.add_argument("--store", default=store_default)
+    x.add_argument("--force", action="store_true", help="overwrite existing export files in DIR")
     x.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build-tiny-model", help="rebuild an embedded tiny model and its task data from scratch")
@@ -300,15 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; user mistakes become one ``a3po: error: <what> — <how to fix>`` line, exit 2."""
     try:
+        args = build_parser().parse_args(argv)
         return args.fn(args)
     except _user_errors() as e:
-        print(f"a3po: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except OSError as e:
+        line = _fs_error_line(e)
+        if line is None:
+            raise
+        return _fail(line)
     except KeyboardInterrupt:
         print("a3po: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    """Print the one error line (a multi-line message from a library is cut to its first line)."""
+    lines = [x for x in message.strip().splitlines() if x.strip()] or ["unknown error"]
+    print(f"a3po: error: {lines[0]}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Unknown keys and out-of-range values fail with one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,22 @@ class ConfigError(ValueError):
     """A malformed or invalid configuration (message names the key)."""
 
 
+# Ranges of the numeric keys. The store keeps steps, token positions, lengths, k and counts in int32
+# columns (and run.json's last_step/total_steps in the runs table's int32); every bound below sits
+# far inside that, at what one run can sensibly do, so a typo such as train.steps=99999999999 is
+# refused before anything is written instead of poisoning the store.
+MAX_STEPS = 1_000_000           # train.steps and every "every N steps" key
+MAX_BATCH = 65_536              # prompts per step, mini-batches, responses per step
+MAX_GROUP = 1_024               # rollout.n
+MAX_TOKENS = 131_072            # response / prompt lengths, logit chunk
+MAX_K = 1_024                   # pass@k: n = max(k) samples for every test prompt
+MAX_PROMPTS = 10_000_000        # eval.n_prompts
+MAX_SEED = 2**31 - 1            # seeds: int32 like the app's seed field; numpy and torch accept it
+MAX_TEMPERATURE = 100.0
+DEVICE_RE = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
+FIX = "`a3po config` lists every key with its type and range"
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help, **kw})
@@ -39,10 +56,12 @@ class ModelConfig:
     path: str = _f("builtin:tiny-countdown", "Policy: 'builtin:tiny-countdown' (the embedded Countdown-lite model, "
                    "data/tiny-countdown), 'builtin:tiny' (the arith model, data/tiny-model), a local HF folder, "
                    "or a Hugging Face model id (needs network or a local HF cache).")
-    dtype: str = _f("auto", "Parameter dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
-    device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N.")
+    dtype: str = _f("auto", "Parameter dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.",
+                    choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N, mps.", pattern=DEVICE_RE)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (large models on GPU).")
-    logit_chunk: int = _f(1024, "Rows per chunk for log-prob/entropy, bounds the float32 softmax to chunk x vocab.")
+    logit_chunk: int = _f(1024, "Rows per chunk for log-prob/entropy, bounds the float32 softmax to chunk x vocab.",
+                          min=1, max=MAX_TOKENS)
 
 
 @dataclass
@@ -58,19 +77,22 @@ class DataConfig:
     answer_key: str = _f("answer", "Column holding the gold answer checked by the verifier.")
     prompt_template: str = _f("{prompt}", "Python format string applied to each prompt, e.g. '{prompt}\\nAnswer in \\\\boxed{{}}.'")
     chat_template: bool = _f(False, "Wrap prompts with the tokenizer's chat template (instruct models).")
-    max_prompt_tokens: int = _f(256, "Prompts longer than this are left-truncated.")
+    max_prompt_tokens: int = _f(256, "Prompts longer than this are left-truncated.", min=1, max=MAX_TOKENS)
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "Rollout backend: 'hf' (transformers generate with KV cache) or 'vllm' (GPU, [gpu] extra).")
-    n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1)
+    backend: str = _f("hf", "Rollout backend: 'hf' (transformers generate with KV cache) or 'vllm' (GPU, [gpu] extra).",
+                      choices=["hf", "vllm"])
+    n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1,
+                max=MAX_GROUP)
     temperature: float = _f(1.0, "Sampling temperature for training rollouts. Log-probs, entropies, key tokens and "
                                  "the PPO ratio are computed on logits / temperature, the distribution actually "
-                                 "sampled (as verl does).", min=0.0)
+                                 "sampled (as verl does).", min=0.0, max=MAX_TEMPERATURE)
     top_p: float = _f(1.0, "Nucleus sampling; 1.0 disables it.", min=0.0, max=1.0)
-    top_k: int = _f(0, "Top-k sampling; 0 disables it (transformers defaults to 50 otherwise).", min=0)
-    max_new_tokens: int = _f(64, "Maximum response length in tokens (DAPO's L_max).", min=1)
+    top_k: int = _f(0, "Top-k sampling; 0 disables it (transformers defaults to 50 otherwise).", min=0,
+                 max=MAX_TOKENS)
+    max_new_tokens: int = _f(64, "Maximum response length in tokens (DAPO's L_max).", min=1, max=MAX_TOKENS)
 
 
 @dataclass
@@ -90,16 +112,17 @@ class AlgorithmConfig:
     decay: str = _f("linear", "A3PO schedule d(s/S) in alpha(s) = 1 + (alpha0 - 1) d(s/S): constant, linear, cosine, exponential.",
                     choices=sorted(DECAYS))
     decay_rate: float = _f(5.0, "Rate of the exponential decay exp(-rate * s/S).", min=0.0)
-    decay_steps: int | None = _f(None, "Horizon S of the decay; null = the run's train.steps.", min=1)
+    decay_steps: int | None = _f(None, "Horizon S of the decay; null = the run's train.steps.", min=1,
+                                  max=MAX_STEPS)
     token_rules: list = _f([], "token_weighted: list of rules {polarity, metric, end, ratio, scale}; also added on top "
                                "of any other algorithm. Example: [{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}].")
     fork_quantile: float = _f(0.2, "fork_tokens: train only on this top share of batch entropy (Wang et al. 2025; TRL "
                                    "top_entropy_quantile).", min=0.0, max=1.0, open_min=True)
     dynamic_sampling: bool | None = _f(None, "DAPO: drop groups whose rewards are all equal and sample more prompts to refill. "
                                             "null = the algorithm's default (on for dapo, fork_tokens).")
-    max_gen_batches: int = _f(4, "Dynamic sampling: at most this many generation rounds per step.", min=1)
+    max_gen_batches: int = _f(4, "Dynamic sampling: at most this many generation rounds per step.", min=1, max=1000)
     overlong_buffer: int | None = _f(None, "DAPO soft overlong penalty length L_cache (0 disables); null = algorithm default "
-                                          "(dapo: max_new_tokens // 4).", min=0)
+                                          "(dapo: max_new_tokens // 4).", min=0, max=MAX_TOKENS)
 
 
 @dataclass
@@ -108,8 +131,9 @@ class ActorConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
     betas: list = _f([0.9, 0.999], "AdamW betas.")
     grad_clip: float = _f(1.0, "Max global grad norm (verl actor.grad_clip).", min=0.0)
-    ppo_epochs: int = _f(1, "Passes over each batch (verl ppo_epochs, TRL num_iterations).", min=1)
-    mini_batches: int = _f(1, "Optimizer steps per epoch: the batch is split into this many mini-batches.", min=1)
+    ppo_epochs: int = _f(1, "Passes over each batch (verl ppo_epochs, TRL num_iterations).", min=1, max=100)
+    mini_batches: int = _f(1, "Optimizer steps per epoch: the batch is split into this many mini-batches.", min=1,
+                           max=MAX_BATCH)
     clip_ratio_low: float | None = _f(None, "PPO epsilon_low (TRL epsilon). null = algorithm default (0.2).", min=0.0)
     clip_ratio_high: float | None = _f(None, "PPO epsilon_high, DAPO clip-higher (TRL epsilon_high). null = algorithm "
                                              "default (0.28 for dapo/a3po, 0.2 for grpo).", min=0.0)
@@ -123,31 +147,38 @@ class ActorConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(200, "Training steps (one batch of prompts each).", min=1)
-    prompts_per_step: int = _f(16, "Prompts per step; the batch has prompts_per_step x rollout.n responses.", min=1)
-    eval_every: int = _f(25, "Evaluate on the test split every N steps (0 = only at start and end).", min=0)
-    checkpoint_every: int = _f(25, "Save a resumable checkpoint every N steps (0 = only at the end).", min=0)
-    compact_every: int = _f(100, "Merge per-step store files every N steps (at the next checkpoint).", min=1)
-    threads: int = _f(2, "torch CPU threads (fixed so a seed reproduces the same run).", min=1)
+    steps: int = _f(200, "Training steps (one batch of prompts each).", min=1, max=MAX_STEPS)
+    prompts_per_step: int = _f(16, "Prompts per step; the batch has prompts_per_step x rollout.n responses.", min=1,
+                              max=MAX_BATCH)
+    eval_every: int = _f(25, "Evaluate on the test split every N steps (0 = only at start and end).", min=0,
+                         max=MAX_STEPS)
+    checkpoint_every: int = _f(25, "Save a resumable checkpoint every N steps (0 = only at the end).", min=0,
+                              max=MAX_STEPS)
+    compact_every: int = _f(100, "Merge per-step store files every N steps (at the next checkpoint).", min=1,
+                           max=MAX_STEPS)
+    threads: int = _f(2, "torch CPU threads (fixed so a seed reproduces the same run).", min=1, max=1024)
     store_tokens: bool = _f(True, "Store every token row (id, text, log-prob, entropy, raw/shaped advantage, key flag).")
     save_final_model: bool = _f(True, "Save the final policy in HF format under the run folder.")
 
 
 @dataclass
 class EvalConfig:
-    n_prompts: int = _f(200, "Test prompts used per evaluation (0 = all).", min=0)
-    k: list = _f([1, 4, 8], "pass@k values (unbiased estimator, Chen et al. 2021); n = max(k) samples per prompt.")
+    n_prompts: int = _f(200, "Test prompts used per evaluation (0 = all).", min=0, max=MAX_PROMPTS)
+    k: list = _f([1, 4, 8], "pass@k values (unbiased estimator, Chen et al. 2021); n = max(k) samples per prompt.",
+                 item_min=1, item_max=MAX_K)
     final_k: list = _f([], "pass@k values for the final evaluation only (e.g. [1, 2, 4, ..., 64] for the reasoning-"
-                           "boundary curve); empty = eval.k.")
-    temperature: float = _f(1.0, "Temperature of the pass@k samples (greedy accuracy is also reported).", min=0.0)
-    max_new_tokens: int | None = _f(None, "null = rollout.max_new_tokens.", min=1)
+                           "boundary curve); empty = eval.k.", item_min=1, item_max=MAX_K)
+    temperature: float = _f(1.0, "Temperature of the pass@k samples (greedy accuracy is also reported).", min=0.0,
+                              max=MAX_TEMPERATURE)
+    max_new_tokens: int | None = _f(None, "null = rollout.max_new_tokens.", min=1, max=MAX_TOKENS)
     at_start: bool = _f(True, "Also evaluate the initial policy (step 0). A study whose claims compare final "
                               "accuracies turns it off: the start is the same model in every run.")
 
 
 @dataclass
 class Config:
-    seed: int = _f(0, "Seed for prompt order, sampling and init; the same seed gives the same run on CPU.")
+    seed: int = _f(0, "Seed for prompt order, sampling and init; the same seed gives the same run on CPU.",
+                   min=0, max=MAX_SEED)
     name: str | None = _f(None, "Run id in the store (letters, digits, . _ -); null = timestamp-algorithm.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -200,40 +231,77 @@ def _coerce(value: Any, typ, key: str):
             return str(value)
         if base is list:
             if isinstance(value, str):
-                value = yaml.safe_load(value)
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"config key {key!r}: {value!r} is not a YAML list ({_yaml_problem(e)}) — "
+                                      "write it like [1, 4, 8]") from None
             if not isinstance(value, list):
                 raise ValueError
             return value
-    except (ValueError, TypeError):
-        raise ConfigError(f"config key {key!r}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OverflowError):
+        raise ConfigError(f"config key {key!r}: expected {getattr(base, '__name__', base)}, got {_short(value)} — {FIX}") from None
     return value
 
 
+def _short(value, n: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _yaml_problem(e: Exception) -> str:
+    """The first line of a YAML error (PyYAML's messages span several lines)."""
+    return str(getattr(e, "problem", None) or str(e).strip().splitlines()[0] or type(e).__name__)
+
+
+def _range(md: dict) -> str:
+    lo, hi = md.get("min"), md.get("max")
+    if lo is not None and hi is not None and not md.get("open_min"):
+        return f"between {lo} and {hi}"
+    parts = [f"{'>' if md.get('open_min') else '>='} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
 def _check(f: dataclasses.Field, value, key: str):
+    """The field's own constraints from its metadata: choices, numeric range, pattern, list items."""
+    import re
+
     md = f.metadata
     if value is None:
         return
     if "choices" in md and value not in md["choices"]:
-        raise ConfigError(f"config key {key!r}: {value!r} is not one of {[c for c in md['choices'] if c is not None]}")
+        raise ConfigError(f"config key {key!r}: {_short(value)} is not one of {[c for c in md['choices'] if c is not None]} "
+                          f"— pick one of those")
+    if isinstance(value, str) and "pattern" in md and not re.match(md["pattern"], value):
+        raise ConfigError(f"config key {key!r}: {_short(value)} is not valid — {md['help']}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"config key {key!r} must be a finite number, got {value}")
-        if "min" in md and (value < md["min"] or (md.get("open_min") and value == md["min"])):
-            op = ">" if md.get("open_min") else ">="
-            raise ConfigError(f"config key {key!r} must be {op} {md['min']}, got {value}")
-        if "max" in md and value > md["max"]:
-            raise ConfigError(f"config key {key!r} must be <= {md['max']}, got {value}")
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value} — {FIX}")
+        lo, hi = md.get("min"), md.get("max")
+        if (lo is not None and (value < lo or (md.get("open_min") and value == lo))) or (hi is not None and value > hi):
+            raise ConfigError(f"config key {key!r} must be {_range(md)}, got {_short(value)} — {FIX}")
+    if isinstance(value, list) and ("item_min" in md or "item_max" in md):
+        lo, hi = md.get("item_min"), md.get("item_max")
+        for v in value:
+            if (not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo)
+                    or (hi is not None and v > hi)):
+                raise ConfigError(f"config key {key!r} must list integers between {lo} and {hi}, got {_short(value)} — {FIX}")
 
 
 def _apply(obj, data: dict, prefix: str = ""):
     hints = get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping of keys, got {_short(data)} "
+                          f"— write it as 'key: value' lines ({FIX})")
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in fields:
-            raise ConfigError(f"unknown config key {key!r}")
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f"did you mean {prefix}{close[0]!r}?" if close else FIX
+            raise ConfigError(f"unknown config key {key!r} — {hint}")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             _apply(cur, v, key + ".")
@@ -245,10 +313,10 @@ def _apply(obj, data: dict, prefix: str = ""):
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value")
+        raise ConfigError(f"override {text!r} is not key=value — write e.g. train.steps=20")
     k, v = text.split("=", 1)
     if not k.strip():
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {text!r} has an empty key — write e.g. train.steps=20")
     try:
         val = yaml.safe_load(v) if v.strip() else ""
     except yaml.YAMLError:
@@ -256,18 +324,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return k.strip().split("."), val
 
 
+def read_config_file(p: Path) -> dict:
+    """The YAML mapping in ``p``; every way the file can be wrong is one ConfigError line."""
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p} — pass an existing YAML file, e.g. --config configs/demo.yaml")
+    if p.is_dir():
+        raise ConfigError(f"config path {p} is a folder — pass a YAML file, e.g. --config configs/demo.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}) — save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror} — check its permissions") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {_yaml_problem(e)} — fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__} — {FIX}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, then validated as a whole."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        _apply(cfg, data)
+        _apply(cfg, read_config_file(Path(path)))
     for ov in overrides or []:
         keys, val = parse_override(ov)
         nested: Any = val
@@ -290,26 +376,29 @@ def validate(cfg: Config) -> None:
     from engine.algorithms import ALGORITHMS
 
     if cfg.algorithm.name not in ALGORITHMS:
-        raise ConfigError(f"config key 'algorithm.name': unknown algorithm {cfg.algorithm.name!r}; "
+        raise ConfigError(f"config key 'algorithm.name': unknown algorithm {_short(cfg.algorithm.name)} — "
                           f"choose one of {', '.join(sorted(ALGORITHMS))}")
-    if cfg.rollout.backend not in ("hf", "vllm"):
-        raise ConfigError(f"config key 'rollout.backend': {cfg.rollout.backend!r} is not 'hf' or 'vllm'")
     for i, r in enumerate(cfg.algorithm.token_rules):
         if not isinstance(r, dict):
-            raise ConfigError(f"config key 'algorithm.token_rules[{i}]' must be a mapping")
+            raise ConfigError(f"config key 'algorithm.token_rules[{i}]' must be a mapping — write it as "
+                              "{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}")
         try:
             TokenRule(**r)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"config key 'algorithm.token_rules[{i}]': {e}") from None
-    if len(cfg.actor.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.actor.betas):
-        raise ConfigError(f"config key 'actor.betas' must be two numbers in [0, 1), got {cfg.actor.betas}")
-    if not cfg.eval.k or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.k):
-        raise ConfigError(f"config key 'eval.k' must be a list of positive ints, got {cfg.eval.k}")
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in cfg.eval.final_k):
-        raise ConfigError(f"config key 'eval.final_k' must be a list of positive ints, got {cfg.eval.final_k}")
+            raise ConfigError(f"config key 'algorithm.token_rules[{i}]': {str(e).splitlines()[0]} — {FIX}") from None
+    if len(cfg.actor.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                            for b in cfg.actor.betas):
+        raise ConfigError(f"config key 'actor.betas' must be two numbers in [0, 1), got {_short(cfg.actor.betas)} — "
+                          "e.g. [0.9, 0.999]")
+    if not cfg.eval.k:
+        raise ConfigError("config key 'eval.k' is empty — give at least one k, e.g. [1, 4, 8]")
     batch = cfg.train.prompts_per_step * cfg.rollout.n
+    if batch > MAX_BATCH:
+        raise ConfigError(f"train.prompts_per_step x rollout.n = {batch} responses per step exceeds {MAX_BATCH} — "
+                          "lower one of them")
     if cfg.actor.mini_batches > batch:
-        raise ConfigError(f"config key 'actor.mini_batches' ({cfg.actor.mini_batches}) exceeds the batch size ({batch})")
+        raise ConfigError(f"config key 'actor.mini_batches' ({cfg.actor.mini_batches}) exceeds the batch size ({batch}) "
+                          "— use at most train.prompts_per_step x rollout.n")
     if cfg.name is not None:
         from engine.store import StoreError, check_name
 
@@ -317,8 +406,47 @@ def validate(cfg: Config) -> None:
             check_name(cfg.name)
         except StoreError as e:
             raise ConfigError(f"config key 'name': {e}") from None
-    if "{prompt}" not in cfg.data.prompt_template:
-        raise ConfigError("config key 'data.prompt_template' must contain '{prompt}'")
+    for key in ("model.path", "data.train", "data.test", "data.prompt_key", "data.answer_key"):
+        sec, k = key.split(".")
+        if not str(getattr(getattr(cfg, sec), k)).strip():
+            raise ConfigError(f"config key {key!r} is empty — {FIX}")
+    check_template(cfg.data.prompt_template)
+
+
+def check_value(key: str, value, flag: str | None = None):
+    """Check ``value`` against the constraints of config key ``key`` (e.g. ``"eval.temperature"``).
+
+    The CLI's own flags (``a3po eval --temperature``) reuse the config's ranges this way, so one table
+    of ranges covers both; ``flag`` names the flag in the message instead of the key."""
+    obj: Any = Config()
+    *sections, name = key.split(".")
+    for sec in sections:
+        obj = getattr(obj, sec)
+    f = {f.name: f for f in dataclasses.fields(obj)}[name]
+    try:
+        _check(f, value, key)
+    except ConfigError as e:
+        if flag is None:
+            raise
+        raise ConfigError(str(e).replace(f"config key {key!r}", flag, 1)) from None
+    return value
+
+
+def check_template(template: str) -> None:
+    """``data.prompt_template`` must format with exactly one field, ``{prompt}`` (literal braces doubled)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.prompt_template' is not a valid format string ({e}) — "
+                          "double literal braces: '{{' and '}}'") from None
+    if "prompt" not in fields:
+        raise ConfigError("config key 'data.prompt_template' must contain '{prompt}' — e.g. '{prompt}\\nAnswer:'")
+    bad = sorted({f for f in fields if f != "prompt"})
+    if bad:
+        raise ConfigError(f"config key 'data.prompt_template' has unknown field(s) {', '.join('{' + b + '}' for b in bad)} "
+                          "— only {prompt} is filled in; write literal braces as '{{' and '}}'")
 
 
 def describe() -> str:
@@ -331,7 +459,14 @@ def describe() -> str:
             if dataclasses.is_dataclass(v):
                 walk(v, f"{prefix}{f.name}.")
             else:
-                lines.append(f"{prefix}{f.name} = {json.dumps(v)}\n    {f.metadata.get('help', '')}")
+                md = f.metadata
+                rng = _range(md) if ("min" in md or "max" in md) else ""
+                if "item_min" in md:
+                    rng = f"items between {md['item_min']} and {md['item_max']}"
+                if "choices" in md:
+                    rng = "one of " + ", ".join(str(c) for c in md["choices"] if c is not None)
+                extra = f" [{rng}]" if rng else ""
+                lines.append(f"{prefix}{f.name} = {json.dumps(v)}{extra}\n    {md.get('help', '')}")
 
     walk(Config())
     return "\n".join(lines)

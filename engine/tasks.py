@@ -168,7 +168,7 @@ def builtin_task(spec: str) -> Task | None:
         return None
     name = spec.split(":", 1)[1]
     if name not in TASKS:
-        raise DatasetError(f"unknown builtin dataset {spec!r}; the embedded ones are "
+        raise DatasetError(f"unknown builtin dataset {spec!r} — the embedded ones are "
                            + ", ".join(f"'builtin:{n}'" for n in TASKS))
     return TASKS[name]
 
@@ -200,44 +200,70 @@ def load_problems(spec: str, split: str = "train", *, prompt_key: str = "prompt"
     """
     path = resolve_data_path(spec, split)
     if not path.exists():
-        raise DatasetError(f"dataset file not found: {path}")
-    rows: list[dict] = []
+        raise DatasetError(f"dataset file not found: {path} — pass builtin:countdown, builtin:arith or an existing "
+                           ".jsonl/.parquet file")
+    if path.is_dir():
+        raise DatasetError(f"dataset path {path} is a folder — pass a .jsonl or .parquet file")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DatasetError(f"{path}: row {i} is not a JSON object")
-                rows.append(obj)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DatasetError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
-    else:
-        raise DatasetError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl or .parquet)")
+    try:
+        if suffix in (".jsonl", ".json"):
+            rows = _read_jsonl(path)
+        elif suffix == ".parquet":
+            rows = _read_parquet(path)
+        else:
+            raise DatasetError(f"{path}: unsupported dataset format {suffix!r} — use a .jsonl or .parquet file")
+    except PermissionError:
+        raise DatasetError(f"cannot read dataset {path}: permission denied — check the file's permissions") from None
     problems = []
+    fix = f"fix the row or pick the columns with data.prompt_key/data.answer_key (now {prompt_key!r}/{answer_key!r})"
     for i, obj in enumerate(rows, 1):
         if prompt_key not in obj or answer_key not in obj:
             missing = prompt_key if prompt_key not in obj else answer_key
-            raise DatasetError(f"{path}: row {i} has no {missing!r} field")
+            raise DatasetError(f"{path}: row {i} has no {missing!r} field — {fix}")
         prompt, answer = obj[prompt_key], obj[answer_key]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise DatasetError(f"{path}: row {i} has an empty or non-string {prompt_key!r}")
+            raise DatasetError(f"{path}: row {i} has an empty or non-string {prompt_key!r} — {fix}")
         if answer is None or (isinstance(answer, str) and not answer.strip()):
-            raise DatasetError(f"{path}: row {i} has an empty {answer_key!r}")
+            raise DatasetError(f"{path}: row {i} has an empty {answer_key!r} — {fix}")
         sol = obj.get("solution")
         problems.append(Problem(prompt, str(answer), sol if isinstance(sol, str) else None))
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
-        raise DatasetError(f"{path}: no rows")
+        raise DatasetError(f"{path}: no rows — the file must hold at least one prompt/answer row")
     return problems
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a bad row is named by its line number."""
+    rows = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DatasetError(f"{path}: row {i} is not UTF-8 text — save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}: row {i} is not valid JSON ({e.msg}) — fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{path}: row {i} is not a JSON object — each line must be {{\"prompt\": ..., "
+                                   "\"answer\": ...}") from None
+            rows.append(obj)
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except PermissionError:
+        raise
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DatasetError(f"{path}: cannot read parquet ({type(e).__name__}: {first}) — check the file is a complete "
+                           "Parquet file") from None
