@@ -83,9 +83,19 @@ def _check_store(path: str, write: bool):
     if root.exists() and not root.is_dir():
         raise StoreError(f"store path {root} is a file, not a folder — pass a folder with --store")
     if write:
+        # the store folder, or the nearest folder above it that exists, must take a new file (a probe
+        # file is created and removed at once: os.access says yes to root on a read-only mount)
+        import tempfile
+
         probe = root if root.exists() else next((p for p in root.parents if p.exists()), None)
-        if probe is not None and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
-            raise StoreError(f"store folder {root} is not writable — pick a folder you can write to with --store")
+        if probe is not None and not probe.is_dir():
+            raise StoreError(f"store path {root} lies under the file {probe} — pass a folder with --store")
+        try:
+            with tempfile.TemporaryFile(dir=probe, prefix=".a3po-probe-"):
+                pass
+        except OSError as e:
+            raise StoreError(f"store folder {root} is not writable ({e.strerror}) — pick a folder you can write to "
+                             "with --store") from None
     return store
 
 
@@ -359,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.fn(args)
     except _user_errors() as e:
-        return _fail(str(e))
+        return _fail(_with_fix(e))
     except OSError as e:
         line = _fs_error_line(e)
         if line is None:
@@ -368,6 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("a3po: interrupted", file=sys.stderr)
         return 130
+
+
+def _with_fix(e: Exception) -> str:
+    """The error's message, with a generic way out when the message does not name one itself."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if " — " in msg:
+        return msg
+    hints = {"StoreError": "`a3po runs --store DIR` lists the runs a store holds",
+             "ConfigError": "`a3po config` lists every key with its type and range",
+             "ModelError": "use builtin:tiny-countdown, a local Hugging Face folder or a model id",
+             "DatasetError": "use builtin:countdown, builtin:arith or a .jsonl/.parquet file of prompt/answer rows"}
+    return f"{msg} — {hints.get(type(e).__name__, 'see a3po --help')}"
 
 
 def _fail(message: str) -> int:

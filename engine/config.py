@@ -300,7 +300,7 @@ def _apply(obj, data: dict, prefix: str = ""):
         key = f"{prefix}{k}"
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f"did you mean {prefix}{close[0]!r}?" if close else FIX
+            hint = f"did you mean {prefix + close[0]!r}?" if close else FIX
             raise ConfigError(f"unknown config key {key!r} — {hint}")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):

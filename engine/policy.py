@@ -55,7 +55,7 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def load_policy(spec: str, *, device: str = "auto", dtype: str = "auto", gradient_checkpointing: bool = False):
     """Return ``(model, tokenizer, device)``. Local folders load offline; other strings are HF ids."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -69,9 +69,13 @@ def load_policy(spec: str, *, device: str = "auto", dtype: str = "auto", gradien
                          "save_pretrained, or a Hugging Face model id")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    src = str(local) if looks_local else path
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a failed load explains itself in the one error line below
     try:
-        tok = AutoTokenizer.from_pretrained(str(local) if looks_local else path)
-        model = AutoModelForCausalLM.from_pretrained(str(local) if looks_local else path, dtype=dt)
+        AutoConfig.from_pretrained(src)  # an unknown model_type fails here, before the tokenizer guesses
+        tok = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dt)
     except (OSError, ValueError, KeyError) as e:
         # OSError: missing/corrupt files or an unknown hub id; ValueError/KeyError: a config.json transformers
         # cannot map to a model class (unknown model_type, bad fields)
@@ -80,6 +84,8 @@ def load_policy(spec: str, *, device: str = "auto", dtype: str = "auto", gradien
             first = first[:197] + "..."
         raise ModelError(f"cannot load model {path!r}: {first} — check the folder's config.json and weights, or the "
                          "model id (no network: only local folders and the HF cache work)") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
