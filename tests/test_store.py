@@ -49,7 +49,8 @@ def expected_keys(steps, n=3):
 
 @pytest.fixture
 def store(tmp_path):
-    return Store(tmp_path / "runs")
+    # grace 0: compaction deletes merged segments at once (the grace period has its own tests)
+    return Store(tmp_path / "runs", grace_s=0)
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -68,10 +69,13 @@ def test_create_read_update_run(store):
     assert meta["pid"] == os.getpid()
 
     before = meta["updated"]
+    store.acquire_writer(rid)
     new = store.update_run(rid, status="running", last_step=4)
     assert new["status"] == "running" and new["last_step"] == 4
     meta2 = store.read_run(rid)
-    assert meta2["status"] == "running"  # our own pid is alive
+    assert meta2["status"] == "running"  # we hold the lease
+    store.release_writer(rid)
+    assert store.read_run(rid)["status"] == "killed"  # running without a writer
     assert meta2["last_step"] == 4
     assert meta2["updated"] >= before
     assert meta2["config"] == CONFIG
@@ -150,6 +154,8 @@ def test_running_run_on_other_host_is_not_killed(store):
     meta = json.loads(path.read_text())
     meta.update(status="running", pid=2**22 + 12345, host=socket.gethostname() + "-elsewhere")
     path.write_text(json.dumps(meta))
+    lease = {"host": socket.gethostname() + "-elsewhere", "pid": 2**22 + 12345, "start": 1, "since": 0}
+    (store.root / rid / "writer.lock").write_text(json.dumps(lease))
     assert store.read_run(rid)["status"] == "running"
 
 
