@@ -28,7 +28,8 @@ Concurrency and kills (why each rule exists):
   lease is *stale* when, on this host, its pid is gone or that pid now belongs to a process that
   started at another time (pid reuse); a stale lease is taken over. A lease from another host is
   trusted until the user removes the file. ``read_run``/``runs_table`` report a ``running`` run
-  without a live lease as ``killed``.
+  whose lease is stale as ``killed`` (a run with no lease file at all comes from a writer that takes
+  none, e.g. the TRL callback: then run.json's pid and host are tested the same way).
 * **Readers never see a missing file.** Compaction does not delete the segments it merged: it marks
   them retired (a ``.retired`` file inside the segment folder; readers skip covered segments anyway)
   and deletes retired segments only once they are older than ``grace_s`` seconds, at a later
@@ -234,9 +235,17 @@ class Store:
             raise StoreError(f"run {run_id!r}: run.json is not valid JSON ({e}) — fix or delete {path}") from None
         if not isinstance(meta, dict):
             raise StoreError(f"run {run_id!r}: run.json is not a JSON object — fix or delete {path}")
-        if meta.get("status") == "running" and self.writer(run_id) is None:
+        if meta.get("status") == "running" and not self._writer_alive(run_id, meta):
             meta["status"] = "killed"  # the writer died without saying so
         return meta
+
+    def _writer_alive(self, run_id: str, meta: dict) -> bool:
+        """The lease test; a run without any lease file was written by a writer that takes none (an
+        older version, the TRL callback), so its run.json pid/host stand in for the lease."""
+        info = self._lease_info(run_id)
+        if info is None:
+            info = {"host": meta.get("host"), "pid": meta.get("pid")}
+        return self._lease_live(info)
 
     def create_run(self, config: dict, *, name: str | None = None, study: str | None = None, lease: bool = False) -> str:
         """Create a run folder with its run.json, atomically: it appears complete or not at all.

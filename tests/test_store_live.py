@@ -82,7 +82,7 @@ def test_readers_and_a_second_writer_during_a_live_run(tmp_path):
     """The acceptance test: no reader error during compactions, resume of the live run refused, every step once."""
     root, stop = tmp_path / "store", tmp_path / "stop"
     # a short grace period so that merged segments are also deleted while the reader runs
-    env = _env(A3PO_STORE_GRACE_S="1")
+    env = _env(A3PO_STORE_GRACE_S="3")
     train = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "--quiet", "--store", str(root), "name=live", *LIVE],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     reader = subprocess.Popen([sys.executable, "-c", READER, str(root), str(stop), "500"], cwd=ROOT, env=env,
