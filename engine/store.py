@@ -28,8 +28,9 @@ Concurrency and kills (why each rule exists):
   lease is *stale* when, on this host, its pid is gone or that pid now belongs to a process that
   started at another time (pid reuse); a stale lease is taken over. A lease from another host is
   trusted until the user removes the file. ``read_run``/``runs_table`` report a ``running`` run
-  whose lease is stale as ``killed`` (a run with no lease file at all comes from a writer that takes
-  none, e.g. the TRL callback: then run.json's pid and host are tested the same way).
+  without a live lease as ``killed``. Writers that take the lease say so in run.json
+  (``writer_lease: true``); for a run written without one (an older version, the TRL callback)
+  run.json's pid and host are tested the same way instead.
 * **Readers never see a missing file.** Compaction does not delete the segments it merged: it marks
   them retired (a ``.retired`` file inside the segment folder; readers skip covered segments anyway)
   and deletes retired segments only once they are older than ``grace_s`` seconds, at a later
@@ -240,10 +241,10 @@ class Store:
         return meta
 
     def _writer_alive(self, run_id: str, meta: dict) -> bool:
-        """The lease test; a run without any lease file was written by a writer that takes none (an
-        older version, the TRL callback), so its run.json pid/host stand in for the lease."""
+        """The lease test. A run whose run.json lacks ``writer_lease`` comes from a writer that takes
+        no lease (an older version, the TRL callback): its run.json pid/host stand in for the lease."""
         info = self._lease_info(run_id)
-        if info is None:
+        if info is None and not meta.get("writer_lease"):
             info = {"host": meta.get("host"), "pid": meta.get("pid")}
         return self._lease_live(info)
 
@@ -262,7 +263,7 @@ class Store:
             meta = {"run_id": run_id, "name": name or run_id, "algorithm": algo, "status": "created", "study": study,
                     "created": time.time(), "updated": time.time(), "last_step": 0,
                     "total_steps": int(config.get("train", {}).get("steps", 0)), "final_accuracy": None, "error": None,
-                    "pid": os.getpid(), "host": _HOST, "config": config}
+                    "pid": os.getpid(), "host": _HOST, "writer_lease": lease, "config": config}
             if self._publish_run(run_id, meta, lease):
                 return run_id
             if name is not None:

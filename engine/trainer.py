@@ -435,7 +435,7 @@ class Trainer:
         cfg = self.cfg
         S = cfg.train.steps
         store, rid = self.store, self.run_id
-        store.update_run(rid, status="running", pid=os.getpid(), host=socket.gethostname(), error=None,
+        store.update_run(rid, status="running", pid=os.getpid(), host=socket.gethostname(), writer_lease=True, error=None,
                          last_step=self.start_step)
         self.log(f"run {rid}: {cfg.algorithm.name}, {S} steps, store {store.root}")
         last_eval = None

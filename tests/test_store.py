@@ -732,3 +732,19 @@ def test_failed_export_leaves_nothing(store, tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
     with pytest.raises(StoreError, match="quote"):
         store.export(rid, tmp_path / "it's")
+
+
+def test_running_without_lease_file_depends_on_the_writer_kind(store):
+    # a leasing writer (the trainer) that is gone: no lease file means nobody writes it, even though
+    # run.json's pid (ours) is alive
+    a = store.create_run(CONFIG, name="leased", lease=True)
+    store.update_run(a, status="running")
+    assert store.read_run(a)["status"] == "running"
+    store.release_writer(a)
+    assert store.read_run(a)["status"] == "killed"
+    # a writer that takes no lease (the TRL callback): its live pid in run.json keeps it running
+    b = store.create_run(CONFIG, name="plain")
+    store.update_run(b, status="running")
+    assert store.read_run(b)["status"] == "running"
+    store.update_run(b, pid=2**22 + 12345)
+    assert store.read_run(b)["status"] == "killed"
