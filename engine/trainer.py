@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -38,7 +39,7 @@ from engine.ops import token_entropy, token_logprobs
 from engine.policy import load_policy
 from engine.reward import overlong_penalty, resolve_verifier
 from engine.rollout import Rollouts, SamplingParams, make_backend, position_ids
-from engine.store import Store, step_tables
+from engine.store import Store, StoreError, step_tables
 from engine.tasks import load_problems
 
 
@@ -114,10 +115,17 @@ class Trainer:
         self.vocab_text = self._vocab_text()
         self.start_step = 0
         if run_id is None:
-            self.run_id = store.create_run(cfg.to_dict(), name=cfg.name, study=study)
+            # the run appears with our writer lease already in it: nobody else can write it in between
+            self.run_id = store.create_run(cfg.to_dict(), name=cfg.name, study=study, lease=True)
         else:
             self.run_id = run_id
-            self.start_step = self._restore()
+            store.acquire_writer(run_id)  # before touching any file of the run
+            try:
+                self.start_step = self._restore()
+                store.clean_temp(run_id)
+            except BaseException:
+                store.release_writer(run_id)
+                raise
         self.model.train()
 
     # ------------------------------------------------------------------ data
@@ -407,10 +415,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, progress: bool = True) -> dict:
+        """Train from ``start_step`` to ``train.steps`` as the run's only writer.
+
+        The writer lease is held for the whole loop and released however it ends (finished, failed,
+        interrupted); a SIGKILL leaves a stale lease that the next resume takes over. run.json's
+        ``last_step`` follows every stored step, so a kill never leaves it behind the steps table."""
+        store, rid = self.store, self.run_id
+        store.acquire_writer(rid)
+        try:
+            return self._fit(progress)
+        finally:
+            try:
+                store.purge_retired(rid)
+            except OSError:
+                pass  # leftovers are skipped by readers and removed by the next compaction
+            store.release_writer(rid)
+
+    def _fit(self, progress: bool) -> dict:
         cfg = self.cfg
         S = cfg.train.steps
         store, rid = self.store, self.run_id
-        store.update_run(rid, status="running", pid=os.getpid(), error=None)
+        store.update_run(rid, status="running", pid=os.getpid(), host=socket.gethostname(), writer_lease=True, error=None,
+                         last_step=self.start_step)
         self.log(f"run {rid}: {cfg.algorithm.name}, {S} steps, store {store.root}")
         last_eval = None
         try:
@@ -445,11 +471,14 @@ class Trainer:
                     self.save_checkpoint(step)
                     if step % cfg.train.compact_every == 0 or step == S:
                         store.compact(rid, step)
-                if step % 5 == 0:
-                    store.update_run(rid, last_step=step)
+                store.update_run(rid, last_step=step)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['acc']:.2f}", ent=f"{metrics['entropy']:.3f}",
                                     len=f"{metrics['length']:.1f}", s_per_step=f"{metrics['t_step']:.2f}", refresh=False)
+            if self.start_step >= S:  # resumed after the final checkpoint: finish what the kill interrupted
+                store.compact(rid, S)
+                if last_eval is None:
+                    last_eval = self._stored_eval(S)  # the final step's eval is already in the store
             final_acc = last_eval["sampled_acc"] if last_eval else None
             if cfg.train.save_final_model:
                 out = store.run_dir(rid) / "final"
@@ -459,11 +488,33 @@ class Trainer:
                              final_greedy_accuracy=last_eval["greedy_acc"] if last_eval else None)
             return {"run_id": rid, "final": last_eval}
         except KeyboardInterrupt:
-            store.update_run(rid, status="killed", error="interrupted")
+            self._record(status="killed", error="interrupted")
             raise
         except Exception as e:
-            store.update_run(rid, status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            self._record(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
             raise
+
+    def _record(self, **fields) -> None:
+        """Best-effort final status: when run.json cannot be written either (disk full, read-only),
+        the original error must still reach the caller, not this one."""
+        try:
+            self.store.update_run(self.run_id, **fields)
+        except Exception as e:
+            self.log(f"could not record {fields.get('status')} in run.json: {type(e).__name__}: {e}")
+
+    def _stored_eval(self, step: int) -> dict | None:
+        """The eval the store holds for ``step``, in ``evaluate``'s result shape; None when absent."""
+        df = self.store.query("select metric, k, value, n from evals where run_id = ? and step = ?", [self.run_id, step],
+                              run_ids=[self.run_id])
+        if df.empty:
+            return None
+        res = {"greedy_acc": None, "sampled_acc": None, "pass@k": {}, "n_prompts": int(df["n"].iloc[0])}
+        for metric, k, value in zip(df["metric"], df["k"], df["value"]):
+            if metric == "pass@k":
+                res["pass@k"][int(k)] = float(value)
+            elif metric in ("greedy_acc", "sampled_acc"):
+                res[metric] = float(value)
+        return res if res["sampled_acc"] is not None else None
 
 
 def _progress(it, total, start, enabled):
@@ -481,8 +532,18 @@ def train(cfg: Config, store: Store, *, progress: bool = True, study: str | None
 
 
 def resume(run_id: str, store: Store, *, progress: bool = True, log=None) -> dict:
+    """Continue a killed or failed run from its checkpoint.
+
+    The lease is taken before the model is loaded, so resuming a run that is still being written
+    fails at once with a one-line StoreError naming its writer."""
     meta = store.read_run(run_id)
     if meta.get("status") == "finished":
-        raise RuntimeError(f"run {run_id} already finished")
-    cfg = config_from_dict(meta["config"])
-    return Trainer(cfg, store, run_id=run_id, log=log).fit(progress)
+        raise StoreError(f"run {run_id!r} already finished (step {meta.get('last_step')}) — start a new run instead of resuming it")
+    store.acquire_writer(run_id)
+    try:
+        cfg = config_from_dict(meta["config"])
+        trainer = Trainer(cfg, store, run_id=run_id, log=log)
+    except BaseException:
+        store.release_writer(run_id)
+        raise
+    return trainer.fit(progress)
