@@ -179,7 +179,9 @@ def cmd_runs(a) -> int:
     print(f"{'run_id':40s} {'algorithm':18s} {'steps':>11s} {'final_acc':>9s} status")
     for r in t:
         acc = "" if r["final_accuracy"] is None else f"{r['final_accuracy']:.3f}"
-        print(f"{r['run_id']:40s} {r['algorithm'] or '':18s} {r['last_step'] or 0:>5d}/{r['total_steps'] or 0:<5d} {acc:>9s} {r['status']}")
+        status = f"{r['status']}: {r['error']}" if r["status"] == "invalid" else r["status"]
+        print(f"{r['run_id']:40s} {r['algorithm'] or '':18s} {r['last_step'] or 0:>5d}/{r['total_steps'] or 0:<5d} {acc:>9s} "
+              f"{status}")
     return 0
 
 

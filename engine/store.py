@@ -667,7 +667,7 @@ class Store:
         for t in targets:
             _sql_path(t)
             if t.exists() and not force:
-                raise StoreError(f"{t} exists — remove it, pick another folder or pass force")
+                raise StoreError(f"{t} exists — remove it, pick another folder or pass --force (force=True)")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -45,6 +45,15 @@ def _store_with_finished_run(d: Path) -> str:
     return str(d / "store")
 
 
+def _earlier_export(d: Path) -> str:
+    """A folder holding an earlier export (parquet and duckdb files) that must not be overwritten."""
+    out = d / "exported"
+    out.mkdir()
+    _write(out, "runs.parquet", "earlier")
+    _write(out, "demo-a3po.duckdb", "earlier")
+    return str(out)
+
+
 def _ro_store(d: Path) -> str:
     """A store path nobody can write to: a read-only folder, or (as root, who ignores modes) sysfs."""
     if os.geteuid() != 0:
@@ -83,6 +92,7 @@ FIX = {
     "m_noweights": lambda d: _model_folder(d / "m", json.loads((ROOT / "data/tiny-countdown/config.json").read_text())),
     "store_finished": _store_with_finished_run,
     "store_ro": _ro_store,
+    "export_done": _earlier_export,
 }
 
 
@@ -275,6 +285,10 @@ CASES = [
           "store_finished"),
     _case("export-missing-run", ["export", "nope", "out"], "no run 'nope'"),
     _case("export-bad-run-id", ["export", "../x", "out"], "invalid run id '../x'"),
+    _case("export-parquet-over-existing", ["export", "demo-a3po", "{export_done}", "--store", "{store_finished}"],
+          "exists — remove it", "export_done", "store_finished"),
+    _case("export-duckdb-over-existing", ["export", "demo-a3po", "{export_done}", "--format", "duckdb", "--store",
+                                          "{store_finished}"], "exists — remove it", "export_done", "store_finished"),
     _case("export-into-file", ["export", "demo-a3po", "{file}", "--store", "{store_finished}"], "{file}",
           "file", "store_finished"),
     # -------------------------------------------------------------- study and build-tiny-model flags
@@ -362,3 +376,21 @@ def test_genuine_bugs_keep_their_traceback(monkeypatch, exc):
     monkeypatch.setattr(cli, "cmd_runs", boom)
     with pytest.raises(type(exc)):
         cli.main(["runs"])
+
+
+def test_runs_lists_every_other_run_when_one_run_json_is_out_of_range(tmp_path, capsys):
+    """A run folder holding values the runs table cannot type (hand-edited, older version) is named, not fatal."""
+    from engine.cli import main
+
+    store = Path(_store_with_finished_run(tmp_path))
+    (store / "zz-bad").mkdir()
+    meta = json.loads((store / "demo-a3po" / "run.json").read_text())
+    (store / "zz-bad" / "run.json").write_text(json.dumps({**meta, "run_id": "zz-bad", "last_step": 99999999999}))
+    (store / "zz-corrupt").mkdir()
+    (store / "zz-corrupt" / "run.json").write_text("{not json")
+    assert main(["runs", "--store", str(store)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert rows["demo-a3po"].rstrip().endswith("finished")
+    assert "invalid" in rows["zz-bad"] and "last_step 99999999999 out of range" in rows["zz-bad"]
+    assert "invalid" in rows["zz-corrupt"] and "not valid JSON" in rows["zz-corrupt"]
