@@ -80,7 +80,7 @@ def live():
         st.caption("No launched runs in this session yet.")
         return
     for j in reversed(L.jobs):
-        with st.container(border=True):
+        with st.container(border=True, key=f"ln_job_{j.run_id}"):
             st.markdown(f"**{j.run_id}** — {j.state}")
             s = q("select step, reward, acc, entropy, length, t_step from steps where run_id = ? order by step",
                   [j.run_id], run_ids=[j.run_id]) if (store.root / j.run_id / "run.json").exists() else None

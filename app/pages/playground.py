@@ -83,7 +83,8 @@ gids = mixed[mixed > 1].index.tolist() or ro.group_idx.unique().tolist()
 g = st.selectbox("Group", gids, key="pg_group", format_func=lambda i: f"#{i}: {ro[ro.group_idx == i].prompt.iloc[0]}")
 c1, c2, c3, c4, c5 = st.columns(5)
 changed = int((tok.is_key != tok.key_stored).sum())
-c1.metric("Key tokens (this rule)", int(tok.is_key.sum()), delta=int(tok.is_key.sum() - tok.key_stored.sum()))
+c1.container(key="pg_key_tokens").metric("Key tokens (this rule)", int(tok.is_key.sum()),
+                                         delta=int(tok.is_key.sum() - tok.key_stored.sum()))
 c2.metric("Tokens whose key flag changed", changed)
 c3.metric("α⁺ / α⁻ at this step", " / ".join(f"{r.scale:.2f}" for r in new.rules[:2]) if algo == "a3po" else "–")
 for c, pol, sign in ((c4, "positive", "+"), (c5, "negative", "−")):
