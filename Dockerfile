@@ -20,5 +20,6 @@ COPY examples ./examples
 # vLLM brings its own CUDA torch build; the project accepts it through the [gpu] extra.
 RUN pip install --upgrade pip && pip install -e '.[gpu]'
 EXPOSE 8501
-# Inside the container the app must listen beyond loopback for -p to reach it.
+# Inside the container the app must listen beyond loopback for -p to reach it, so its Launch page
+# (which starts training jobs) is off; add --allow-launch to this command on a trusted network only.
 CMD ["a3po", "app", "--host", "0.0.0.0", "--headless", "--store", "/opt/a3po/runs"]

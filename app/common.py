@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import streamlit as st
 
 from engine.store import Store, StoreError, check_name
@@ -110,14 +111,64 @@ def embedded_store() -> Store:
     return Store(EMBEDDED_STORE)
 
 
+def store_failed(e: Exception) -> None:
+    """Show why the store cannot be read instead of a traceback, and end this page run."""
+    st.error(f"Cannot read the store {store_root()}: {e} — fix or move the run folder it names, then reload.")
+    st.stop()
+
+
+# What a bad run.json raises from Store.runs_table: StoreError, or pyarrow's ArrowInvalid (a value that
+# does not fit a column) from a store that does not yet list such runs as 'invalid'.
+UNREADABLE = (StoreError, pa.ArrowInvalid)
+
+
 def q(sql: str, params: list | None = None, run_ids: list[str] | None = None, store: Store | None = None) -> pd.DataFrame:
-    """One parameterised query against the store (fresh file list each time, so live runs show up)."""
-    return (store or get_store()).query(sql, params or [], run_ids=run_ids)
+    """One parameterised query against the store (fresh file list each time, so live runs show up).
+
+    An unreadable store ends the page with one error message (``store_failed``)."""
+    try:
+        return (store or get_store()).query(sql, params or [], run_ids=run_ids)
+    except UNREADABLE as e:
+        store_failed(e)
 
 
-def runs_df(store: Store | None = None) -> pd.DataFrame:
-    df = (store or get_store()).runs_table().to_pandas()
-    return df.sort_values("created", ascending=False) if len(df) else df
+def guard(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` for engine helpers that read the store themselves (e.g. engine.replay):
+    an unreadable store ends the page with one error message, like ``q``."""
+    try:
+        return fn(*args, **kwargs)
+    except UNREADABLE as e:
+        store_failed(e)
+
+
+def all_runs_df(store: Store | None = None) -> pd.DataFrame:
+    """Every run in the store, newest first, including those whose run.json is unusable (status 'invalid')."""
+    try:
+        df = (store or get_store()).runs_table().to_pandas()
+    except UNREADABLE as e:
+        store_failed(e)
+    return df.sort_values("created", ascending=False, na_position="last") if len(df) else df
+
+
+def split_invalid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(usable runs, runs whose run.json the store could not read: status 'invalid')."""
+    bad = df.status == "invalid"
+    return df[~bad], df[bad]
+
+
+def warn_invalid(bad: pd.DataFrame) -> None:
+    """One warning line per unreadable run, so a broken folder is named rather than hidden."""
+    for r in bad.itertuples(index=False):
+        st.warning(f"run {r.run_id} is unreadable: {r.error or 'no reason given'}")
+
+
+def runs_df(store: Store | None = None, warn: bool = True) -> pd.DataFrame:
+    """The usable runs, newest first, for tables, pickers and plots; unreadable runs are left out and
+    (with ``warn``) named in a warning each."""
+    good, bad = split_invalid(all_runs_df(store))
+    if warn:
+        warn_invalid(bad)
+    return good
 
 
 def safe_run_id(run_id: str) -> str:

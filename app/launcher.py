@@ -1,7 +1,9 @@
 """Background training runs for the app: a queue of real ``a3po train`` processes, one at a time.
 
 Commands are argument lists (never shell strings); the config is written as a YAML file validated by
-the engine first; run names are checked so nothing leaves the store folder.
+the engine first; run names are checked so nothing leaves the store folder. Jobs are refused unless
+this server may launch them (``app.access``): the Launch page hides its form then, and the check
+here holds even for a caller that skips the page.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from app.access import require_launch_allowed
 from engine.config import config_from_dict
 from engine.store import Store, check_name
 from engine.tasks import PACKAGE_ROOT
@@ -51,6 +54,8 @@ class Launcher:
         self.thread.start()
 
     def submit(self, config: dict, run_id: str) -> Job:
+        """Queue one run; raises ``LaunchDisabled`` where launching is off, ConfigError/ValueError on bad input."""
+        require_launch_allowed()
         check_name(run_id)
         if (self.store.root / run_id).exists() or any(j.run_id == run_id for j in self.jobs):
             raise ValueError(f"run {run_id!r} already exists")

@@ -243,6 +243,9 @@ def _in_range(flag: str, value, lo: int, hi: int) -> None:
 def cmd_app(a) -> int:
     """Serve the Streamlit app (localhost only unless --host says otherwise).
 
+    The Launch page (which starts training jobs) is on only when the server binds a loopback address,
+    or with --allow-launch; the decision reaches the app as A3PO_ALLOW_LAUNCH=1/0 and A3PO_HOST.
+
     It serves straight away with no terminal (Streamlit's first-run e-mail prompt is off), opens a
     browser only with --browser or when a terminal is attached (and not --headless), and the server
     stops with ``a3po app`` whatever signal stops it: on POSIX this process *becomes* the Streamlit
@@ -252,14 +255,22 @@ def cmd_app(a) -> int:
 
     if not 1 <= a.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {a.port} — pick a free port, e.g. --port 8501")
+    from app.access import ENV_ALLOW, ENV_HOST, launch_allowed
+
     app = PACKAGE_ROOT / "app" / "main.py"
+    # The Launch page starts training jobs: on only for a loopback address unless --allow-launch.
+    allow = launch_allowed(a.host, a.allow_launch)
     env = dict(os.environ, A3PO_STORE=str(Path(a.store).expanduser().resolve()))
+    env[ENV_ALLOW], env[ENV_HOST] = ("1" if allow else "0"), a.host
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     open_browser = a.browser or (tty and not a.headless)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", a.host, "--server.port", str(a.port),
            "--server.headless", "false" if open_browser else "true", "--server.showEmailPrompt", "false",
            "--browser.gatherUsageStats", "false"]
     print(f"A3PO Lab app on http://{a.host}:{a.port} (store {env['A3PO_STORE']})", file=sys.stderr, flush=True)
+    if not allow:
+        print(f"Launch page off: {a.host} is reachable from other machines (add --allow-launch on a trusted network only)",
+              file=sys.stderr, flush=True)
     sys.stdout.flush()
     if os.name == "posix":
         os.execve(sys.executable, cmd, env)  # no return: the server is this very process
@@ -358,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8501)
     ap.add_argument("--headless", action="store_true", help="never open a browser (the default without a terminal)")
     ap.add_argument("--browser", action="store_true", help="open a browser even without a terminal")
+    ap.add_argument("--allow-launch", action="store_true",
+                    help="enable the Launch page (starts training jobs) on a non-loopback --host: trusted networks only")
     ap.set_defaults(fn=cmd_app)
 
     c = sub.add_parser("config", help="print every config key with its help")

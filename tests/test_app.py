@@ -13,6 +13,13 @@ PAGES = ROOT / "app" / "pages"
 
 
 @pytest.fixture
+def launch_on(monkeypatch):
+    """What `a3po app` on 127.0.0.1 tells the server: the Launch page is on."""
+    monkeypatch.setenv("A3PO_ALLOW_LAUNCH", "1")
+    monkeypatch.setenv("A3PO_HOST", "127.0.0.1")
+
+
+@pytest.fixture
 def store(tmp_path, monkeypatch):
     dst = tmp_path / "runs"
     shutil.copytree(ROOT / "data" / "store", dst)
@@ -85,7 +92,7 @@ def test_playground_refuses_out_of_range(store):
     assert any("Refused" in e.value and "w_pos" in e.value for e in at.error)
 
 
-def test_launch_page_runs_a_job(store):
+def test_launch_page_runs_a_job(store, launch_on):
     at = run_page("launch.py")
     at.number_input(key="ln_steps").set_value(2)
     at.number_input(key="ln_prompts").set_value(2)
@@ -114,12 +121,198 @@ def test_launch_page_runs_a_job(store):
         assert np.allclose(rec[c], again[c], rtol=1e-4, atol=1e-9), c
 
 
-def test_launch_refuses_bad_name(store):
+def test_launch_refuses_bad_name(store, launch_on):
     at = run_page("launch.py")
     at.text_input(key="ln_name").input("../escape")
     at.button(key="ln_go").click().run()
     assert any("Refused" in e.value for e in at.error)
     assert not (store.parent / "escape").exists()
+
+
+# ------------------------------------------------------------------ launching only where it is safe
+@pytest.mark.parametrize("host, allow, on", [
+    ("0.0.0.0", False, False), ("::", False, False), ("192.168.1.5", False, False), ("example.com", False, False),
+    ("", False, False), (None, False, False),
+    ("127.0.0.1", False, True), ("::1", False, True), ("localhost", False, True), ("[::1]", False, True),
+    ("127.0.0.2", False, True),  # all of 127.0.0.0/8 is loopback
+    ("0.0.0.0", True, True), ("example.com", True, True),  # --allow-launch
+])
+def test_launch_decision_by_host(host, allow, on):
+    from app.access import launch_allowed
+
+    assert launch_allowed(host, allow) is on
+
+
+def test_launch_status_without_a3po_app_follows_streamlit_address(monkeypatch):
+    """`streamlit run app/main.py` sets no A3PO_* variables: Streamlit's server.address decides, and
+    unset (every interface) means off."""
+    import app.access as access
+
+    monkeypatch.delenv("A3PO_ALLOW_LAUNCH", raising=False)
+    monkeypatch.delenv("A3PO_HOST", raising=False)
+    monkeypatch.setattr(access, "_streamlit_address", lambda: None)
+    assert access.launch_status() == (False, None)
+    monkeypatch.setattr(access, "_streamlit_address", lambda: "127.0.0.1")
+    assert access.launch_status() == (True, "127.0.0.1")
+    monkeypatch.setenv("A3PO_ALLOW_LAUNCH", "0")  # an explicit decision wins
+    assert access.launch_status() == (False, "127.0.0.1")
+
+
+@pytest.mark.parametrize("args, allow", [
+    ([], "1"), (["--host", "127.0.0.1"], "1"), (["--host", "localhost"], "1"),
+    (["--host", "0.0.0.0"], "0"), (["--host", "192.168.1.5"], "0"),
+    (["--host", "0.0.0.0", "--allow-launch"], "1"),
+])
+def test_a3po_app_passes_the_launch_decision_to_the_server(tmp_path, monkeypatch, args, allow):
+    """`a3po app` execs the Streamlit server with A3PO_ALLOW_LAUNCH and A3PO_HOST in its environment."""
+    import os
+
+    from engine import cli
+
+    seen = {}
+
+    class Exec(Exception):
+        pass
+
+    def fake_execve(path, argv, env):
+        seen.update(argv=argv, env=env)
+        raise Exec
+
+    monkeypatch.setattr(os, "execve", fake_execve)
+    with pytest.raises(Exec):
+        cli.main(["app", "--store", str(tmp_path / "runs"), "--headless", *args])
+    host = args[args.index("--host") + 1] if "--host" in args else "127.0.0.1"
+    assert seen["env"]["A3PO_ALLOW_LAUNCH"] == allow
+    assert seen["env"]["A3PO_HOST"] == host
+    assert seen["argv"][seen["argv"].index("--server.address") + 1] == host
+
+
+def test_launch_page_off_on_a_network_address(store, monkeypatch):
+    monkeypatch.setenv("A3PO_ALLOW_LAUNCH", "0")
+    monkeypatch.setenv("A3PO_HOST", "0.0.0.0")
+    at = run_page("launch.py")
+    [w] = at.warning
+    assert "off" in w.value and "0.0.0.0" in w.value and "--allow-launch" in w.value and "trusted network" in w.value
+    assert not at.button and not at.number_input and not at.text_input and not at.radio  # no form at all
+    assert any("No launched runs" in c.value for c in at.caption)  # the (empty) job list still shows
+
+
+def test_launch_page_on_at_loopback(store, launch_on):
+    at = run_page("launch.py")
+    assert not at.warning
+    assert at.button(key="ln_go").label == "Run with these settings"
+    assert at.number_input(key="ln_steps").value == 20
+
+
+def test_launcher_refuses_jobs_when_launch_is_off(tmp_path, monkeypatch):
+    """Defence in depth: even a caller that skips the page cannot start a job."""
+    from app.access import LaunchDisabled
+    from app.launcher import Launcher
+    from engine.store import Store
+
+    monkeypatch.setenv("A3PO_ALLOW_LAUNCH", "0")
+    monkeypatch.setenv("A3PO_HOST", "0.0.0.0")
+    L = Launcher(Store(tmp_path))
+    with pytest.raises(LaunchDisabled, match="--allow-launch"):
+        L.submit(_tiny_cfg(steps=1), "sneaky")
+    assert L.jobs == [] and not (tmp_path / ".launch").exists()
+
+
+# ------------------------------------------------------------------ a store holding unusable run folders
+GOOD_RUNS = sorted(p.name for p in (ROOT / "data" / "store").iterdir() if (p / "run.json").exists())
+
+
+def _bad_run_folders(root):
+    """Two run folders the store cannot use: a value that does not fit the runs table, and corrupt JSON."""
+    import json
+
+    meta = json.loads((root / GOOD_RUNS[0] / "run.json").read_text())
+    (root / "bad-range").mkdir()
+    (root / "bad-range" / "run.json").write_text(json.dumps({**meta, "run_id": "bad-range", "last_step": 99999999999}))
+    (root / "bad-json").mkdir()
+    (root / "bad-json" / "run.json").write_text('{"run_id": "bad-json", "status": "fini')
+
+
+def _listed_as_invalid(monkeypatch, run_id, error):
+    """Make Store.runs_table list ``run_id`` as the store does for an unusable run.json: status 'invalid'
+    with an error and every other field null (whether or not the store code already does so itself)."""
+    import pyarrow as pa
+
+    from engine.store import Store
+
+    orig = Store.runs_table
+
+    def runs_table(self):
+        t = orig(self)
+        if not (self.root / run_id).exists():
+            return t
+        rows = [r for r in t.to_pylist() if r["run_id"] != run_id]
+        rows.append({**{c: None for c in t.column_names}, "run_id": run_id, "status": "invalid", "error": error})
+        return pa.Table.from_pylist(rows, schema=t.schema)
+
+    monkeypatch.setattr(Store, "runs_table", runs_table)
+
+
+def _every_page_survives(bad: list[str]) -> None:
+    """Each page renders with no exception; the Runs page lists every good run and names each bad one;
+    no picker offers a bad run."""
+    at = run_page("runs.py")
+    assert sorted(at.dataframe[0].value.run_id) == GOOD_RUNS
+    warned = [w.value for w in at.warning]
+    for rid in bad:
+        assert any(w.startswith(f"run {rid} is unreadable: ") for w in warned), warned
+    assert not set(bad) & set(at.multiselect(key="runs_sel").options)
+    assert len(at.get("plotly_chart")) == 1
+    for page in ("rollouts.py", "playground.py"):
+        at = run_page(page)
+        assert at.selectbox(key="run").value in GOOD_RUNS, page
+        assert not set(bad) & set(at.selectbox(key="run").options), page
+    at = run_page("launch.py", ln_source="A stored run's config")
+    assert sorted(at.selectbox(key="ln_src_run").options) == GOOD_RUNS
+    assert not at.error
+    run_page("polarity101.py")
+    main = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=60)
+    main.run()
+    assert not main.exception and main.title[0].value == "Runs"
+
+
+def test_pages_leave_out_and_name_invalid_runs(store, launch_on, monkeypatch):
+    """The app's side, whatever the store code: a run listed as 'invalid' is warned about, never picked."""
+    _bad_run_folders(store)
+    (store / "bad-range" / "run.json").unlink()  # only bad-json on disk: the store skips or lists it
+    (store / "bad-range").rmdir()
+    _listed_as_invalid(monkeypatch, "bad-json", "run.json: not valid JSON (line 1 column 36)")
+    _every_page_survives(["bad-json"])
+
+
+def test_pages_survive_bad_run_folders_on_disk(store, launch_on):
+    """The whole path: out-of-range and corrupt run.json files next to good runs."""
+    import pyarrow as pa
+
+    from engine.store import Store
+
+    _bad_run_folders(store)
+    try:
+        listed = Store(store).runs_table().to_pandas()
+    except pa.ArrowInvalid:
+        pytest.xfail("this store code raises on an out-of-range run.json instead of listing the run as 'invalid'")
+    assert set(listed[listed.status == "invalid"].run_id) == {"bad-range", "bad-json"}
+    _every_page_survives(["bad-range", "bad-json"])
+
+
+def test_store_read_errors_show_one_message(store, monkeypatch):
+    """A StoreError while reading ends the page with st.error, not a traceback."""
+    from engine.store import Store, StoreError
+
+    def broken(*a, **k):
+        raise StoreError("store files kept changing while reading: IO Error")
+
+    monkeypatch.setattr(Store, "query", broken)
+    at = run_page("rollouts.py")
+    assert [e.value for e in at.error][0].startswith("Cannot read the store") and "kept changing" in at.error[0].value
+    monkeypatch.setattr(Store, "runs_table", broken)
+    at = run_page("runs.py")
+    assert len(at.error) == 1 and "kept changing" in at.error[0].value and not at.dataframe
 
 
 def test_polarity101_page(store):
@@ -161,7 +354,7 @@ def _tiny_cfg(**train):
     return cfg
 
 
-def test_launcher_failed_run_shows_its_error(tmp_path):
+def test_launcher_failed_run_shows_its_error(tmp_path, launch_on):
     from app.launcher import Launcher
     from engine.store import Store
 
@@ -173,7 +366,7 @@ def test_launcher_failed_run_shows_its_error(tmp_path):
     assert job.state == "failed" and "dataset file not found" in job.last_error()
 
 
-def test_launcher_stop_marks_run_killed_and_queue_runs_in_order(tmp_path):
+def test_launcher_stop_marks_run_killed_and_queue_runs_in_order(tmp_path, launch_on):
     import time
 
     from app.launcher import Launcher

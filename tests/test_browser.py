@@ -33,9 +33,10 @@ def app_url(tmp_path):
     shutil.copytree(ROOT / "data" / "store", store)
     port = free_port()
     log = open(tmp_path / "app.log", "w")
-    # `a3po app` becomes the Streamlit server (exec), so stopping this process stops the server.
+    # `a3po app` becomes the Streamlit server (exec); in a session of its own, so that killing its process
+    # group also ends the training run the test launches from the page.
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "app", "--store", str(store), "--port", str(port), "--headless"],
-                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -44,14 +45,34 @@ def app_url(tmp_path):
                 raise RuntimeError(f"app did not start: {(tmp_path / 'app.log').read_text()[-2000:]}")
             time.sleep(0.2)  # polling interval of the health check
         yield url
-    finally:  # whatever the outcome: no server is left behind
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    finally:  # whatever the outcome: no server (nor a run it launched) is left behind
+        _kill_group(proc)
         log.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group led by ``proc``; SIGKILL what is left of it after 30 s."""
+    import signal
+
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group is gone already
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the server, or its zombie keeps the group alive
+            if not _group_alive(proc.pid):
+                return
+            time.sleep(0.1)  # polling interval while the group exits
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _has_study_runs() -> bool:
@@ -91,19 +112,24 @@ def retry(action, what: str, timeout: float = 180) -> None:
                 raise AssertionError(f"{what}: {e}") from e
 
 
-def set_value(page, label: str, value: str) -> None:
+def by_key(page, key: str):
+    """The element Streamlit renders for ``key=key`` (its container carries the class st-key-<key>)."""
+    return page.locator(f".st-key-{key}")
+
+
+def set_value(page, key: str, value: str) -> None:
     from playwright.sync_api import expect
 
     def act():
         settle(page)
-        box = page.get_by_label(label, exact=True)
+        box = by_key(page, key).locator("input")
         expect(box).to_have_count(1, timeout=10_000)
         box.fill(value, timeout=10_000)
         box.press("Enter", timeout=10_000)
         settle(page)
-        expect(page.get_by_label(label, exact=True)).to_have_value(value, timeout=10_000)
+        expect(by_key(page, key).locator("input")).to_have_value(value, timeout=10_000)
 
-    retry(act, f"set {label!r} to {value!r}")
+    retry(act, f"set {key!r} to {value!r}")
 
 
 def open_page(page, title: str, heading: str | None = None) -> None:
@@ -145,18 +171,18 @@ def test_app_in_browser(app_url, tmp_path):
             open_page(page, "Shaping playground")
             expect(page.locator("span.tok").first).to_be_visible(timeout=120_000)
             settle(page)
-            metric = page.locator('[data-testid="stMetricValue"]').first
+            metric = by_key(page, "pg_key_tokens").locator('[data-testid="stMetricValue"]')
             before = int(metric.inner_text())
 
             def widen_ratio():
                 settle(page)
-                slider = page.get_by_role("slider", name="Key-token ratio")
+                slider = by_key(page, "pg_ratio").get_by_role("slider")
                 slider.focus(timeout=10_000)
                 for _ in range(4):
                     page.keyboard.press("ArrowRight")
-                page.wait_for_function(
-                    f"() => parseInt(document.querySelector('[data-testid=\"stMetricValue\"]').innerText) > {before}",
-                    polling=100, timeout=60_000)
+                settle(page)
+                expect(metric).not_to_have_text(str(before), timeout=60_000)
+                assert int(metric.inner_text()) > before
 
             retry(widen_ratio, "widen the key-token ratio")
             settle(page)
@@ -167,25 +193,25 @@ def test_app_in_browser(app_url, tmp_path):
 
             def demo_config():
                 settle(page)
-                page.get_by_text("The demo config", exact=True).click(timeout=10_000)
-                expect(page.get_by_role("radio", name="The demo config")).to_be_checked(timeout=10_000)
+                by_key(page, "ln_source").get_by_text("The demo config", exact=True).click(timeout=10_000)
+                expect(by_key(page, "ln_source").get_by_role("radio", name="The demo config")).to_be_checked(timeout=10_000)
                 settle(page)
 
             retry(demo_config, "choose the demo config")
-            for label, value in (("Steps", "2"), ("Group size G", "2"), ("Prompts per step", "2")):
-                set_value(page, label, value)
-            set_value(page, "Run name", "browser-run")
+            for key, value in (("ln_steps", "2"), ("ln_n", "2"), ("ln_prompts", "2"), ("ln_name", "browser-run")):
+                set_value(page, key, value)
 
-            job = page.get_by_text(re.compile(r"browser-run — (queued|running|finished)"))
+            job = by_key(page, "ln_job_browser-run")
 
             def launch():
                 settle(page)
                 if not job.count():  # a retry must not submit the run twice
-                    page.get_by_role("button", name="Run with these settings").click(timeout=10_000)
-                expect(job.first).to_be_visible(timeout=60_000)
+                    by_key(page, "ln_go").get_by_role("button").click(timeout=10_000)
+                expect(job.get_by_text(re.compile(r"browser-run — (queued|running|finished)")).first).to_be_visible(
+                    timeout=60_000)
 
             retry(launch, "launch the run")
-            done = page.get_by_text(re.compile(r"browser-run — (finished|failed)"))
+            done = job.get_by_text(re.compile(r"browser-run — (finished|failed)"))
             expect(done.first).to_be_visible(timeout=900_000)  # a 2-step run + evals; slow on a busy machine
             settle(page)
             assert "finished" in done.first.inner_text(), page.locator('[role="alert"]').all_inner_texts()
@@ -194,7 +220,7 @@ def test_app_in_browser(app_url, tmp_path):
             open_page(page, "Polarity 101", "One step on one token")
             # a study's curves (when the embedded store holds its runs) and the toy
             expect(page.locator(".js-plotly-plot")).to_have_count(2 if _has_study_runs() else 1, timeout=120_000)
-            expect(page.locator('[data-testid="stMetricValue"]').first).to_be_visible(timeout=60_000)
+            expect(by_key(page, "toy_entropy").locator('[data-testid="stMetricValue"]')).to_be_visible(timeout=60_000)
             settle(page)
             page.screenshot(path=str(shots / "polarity101.png"))
         finally:

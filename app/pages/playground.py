@@ -11,17 +11,21 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.common import get_store, pick_run, q, render_tokens
+from app.common import get_store, guard, pick_run, q, render_tokens, store_failed
 from engine.advantage import DECAYS
 from engine.algorithms import ALGORITHMS, alpha_schedule
 from engine.config import ConfigError, config_from_dict
 from engine.replay import batch_push, load_step, replay
+from engine.store import StoreError
 
 st.title("Shaping playground")
 run = pick_run(key="run")
 if run is None:
     st.stop()
-meta = get_store().read_run(run)
+try:
+    meta = get_store().read_run(run)
+except (StoreError, ValueError) as e:  # run.json changed or broke since the picker read it
+    store_failed(e)
 cfg0 = meta["config"]
 a0 = cfg0["algorithm"]
 steps = q("select distinct step from rollouts where run_id = ? order by step", [run], run_ids=[run]).step.tolist()
@@ -58,7 +62,7 @@ except ConfigError as e:
     st.stop()
 st.session_state["playground_settings"] = {"algorithm": settings, "source_run": run}
 
-batch = load_step(get_store(), run, step)
+batch = guard(load_step, get_store(), run, step)
 new = replay(batch, cfg.algorithm, step=step - 1, total_steps=total)
 run_push, new_push = batch_push(batch), batch_push(batch, new)  # Σ|shaped − raw adv|·(1 − p) by polarity
 mask = batch.mask.bool()
@@ -79,7 +83,8 @@ gids = mixed[mixed > 1].index.tolist() or ro.group_idx.unique().tolist()
 g = st.selectbox("Group", gids, key="pg_group", format_func=lambda i: f"#{i}: {ro[ro.group_idx == i].prompt.iloc[0]}")
 c1, c2, c3, c4, c5 = st.columns(5)
 changed = int((tok.is_key != tok.key_stored).sum())
-c1.metric("Key tokens (this rule)", int(tok.is_key.sum()), delta=int(tok.is_key.sum() - tok.key_stored.sum()))
+c1.container(key="pg_key_tokens").metric("Key tokens (this rule)", int(tok.is_key.sum()),
+                                         delta=int(tok.is_key.sum() - tok.key_stored.sum()))
 c2.metric("Tokens whose key flag changed", changed)
 c3.metric("α⁺ / α⁻ at this step", " / ".join(f"{r.scale:.2f}" for r in new.rules[:2]) if algo == "a3po" else "–")
 for c, pol, sign in ((c4, "positive", "+"), (c5, "negative", "−")):

@@ -103,7 +103,7 @@ fig = go.Figure([go.Bar(x=tokens, y=before, name="before", marker_color="#aaaaaa
                  go.Bar(x=tokens, y=after, name="after", marker_color="#1f77b4" if A > 0 else "#d62728")])
 fig.update_layout(barmode="group", height=320, yaxis_title="probability", xaxis_type="category")
 st.plotly_chart(fig, width="stretch")
-st.metric("Entropy", f"{h1:.3f}", delta=f"{h1 - h0:+.3f} (before {h0:.3f})")
+st.container(key="toy_entropy").metric("Entropy", f"{h1:.3f}", delta=f"{h1 - h0:+.3f} (before {h0:.3f})")
 p = before[sampled]
 kind = "low" if p < 0.5 else "high"
 if A > 0:

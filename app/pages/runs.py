@@ -1,4 +1,8 @@
-"""Runs: every run in the store, and their curves overlaid."""
+"""Runs: every run in the store, and their curves overlaid.
+
+A run whose run.json cannot be read (status 'invalid') is named in a warning above the table and left
+out of the table, the picker and the plots; every other run shows as usual.
+"""
 
 import json
 
@@ -7,18 +11,23 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app.common import default_run, get_store, q, runs_df, task_label, task_of
+from app.common import default_run, get_store, guard, q, runs_df, task_label, task_of
 from engine.replay import PUSH_COLUMNS, step_push
 
 st.title("Runs")
 df = runs_df()
 if not len(df):
-    st.info("The store is empty. Launch a run on the Launch page, or `a3po train`.")
+    st.info("No readable runs in the store. Launch a run on the Launch page, or `a3po train`.")
     st.stop()
 
 
-def coeffs(cfg_json: str) -> str:
-    a = json.loads(cfg_json).get("algorithm", {})
+def coeffs(cfg_json: str | None) -> str:
+    """The shaping coefficients of a run's config, in one short line."""
+    try:
+        cfg = json.loads(cfg_json) if cfg_json else {}
+    except ValueError:
+        cfg = {}
+    a = (cfg.get("algorithm") if isinstance(cfg, dict) else None) or {}
     out = [f"w={a.get('w_pos')}/{a.get('w_neg')}"]
     if a.get("name") == "a3po":
         out.append(f"α⁺₀={a.get('alpha_pos')} α⁻₀={a.get('alpha_neg')} {a.get('decay')} r={a.get('ratio')}")
@@ -67,7 +76,7 @@ def curves(sel):
         return
     steps = q("select * from steps where list_contains(?, run_id) order by run_id, step", [sel], run_ids=sel)
     evals = q("select run_id, step, metric, k, value from evals where list_contains(?, run_id)", [sel], run_ids=sel)
-    push = step_push(get_store(), sel, steps=steps)
+    push = guard(step_push, get_store(), sel, steps=steps)
     fig = make_subplots(rows=3, cols=3, subplot_titles=[p[0] for p in PANELS] + ["pass@k (last eval)", PUSH_TITLE, ""])
     dash = {0: "solid", 1: "dot", 2: "dash"}
     for i, (title, cols) in enumerate(PANELS):
