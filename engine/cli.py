@@ -7,7 +7,7 @@
     a3po export RUN_ID --format parquet|duckdb DIR [--store DIR]
     a3po build-tiny-model [--task countdown|arith] [--out DIR] [--steps N]
     a3po study [--preset quick|pilot|full] [--seeds N] [--steps S] [--out DIR]
-    a3po app [--store DIR] [--port 8501]   # the Streamlit explorer, on localhost
+    a3po app [--store DIR] [--port 8501] [--allow-launch]   # the Streamlit explorer, on localhost
     a3po config                      # every config key with its help text
 
 Every user mistake (config, dataset, model folder, store path, CLI flag, file system state such as a
