@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 
 VERL_VENV ?= .venv-verl
 
-.PHONY: install install-verl demo train-demo test test-main test-verl bench build-tiny-model clean
+.PHONY: install install-verl demo train-demo test test-main test-verl test-wheel bench build-tiny-model clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,13 +36,27 @@ $(VERL_VENV)/.installed: pyproject.toml
 
 install-verl: $(VERL_VENV)/.installed
 
-test: test-main test-verl
+test: test-main test-verl test-wheel
 
 test-main: install
 	$(PY) -m pytest
 
 test-verl: install-verl
 	$(VERL_VENV)/bin/python -m pytest -p no:cacheprovider tests/verl_env
+
+# A regular (non-editable) install works on its own: build the wheel, install it into a fresh venv
+# and, from a folder outside the checkout, train one step of the built-in demo, list the run and
+# serve the app (scripts/wheel_smoke.py).
+WHEEL_TMP ?= /tmp/a3po-wheel-test
+test-wheel: install
+	rm -rf $(WHEEL_TMP) && mkdir -p $(WHEEL_TMP)/dist $(WHEEL_TMP)/work
+	$(PIP) wheel -q --no-deps -w $(WHEEL_TMP)/dist . > $(WHEEL_TMP)/build.log 2>&1 || (cat $(WHEEL_TMP)/build.log; exit 1)
+	python3 -m venv $(WHEEL_TMP)/venv
+	$(WHEEL_TMP)/venv/bin/python -m pip install -q --upgrade pip
+	$(WHEEL_TMP)/venv/bin/python -m pip install -q torch==2.13.0
+	$(WHEEL_TMP)/venv/bin/python -m pip install -q $(WHEEL_TMP)/dist/*.whl
+	cd $(WHEEL_TMP)/work && $(WHEEL_TMP)/venv/bin/python $(CURDIR)/scripts/wheel_smoke.py
+	rm -rf $(WHEEL_TMP)
 
 bench: install
 	$(PY) bench/bench_step.py

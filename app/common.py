@@ -73,9 +73,9 @@ def default_task() -> str:
     try:
         import yaml
 
-        from engine.tasks import PACKAGE_ROOT
+        from engine.resources import demo_config
 
-        return task_of(yaml.safe_load((PACKAGE_ROOT / "configs" / "demo.yaml").read_text()))
+        return task_of(yaml.safe_load(demo_config().read_text()))
     except (OSError, ValueError, AttributeError):
         return "?"
 

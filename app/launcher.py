@@ -20,7 +20,6 @@ import yaml
 from app.access import require_launch_allowed
 from engine.config import config_from_dict
 from engine.store import Store, check_name
-from engine.tasks import PACKAGE_ROOT
 
 
 @dataclass
@@ -73,7 +72,7 @@ class Launcher:
         cmd = [sys.executable, "-m", "engine.cli", "train", "--quiet", "--store", str(self.store.root),
                "--config", str(job.config_path)]
         log = open(job.log_path, "w")
-        job.proc = subprocess.Popen(cmd, cwd=str(PACKAGE_ROOT), stdout=log, stderr=subprocess.STDOUT)
+        job.proc = subprocess.Popen(cmd, cwd=str(self.dir), stdout=log, stderr=subprocess.STDOUT)
         job.state, job.started = "running", time.time()
 
     def _loop(self) -> None:

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from engine.advantage import group_advantages  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.resources import demo_config  # noqa: E402
 from engine.evaluate import decode_responses  # noqa: E402
 from engine.loss import policy_loss  # noqa: E402
 from engine.ops import token_logprobs  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml",
+    cfg = load_config(demo_config(),
                       [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", *a.overrides])
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, Store(d), log=lambda s: None)

@@ -59,10 +59,11 @@ def trl_steps(a, d) -> tuple[list[float], list[float]]:
 
 def our_steps(a, d) -> tuple[list[float], list[float]]:
     from engine.config import load_config
+    from engine.resources import demo_config
     from engine.store import Store
     from engine.trainer import Trainer
 
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml",
+    cfg = load_config(demo_config(),
                       [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", f"train.threads={a.threads}"])
     tr = Trainer(cfg, Store(Path(d) / "ours"), log=lambda s: None)
     times, toks = [], []

@@ -26,9 +26,10 @@ import sys
 from pathlib import Path
 
 from engine.reward import VERIFIERS
-from engine.tasks import DEFAULT_TASK, PACKAGE_ROOT, TASKS
+from engine.resources import app_dir, demo_config
+from engine.tasks import DEFAULT_TASK, TASKS
 
-DEFAULT_CONFIG = PACKAGE_ROOT / "configs" / "demo.yaml"
+DEFAULT_CONFIG = demo_config()
 
 
 class UsageError(ValueError):
@@ -257,7 +258,7 @@ def cmd_app(a) -> int:
         raise ConfigError(f"--port must be between 1 and 65535, got {a.port} — pick a free port, e.g. --port 8501")
     from app.access import ENV_ALLOW, ENV_HOST, launch_allowed
 
-    app = PACKAGE_ROOT / "app" / "main.py"
+    app = app_dir() / "main.py"
     # The Launch page starts training jobs: on only for a loopback address unless --allow-launch.
     allow = launch_allowed(a.host, a.allow_launch)
     env = dict(os.environ, A3PO_STORE=str(Path(a.store).expanduser().resolve()))
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_default = os.environ.get("A3PO_STORE", "runs")
 
     t = sub.add_parser("train", help="run RLVR training")
-    t.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG.relative_to(PACKAGE_ROOT)})")
+    t.add_argument("--config", help="YAML config (default: the shipped configs/demo.yaml)")
     t.add_argument("--store", default=store_default, help="store folder (default ./runs)")
     t.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint")
     t.add_argument("--study", help=argparse.SUPPRESS)

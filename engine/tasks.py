@@ -26,10 +26,11 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.resources import data_dir
 from typing import Callable
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = PACKAGE_ROOT / "data"
+DATA_DIR = data_dir()  # data/ in a checkout, a3po_data in an installed wheel (engine.resources)
 ARITH_DIR = DATA_DIR / "arith"
 
 

@@ -104,13 +104,24 @@ def build_tiny_model(out: Path | None = None, *, task: str = "arith", steps: int
     schedule_steps = schedule_steps or recipe["schedule_steps"]
     lr = lr or recipe["lr"]
     threads = threads or recipe["threads"]
+    from engine.resources import in_checkout
+
+    data_out = t.dir
+    if not in_checkout():  # an installed package is read-only: build into the folder the user names
+        if out is None:
+            from engine.config import ConfigError
+
+            raise ConfigError("build-tiny-model outside a source checkout needs --out — e.g. --out ./tiny-countdown "
+                              "(the shipped model in the package is never overwritten)")
+        data_out = Path(out) / "data"
     out = Path(out) if out else MODEL_DIRS[task]
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     train, test = t.splits(seed=0)
     if write_data:
-        write_jsonl(train, t.dir / "train.jsonl")
-        write_jsonl(test, t.dir / "test.jsonl")
+        data_out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(train, data_out / "train.jsonl")
+        write_jsonl(test, data_out / "test.jsonl")
     tok = build_tokenizer()
     model = LlamaForCausalLM(build_config(len(tok)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))

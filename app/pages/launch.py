@@ -16,7 +16,7 @@ from app.common import get_store, q, runs_df, safe_run_id
 from app.launcher import get_launcher
 from engine.config import ConfigError
 from engine.store import StoreError
-from engine.tasks import PACKAGE_ROOT
+from engine.resources import demo_config
 
 
 st.title("Launch")
@@ -29,7 +29,7 @@ def base_config() -> dict:
     """The settings a new run starts from: the playground's, a stored run's or the demo config."""
     source = st.radio("Settings from", ["Shaping playground", "A stored run's config", "The demo config"], horizontal=True,
                       key="ln_source")
-    base = yaml.safe_load((PACKAGE_ROOT / "configs" / "demo.yaml").read_text())
+    base = yaml.safe_load(demo_config().read_text())
     if source == "A stored run's config":
         df = runs_df()
         if len(df):
