@@ -58,7 +58,8 @@ class ModelConfig:
                    "or a Hugging Face model id (needs network or a local HF cache).")
     dtype: str = _f("auto", "Parameter dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.",
                     choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N, mps.", pattern=DEVICE_RE)
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N, mps.", pattern=DEVICE_RE,
+                     fix="use auto, cpu, cuda, cuda:N or mps")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (large models on GPU).")
     logit_chunk: int = _f(1024, "Rows per chunk for log-prob/entropy, bounds the float32 softmax to chunk x vocab.",
                           min=1, max=MAX_TOKENS)
@@ -275,7 +276,7 @@ def _check(f: dataclasses.Field, value, key: str):
         raise ConfigError(f"config key {key!r}: {_short(value)} is not one of {[c for c in md['choices'] if c is not None]} "
                           f"— pick one of those")
     if isinstance(value, str) and "pattern" in md and not re.match(md["pattern"], value):
-        raise ConfigError(f"config key {key!r}: {_short(value)} is not valid — {md['help']}")
+        raise ConfigError(f"config key {key!r}: {_short(value)} is not valid — {md.get('fix', md['help'])}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"config key {key!r} must be a finite number, got {value} — {FIX}")
@@ -428,7 +429,7 @@ def check_value(key: str, value, flag: str | None = None):
     except ConfigError as e:
         if flag is None:
             raise
-        raise ConfigError(str(e).replace(f"config key {key!r}", flag, 1)) from None
+        raise ConfigError(str(e).replace(f"config key {key!r}", flag, 1).replace(FIX, "pick a value in that range")) from None
     return value
 
 
