@@ -94,6 +94,11 @@ class RolloutConfig:
     top_k: int = _f(0, "Top-k sampling; 0 disables it (transformers defaults to 50 otherwise).", min=0,
                  max=MAX_TOKENS)
     max_new_tokens: int = _f(64, "Maximum response length in tokens (DAPO's L_max).", min=1, max=MAX_TOKENS)
+    vllm_gpu_memory_utilization: float = _f(0.35, "backend=vllm: share of GPU memory the colocated engine may take "
+                                                  "(weights + KV cache); the policy and optimiser need the rest "
+                                                  "(TRL vllm_gpu_memory_utilization).", min=0.0, max=1.0, open_min=True)
+    vllm_sleep: bool = _f(False, "backend=vllm: release the engine's weights and KV cache while the policy trains "
+                                 "(vLLM sleep level 2) and wake it for each generation (TRL vllm_enable_sleep_mode).")
 
 
 @dataclass

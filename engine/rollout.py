@@ -125,7 +125,11 @@ def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
         except ImportError:
             raise RuntimeError("rollout.backend=vllm needs vLLM (pip install 'a3po-lab[gpu]' on a CUDA machine)") from None
         from engine.policy import resolve_model_path
-        from engine.rollout_vllm import VLLMBackend
+        from engine.rollout_vllm import VLLMBackend, engine_max_len
 
-        return VLLMBackend(model, tokenizer, model_path=resolve_model_path(cfg.model.path), seed=cfg.seed)
+        new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+        return VLLMBackend(model, tokenizer, model_path=resolve_model_path(cfg.model.path), seed=cfg.seed,
+                           dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                           gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, sleep=cfg.rollout.vllm_sleep,
+                           max_model_len=engine_max_len(model.config, cfg.data.max_prompt_tokens, new_tokens))
     raise ValueError(f"unknown rollout backend {name!r}")
