@@ -132,6 +132,67 @@ def shape_advantages(algo: Algorithm, acfg, *, scores: torch.Tensor, group_ids, 
     return Shaped(raw, tok_raw, adv, key, rules)
 
 
+@dataclass(frozen=True)
+class ResolvedAlgorithm:
+    """Every coefficient a run actually uses, each "null = the algorithm's default" filled in.
+
+    ``resolve(cfg)`` builds it once; the trainer reads its loss and sampling settings from it, and
+    run.json stores it whole (``resolved``) next to the config as written, so a reader (the app, a
+    replay, a comparison across runs) sees the values that trained the run, not the nulls."""
+
+    name: str
+    estimator: str
+    std_normalize: bool
+    w_pos: float  # effective sample weights (an algorithm's fixed weights times the configured scale)
+    w_neg: float
+    lam: float
+    ratio: float
+    alpha_pos: float
+    alpha_neg: float
+    decay: str
+    decay_rate: float
+    decay_steps: int  # horizon of the decay: algorithm.decay_steps or train.steps
+    token_rules: tuple[TokenRule, ...]  # extra rules on top of the algorithm's own (A3PO's are per step)
+    fork_tokens: bool
+    fork_quantile: float
+    dynamic_sampling: bool
+    max_gen_batches: int
+    overlong_buffer: int  # DAPO soft overlong penalty length, 0 = off
+    clip_ratio_low: float
+    clip_ratio_high: float
+    clip_ratio_c: float | None
+    loss_agg_mode: str
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["token_rules"] = [dataclasses.asdict(r) for r in self.token_rules]
+        return d
+
+
+def resolve(cfg) -> ResolvedAlgorithm:
+    """The run's algorithm with every default filled in, from a full ``engine.config.Config``."""
+    algo, a, act = ALGORITHMS[cfg.algorithm.name], cfg.algorithm, cfg.actor
+    w_pos, w_neg = a.w_pos, a.w_neg
+    if algo.polarity_weights is not None:
+        w_pos, w_neg = algo.polarity_weights[0] * a.w_pos, algo.polarity_weights[1] * a.w_neg
+    overlong = a.overlong_buffer if a.overlong_buffer is not None else (
+        cfg.rollout.max_new_tokens // 4 if algo.overlong_penalty else 0)
+    return ResolvedAlgorithm(
+        name=algo.name, estimator=algo.estimator,
+        std_normalize=algo.std_normalize if a.std_normalize is None else a.std_normalize,
+        w_pos=float(w_pos), w_neg=float(w_neg), lam=a.lam, ratio=a.ratio, alpha_pos=a.alpha_pos, alpha_neg=a.alpha_neg,
+        decay=a.decay, decay_rate=a.decay_rate, decay_steps=a.decay_steps or cfg.train.steps,
+        token_rules=tuple(r if isinstance(r, TokenRule) else TokenRule(**r) for r in a.token_rules),
+        fork_tokens=algo.fork_tokens, fork_quantile=a.fork_quantile,
+        dynamic_sampling=algo.dynamic_sampling if a.dynamic_sampling is None else a.dynamic_sampling,
+        max_gen_batches=a.max_gen_batches, overlong_buffer=int(overlong),
+        clip_ratio_low=act.clip_ratio_low if act.clip_ratio_low is not None else 0.2,
+        clip_ratio_high=act.clip_ratio_high if act.clip_ratio_high is not None else algo.clip_ratio_high,
+        clip_ratio_c=act.clip_ratio_c, loss_agg_mode=act.loss_agg_mode or algo.loss_agg_mode)
+
+
 def alpha_schedule(acfg, total_steps: int, points: int = 101) -> list[tuple[int, float, float]]:
     """(s, alpha+, alpha-) for s in [0, total_steps], for plots.
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import torch
 
 from engine.advantage import gradient_push
-from engine.algorithms import ALGORITHMS, shape_advantages
+from engine.algorithms import ALGORITHMS, resolve, shape_advantages
 from engine.config import Config, config_from_dict
 from engine.evaluate import decode_responses, encode_prompts, evaluate
 from engine.loss import kl_penalty, masked_mean, policy_loss
@@ -88,13 +88,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (2**32))
         self.algo = ALGORITHMS[cfg.algorithm.name]
-        a = cfg.algorithm
-        self.clip_low = cfg.actor.clip_ratio_low if cfg.actor.clip_ratio_low is not None else 0.2
-        self.clip_high = cfg.actor.clip_ratio_high if cfg.actor.clip_ratio_high is not None else self.algo.clip_ratio_high
-        self.agg = cfg.actor.loss_agg_mode or self.algo.loss_agg_mode
-        self.dynamic = self.algo.dynamic_sampling if a.dynamic_sampling is None else a.dynamic_sampling
-        buf = a.overlong_buffer if a.overlong_buffer is not None else (cfg.rollout.max_new_tokens // 4 if self.algo.overlong_penalty else 0)
-        self.overlong_buffer = buf
+        self.resolved = r = resolve(cfg)  # every "null = algorithm default" filled in once; stored in run.json
+        self.clip_low, self.clip_high, self.agg = r.clip_ratio_low, r.clip_ratio_high, r.loss_agg_mode
+        self.dynamic, self.overlong_buffer = r.dynamic_sampling, r.overlong_buffer
         self.train_set = load_problems(cfg.data.train, "train", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
         self.test_set = load_problems(cfg.data.test, "test", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
         self.verify = resolve_verifier(cfg.data.train, cfg.data.verifier)
@@ -436,7 +432,7 @@ class Trainer:
         S = cfg.train.steps
         store, rid = self.store, self.run_id
         store.update_run(rid, status="running", pid=os.getpid(), host=socket.gethostname(), writer_lease=True, error=None,
-                         last_step=self.start_step)
+                         last_step=self.start_step, resolved=self.resolved.to_dict())
         self.log(f"run {rid}: {cfg.algorithm.name}, {S} steps, store {store.root}")
         last_eval = None
         try:

@@ -319,3 +319,51 @@ def test_alpha_schedule_constant_and_decay_steps():
     sched = alpha_schedule(acfg, 8, points=5)
     assert [s for s, _, _ in sched] == [0, 2, 4, 6, 8]
     assert [a for _, a, _ in sched] == pytest.approx([2.0, 1.5, 1.0, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------ resolve: every default filled in once
+def _cfg(*overrides):
+    from engine.config import load_config
+
+    return load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["algorithm.name=grpo"], dict(clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode="token-mean", std_normalize=True,
+                                   dynamic_sampling=False, overlong_buffer=0, w_pos=1.0, w_neg=1.0)),
+    (["algorithm.name=dr_grpo"], dict(std_normalize=False, loss_agg_mode="seq-mean-token-sum-norm", clip_ratio_high=0.2)),
+    (["algorithm.name=dapo", "rollout.max_new_tokens=64"], dict(clip_ratio_high=0.28, dynamic_sampling=True,
+                                                                overlong_buffer=16)),
+    (["algorithm.name=dapo", "algorithm.overlong_buffer=0", "algorithm.dynamic_sampling=false"],
+     dict(dynamic_sampling=False, overlong_buffer=0)),
+    (["algorithm.name=psr", "algorithm.w_pos=2"], dict(w_pos=2.0, w_neg=0.0)),
+    (["algorithm.name=nsr"], dict(w_pos=0.0, w_neg=1.0)),
+    (["algorithm.name=a3po", "train.steps=30"], dict(clip_ratio_high=0.28, decay_steps=30, ratio=0.2, alpha_pos=2.0)),
+    (["algorithm.name=a3po", "train.steps=30", "algorithm.decay_steps=10", "actor.clip_ratio_high=0.3",
+      "actor.loss_agg_mode=seq-mean-token-mean"], dict(decay_steps=10, clip_ratio_high=0.3, loss_agg_mode="seq-mean-token-mean")),
+    (["algorithm.name=fork_tokens"], dict(fork_tokens=True, dynamic_sampling=True, fork_quantile=0.2)),
+])
+def test_resolve_fills_every_algorithm_default(overrides, expect):
+    from engine.algorithms import resolve
+
+    r = resolve(_cfg(*overrides))
+    assert {k: getattr(r, k) for k in expect} == expect
+
+
+def test_resolved_algorithm_is_stored_whole_in_run_json(tmp_path):
+    import json
+
+    from engine.config import load_config
+    from engine.store import Store
+    from engine.trainer import Trainer
+
+    cfg = load_config(None, ["algorithm.name=dapo", "train.steps=1", "train.prompts_per_step=2", "rollout.n=2",
+                             "eval.n_prompts=2", "eval.k=[1]", "eval.at_start=false", "train.save_final_model=false",
+                             "train.threads=1"])
+    tr = Trainer(cfg, Store(tmp_path), log=lambda s: None)
+    tr.fit(progress=False)
+    meta = json.loads((tmp_path / tr.run_id / "run.json").read_text())
+    assert meta["config"]["actor"]["clip_ratio_high"] is None  # the config as written...
+    res = meta["resolved"]  # ...and the values that trained the run
+    assert res["clip_ratio_high"] == 0.28 and res["dynamic_sampling"] is True and res["overlong_buffer"] == 16
+    assert res["token_rules"] == [] and res["name"] == "dapo"
