@@ -30,6 +30,10 @@ def _package_dir(package: str, fallback: str) -> Path:
     """The folder of resource package ``package``; the checkout's ``fallback`` folder when it does not import."""
     from importlib import resources
 
+    # engine/ inside a source checkout: take the folder from that same tree, so a checkout on
+    # PYTHONPATH never mixes its code with another checkout's data (an editable install elsewhere).
+    if (CHECKOUT_ROOT / "pyproject.toml").exists() and (CHECKOUT_ROOT / fallback / "__init__.py").exists():
+        return CHECKOUT_ROOT / fallback
     try:
         root = resources.files(package)
     except ModuleNotFoundError:

@@ -66,6 +66,8 @@ def main() -> None:
     print(listing, end="")
     if not any(line.startswith("wheel-smoke") and line.rstrip().endswith("finished") for line in listing.splitlines()):
         sys.exit("wheel smoke: the trained run is not listed as finished")
+    # The built-in model and task data straight from the package, without a config.
+    print(run("eval", "--model", "builtin:tiny-countdown", "--n-prompts", "4", "--k", "1"), end="")
     serve_app("runs")
     print(f"wheel smoke: ok (package at {pkg})")
 
