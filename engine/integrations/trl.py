@@ -18,8 +18,9 @@ Options (``a3po=``) are the engine's ``algorithm.*`` keys and are checked by the
 checks. The decay horizon is ``decay_steps`` or else TRL's real ``state.max_steps`` (also right for
 epoch-based runs, where ``args.max_steps`` is -1).
 
-Polarity is the verifier's verdict when the dataset has an ``answer`` column, else the sign of
-TRL's advantage (the same thing for 0/1 rewards in mixed groups).
+Polarity is the verifier's verdict when the dataset has an ``answer`` column (the verifier of the
+task named by ``data=``, e.g. ``builtin:countdown``; math-verify otherwise), else the sign of TRL's
+advantage (the same thing for 0/1 rewards in mixed groups).
 
 Evaluation batches (``model.training`` False) keep TRL's own advantages and are not logged.
 
@@ -43,7 +44,8 @@ from trl import GRPOTrainer
 
 from engine.advantage import a3po_rules, gradient_push, polarity_weighting, token_shaping
 from engine.config import MAX_STEPS, ConfigError, config_from_dict
-from engine.reward import is_correct
+from engine.reward import resolve_verifier
+from engine.tasks import Problem
 from engine.store import Store, step_tables
 
 A3PO_DEFAULTS = {"ratio": 0.2, "alpha_pos": 2.0, "alpha_neg": 2.0, "decay": "linear", "decay_rate": 5.0,
@@ -81,6 +83,13 @@ class A3POGRPOTrainer(GRPOTrainer):
         self._a3po_run_name = run_name
         self._a3po_data = data
         self._a3po_model_path = model_path or _model_path(self.model)
+        self._a3po_verifier = resolve_verifier(data)
+
+    def _a3po_correct(self, text: str, row: dict) -> bool:
+        prompt, bos = str(row.get("prompt", "")), getattr(self.processing_class, "bos_token", None) or ""
+        if bos and prompt.startswith(bos):
+            prompt = prompt[len(bos):]
+        return bool(self._a3po_verifier(text, Problem(prompt=prompt, answer=str(row["answer"]))))
 
     # ------------------------------------------------------------------ the run's config
     def engine_config(self) -> dict:
@@ -133,7 +142,7 @@ class A3POGRPOTrainer(GRPOTrainer):
         texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
         local = list(inputs[: len(texts)])
         if len(local) == len(texts) and all("answer" in x for x in local):
-            correct = [is_correct(t, str(x["answer"])) for t, x in zip(texts, local)]
+            correct = [self._a3po_correct(t, x) for t, x in zip(texts, local)]
             polarity = torch.tensor([1 if c else -1 for c in correct], device=adv.device)
         else:
             correct = (adv > 0).tolist()
@@ -186,7 +195,7 @@ class A3POGRPOTrainer(GRPOTrainer):
         tables = merge_shards(rid, [s["tables"] for s in shards], [s["n_groups"] for s in shards])
         push = {k: float(sum(s["push"][k] for s in shards)) for k in shards[0]["push"]}
         scales = {r.polarity: r.scale for r in rules}
-        steps = step_metrics(tables, int(self.num_generations))
+        steps = step_metrics(tables)
         steps.update(push, alpha_pos=scales.get("positive", 1.0), alpha_neg=scales.get("negative", 1.0),
                      n_rollouts=float(tables["rollouts"].num_rows), trl_global_step=float(step))
         row = {"run_id": [rid], "step": pa.array([step + 1], pa.int32()), **{k: [float(v)] for k, v in steps.items()}}
@@ -233,7 +242,7 @@ def merge_shards(run_id: str, shards: list[dict], n_groups: list[int]) -> dict[s
     return {k: pa.concat_tables(v) for k, v in parts.items() if v}
 
 
-def step_metrics(tables: dict[str, pa.Table], group_size: int) -> dict[str, float]:
+def step_metrics(tables: dict[str, pa.Table]) -> dict[str, float]:
     """The step columns the app's Runs page plots, from one step's rollout rows (NaN where undefined)."""
     ro = tables["rollouts"].to_pandas()
     length = ro.length.astype(float)
