@@ -194,3 +194,8 @@ def test_two_processes_both_shards_in_the_store(tmp_path):
     assert tok.n.tolist() == [8, 8]
     cfg = json.loads(json.dumps(store.read_run("two")["config"]))
     assert config_from_dict({k: v for k, v in cfg.items() if k != "name"}).train.prompts_per_step == 2
+
+
+def test_trl_args_the_engine_refuses_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.temperature"):
+        trainer(tmp_path, temperature=500.0)

@@ -84,6 +84,11 @@ class A3POGRPOTrainer(GRPOTrainer):
         self._a3po_data = data
         self._a3po_model_path = model_path or _model_path(self.model)
         self._a3po_verifier = resolve_verifier(data)
+        if self.a3po_store is not None:
+            # Check the run's engine config now (train.steps is provisional until train() knows it):
+            # a value the engine refuses must fail here on every rank, not later on the main process
+            # alone while the other ranks wait in a collective.
+            self.engine_config()
 
     def _a3po_correct(self, text: str, row: dict) -> bool:
         prompt, bos = str(row.get("prompt", "")), getattr(self.processing_class, "bos_token", None) or ""
