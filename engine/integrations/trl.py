@@ -2,9 +2,10 @@
 
 Why: users who scale out with TRL (accelerate: DDP, DeepSpeed ZeRO, FSDP) keep the same shaping
 functions and the same store. TRL computes one advantage per completion; after it does, we run one
-extra no-grad forward for the old-policy log-probs and entropies, apply the engine's
-``polarity_weighting`` and ``token_shaping`` (A3PO's decaying asymmetric rules, or any token rules),
-and hand TRL a ``(B, T)`` advantage tensor, which its loss accepts as is.
+extra no-grad forward for the old-policy log-probs and entropies (through TRL's own
+``_get_per_token_logps_and_entropies``, chunked by ``per_device_train_batch_size`` like TRL's own
+forwards), apply the engine's ``polarity_weighting`` and ``token_shaping`` (A3PO's decaying
+asymmetric rules), and hand TRL a ``(B, T)`` advantage tensor, which its loss accepts as is.
 
     from engine.integrations.trl import A3POGRPOTrainer
     trainer = A3POGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=ds,
@@ -13,98 +14,198 @@ and hand TRL a ``(B, T)`` advantage tensor, which its loss accepts as is.
 
     accelerate launch examples/trl_a3po.py          # multi-GPU
 
-Polarity is the verifier's verdict when the dataset has an ``answer`` column, else the sign of
-TRL's advantage (the same thing for 0/1 rewards in mixed groups).
+Options (``a3po=``) are the engine's ``algorithm.*`` keys and are checked by the engine's own config
+checks. The decay horizon is ``decay_steps`` or else TRL's real ``state.max_steps`` (also right for
+epoch-based runs, where ``args.max_steps`` is -1).
+
+Polarity is the verifier's verdict when the dataset has an ``answer`` column (the verifier of the
+task named by ``data=``, e.g. ``builtin:countdown``; math-verify otherwise), else the sign of TRL's
+advantage (the same thing for 0/1 rewards in mixed groups).
+
+Evaluation batches (``model.training`` False) keep TRL's own advantages and are not logged.
+
+Store: run.json's config is an engine config (``engine.config.config_from_dict`` accepts it), so the
+app's pages open a TRL run like one of ours. With several processes every process's shard is
+logged: the store's public API names a step segment by its step alone (``step_000012``), so two
+ranks cannot each write their own segment for one step; instead every rank builds its rows, the
+main process gathers them with accelerate's ``gather_object`` and writes the step once.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from engine.advantage import a3po_rules, polarity_weighting, token_shaping
-from engine.reward import is_correct
+from engine.advantage import a3po_rules, gradient_push, polarity_weighting, token_shaping
+from engine.config import MAX_STEPS, ConfigError, config_from_dict
+from engine.reward import resolve_verifier
+from engine.tasks import Problem
 from engine.store import Store, step_tables
 
-A3PO_DEFAULTS = {"ratio": 0.2, "alpha_pos": 2.0, "alpha_neg": 2.0, "decay": "linear", "rate": 5.0, "w_pos": 1.0, "w_neg": 1.0}
+A3PO_DEFAULTS = {"ratio": 0.2, "alpha_pos": 2.0, "alpha_neg": 2.0, "decay": "linear", "decay_rate": 5.0,
+                 "decay_steps": None, "w_pos": 1.0, "w_neg": 1.0}
+
+
+def a3po_options(a3po: dict | None) -> dict:
+    """The A3PO options with defaults filled in, checked by the engine's own config checks.
+
+    Why: a TRL user and an ``a3po train`` user get the same one-line error for the same bad value
+    (``engine.config.ConfigError``, a ValueError)."""
+    unknown = sorted(set(a3po or {}) - set(A3PO_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown A3PO option(s) {', '.join(map(repr, unknown))} — use only "
+                          f"{', '.join(A3PO_DEFAULTS)}")
+    opts = {**A3PO_DEFAULTS, **(a3po or {})}
+    config_from_dict({"algorithm": {"name": "a3po", **opts}})
+    return opts
+
+
+def _model_path(model) -> str:
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or "trl-model")
 
 
 class A3POGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args, a3po: dict | None = None, store: str | Store | None = None, run_name: str | None = None, **kw):
-        unknown = set(a3po or {}) - set(A3PO_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown A3PO option(s) {sorted(unknown)}; known: {sorted(A3PO_DEFAULTS)}")
+    """TRL's GRPOTrainer with A3PO token shaping and the engine's store."""
+
+    def __init__(self, *args, a3po: dict | None = None, store: str | Store | None = None, run_name: str | None = None,
+                 data: str = "trl-dataset", model_path: str | None = None, **kw):
+        self.a3po = a3po_options(a3po)  # before TRL's (slow) setup, so a typo fails at once
         super().__init__(*args, **kw)
-        self.a3po = {**A3PO_DEFAULTS, **(a3po or {})}
         self.a3po_store = Store(store) if isinstance(store, str) else store
         self.a3po_run = None
-        if self.a3po_store is not None and self.accelerator.is_main_process:
-            cfg = {"algorithm": {"name": "a3po", **self.a3po}, "train": {"steps": int(self.args.max_steps)},
-                   "integration": "trl", "trl_args": {k: str(v) for k, v in self.args.to_dict().items()}}
-            self.a3po_run = self.a3po_store.create_run(cfg, name=run_name)
-            self.a3po_store.update_run(self.a3po_run, status="running")
-        self._a3po_calls = 0
+        self._a3po_run_name = run_name
+        self._a3po_data = data
+        self._a3po_model_path = model_path or _model_path(self.model)
+        self._a3po_verifier = resolve_verifier(data)
+        if self.a3po_store is not None:
+            # Check the run's engine config now (train.steps is provisional until train() knows it):
+            # a value the engine refuses must fail here on every rank, not later on the main process
+            # alone while the other ranks wait in a collective.
+            self.engine_config()
+
+    def _a3po_correct(self, text: str, row: dict) -> bool:
+        prompt, bos = str(row.get("prompt", "")), getattr(self.processing_class, "bos_token", None) or ""
+        if bos and prompt.startswith(bos):
+            prompt = prompt[len(bos):]
+        return bool(self._a3po_verifier(text, Problem(prompt=prompt, answer=str(row["answer"]))))
+
+    # ------------------------------------------------------------------ the run's config
+    def engine_config(self) -> dict:
+        """run.json's config: an engine config describing this TRL run (the app replays it)."""
+        a = self.args
+        steps = int(self.state.max_steps) if self.state.max_steps and self.state.max_steps > 0 else int(a.max_steps)
+        G = int(self.num_generations)
+        spec = {
+            "seed": int(a.seed), "name": self._a3po_run_name,
+            "model": {"path": self._a3po_model_path},
+            "data": {"train": self._a3po_data, "test": self._a3po_data},
+            "rollout": {"n": G, "temperature": float(a.temperature), "top_p": float(a.top_p),
+                        "top_k": int(a.top_k or 0), "max_new_tokens": int(a.max_completion_length)},
+            "algorithm": {"name": "a3po", **self.a3po},
+            "actor": {"lr": float(a.learning_rate), "ppo_epochs": int(self.num_iterations), "kl_coef": float(a.beta)},
+            "train": {"steps": max(1, min(steps, MAX_STEPS)),
+                      "prompts_per_step": max(1, int(a.per_device_train_batch_size) * int(a.steps_per_generation)
+                                              * int(self.accelerator.num_processes) // G)},
+        }
+        return config_from_dict(spec).to_dict()
+
+    def _a3po_start_run(self) -> None:
+        if self.a3po_run is None and self.accelerator.is_main_process:
+            cfg = self.engine_config()
+            self.a3po_run = self.a3po_store.create_run(cfg, name=self._a3po_run_name)
+            self.a3po_store.update_run(self.a3po_run, status="running", total_steps=cfg["train"]["steps"])
+
+    # ------------------------------------------------------------------ shaping
+    def a3po_horizon(self) -> int:
+        """The decay horizon S: ``decay_steps``, else TRL's real step count ``state.max_steps``."""
+        return int(self.a3po["decay_steps"] or max(1, int(self.state.max_steps)))
+
+    def _a3po_old_logps(self, full_ids, full_mask, n_completion):
+        """Old-policy log-probs and entropies, in chunks of ``per_device_train_batch_size`` rows as TRL does."""
+        with torch.no_grad():
+            logps, ent, _ = self._get_per_token_logps_and_entropies(
+                self.model, full_ids, full_mask, n_completion, batch_size=self.args.per_device_train_batch_size,
+                compute_entropy=True)
+        return logps, ent
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:  # evaluation: TRL's own advantages, nothing logged
+            return out
         ids, mask = out["completion_ids"], out["completion_mask"]
         full_ids = torch.cat([out["prompt_ids"], ids], dim=1)
         full_mask = torch.cat([out["prompt_mask"], mask], dim=1)
-        with torch.no_grad():
-            logps, ent, _ = self._get_per_token_logps_and_entropies(self.model, full_ids, full_mask, ids.size(1),
-                                                                     compute_entropy=True)
+        logps, ent = self._a3po_old_logps(full_ids, full_mask, ids.size(1))
         adv = out["advantages"]
         texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
-        local = inputs[: len(texts)] if len(inputs) >= len(texts) else inputs
-        if all("answer" in x for x in local) and len(local) == len(texts):
-            correct = [is_correct(t, str(x["answer"])) for t, x in zip(texts, local)]
+        local = list(inputs[: len(texts)])
+        if len(local) == len(texts) and all("answer" in x for x in local):
+            correct = [self._a3po_correct(t, x) for t, x in zip(texts, local)]
             polarity = torch.tensor([1 if c else -1 for c in correct], device=adv.device)
         else:
             correct = (adv > 0).tolist()
             polarity = torch.sign(adv).long()
         step = int(self.state.global_step)
-        total = int(self.args.max_steps) if self.args.max_steps and self.args.max_steps > 0 else max(1, step + 1)
         a = self.a3po
-        rules = a3po_rules(step, total, ratio=a["ratio"], alpha_pos=a["alpha_pos"], alpha_neg=a["alpha_neg"],
-                           decay=a["decay"], rate=a["rate"])
-        tok_adv = adv.unsqueeze(-1) * mask.to(adv.dtype)
-        tok_adv = polarity_weighting(tok_adv, polarity, w_pos=a["w_pos"], w_neg=a["w_neg"])
-        shaped, key = token_shaping(tok_adv, mask, polarity, rules, logprobs=logps, entropy=ent)
+        rules = a3po_rules(step, self.a3po_horizon(), ratio=a["ratio"], alpha_pos=a["alpha_pos"],
+                           alpha_neg=a["alpha_neg"], decay=a["decay"], rate=a["decay_rate"])
+        tok_raw = adv.unsqueeze(-1) * mask.to(adv.dtype)
+        weighted = polarity_weighting(tok_raw, polarity, w_pos=a["w_pos"], w_neg=a["w_neg"])
+        shaped, key = token_shaping(weighted, mask, polarity, rules, logprobs=logps, entropy=ent)
         out["advantages"] = shaped
-        if self.a3po_run is not None:
-            self._a3po_log(step, texts, local, correct, polarity, adv, tok_adv, shaped, key, ids, mask, logps, ent)
-        self._a3po_calls += 1
+        if self.a3po_store is not None:  # the same on every rank: the gather below is collective
+            self._a3po_log(step, rules, texts, local, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent)
         return out
 
-    def _a3po_log(self, step, texts, inputs, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent):
-        """Write this generation batch (main process) as one store step in the engine's schema."""
-        rid, B = self.a3po_run, mask.shape[0]
+    # ------------------------------------------------------------------ logging
+    def _a3po_shard(self, step, texts, inputs, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent):
+        """This process's rows (rollouts, tokens) and its gradient push, ready to gather."""
+        B = mask.shape[0]
         G = max(1, int(self.num_generations))
         tok = self.processing_class
 
         def token_text(tid):
             return [tok.convert_tokens_to_string([t]) if t is not None else "" for t in tok.convert_ids_to_tokens(tid.tolist())]
 
-        prompt = [x.get("prompt") if isinstance(x.get("prompt"), str) else str(x.get("prompt")) for x in inputs] or [""] * B
+        prompts = [x.get("prompt") if isinstance(x.get("prompt"), str) else str(x.get("prompt")) for x in inputs]
+        prompts = (prompts + [""] * B)[:B]
+        answers = ([str(x.get("answer", "")) for x in inputs] + [""] * B)[:B]
         tables = step_tables(
-            rid, self._a3po_calls + 1, mask=mask, token_ids=ids, logprob=logps, entropy=ent, adv_tokens_raw=tok_raw,
+            "pending", step + 1, mask=mask, token_ids=ids, logprob=logps, entropy=ent, adv_tokens_raw=tok_raw,
             adv_shaped=shaped, is_key=key, polarity=polarity, token_text=token_text,
             rollouts={"group_idx": (np.arange(B) // G).astype(np.int32), "prompt_idx": np.arange(B, dtype=np.int64) // G,
-                      "prompt": prompt[:B], "response": texts, "answer": [str(x.get("answer", "")) for x in inputs][:B],
+                      "prompt": prompts, "response": texts, "answer": answers,
                       "reward": np.array(correct, np.float32), "correct": [bool(c) for c in correct],
                       "truncated": np.zeros(B, bool), "adv_raw": adv.float().cpu().numpy()})
-        m = mask.bool().cpu()
-        lengths = m.sum(1).numpy()
-        mk = m.float()
-        e = ent.float().cpu()
-        steps = pa.table({"run_id": [rid], "step": pa.array([self._a3po_calls + 1], pa.int32()),
-                          "reward": [float(np.mean(correct))], "acc": [float(np.mean(correct))],
-                          "entropy": [float((e * mk).sum() / mk.sum().clamp(min=1))], "length": [float(lengths.mean())],
-                          "trl_global_step": [float(step)]})
-        self.a3po_store.write_step(rid, self._a3po_calls + 1, {**tables, "steps": steps})
-        self.a3po_store.update_run(rid, last_step=self._a3po_calls + 1)
+        push_rule = gradient_push(tok_raw, shaped, logps, mask, polarity)
+        push_raw = gradient_push(torch.zeros_like(tok_raw), tok_raw, logps, mask, polarity)
+        return {"tables": tables, "n_groups": -(-B // G),
+                "push": {"push_rule_pos": push_rule["positive"], "push_rule_neg": push_rule["negative"],
+                         "push_raw_pos": push_raw["positive"], "push_raw_neg": push_raw["negative"]}}
+
+    def _a3po_log(self, step, rules, *shard_args):
+        """Gather every process's shard and write them as one store step (main process)."""
+        shards = gather_object([self._a3po_shard(step, *shard_args)])
+        if not self.accelerator.is_main_process:
+            return
+        self._a3po_start_run()
+        rid = self.a3po_run
+        tables = merge_shards(rid, [s["tables"] for s in shards], [s["n_groups"] for s in shards])
+        push = {k: float(sum(s["push"][k] for s in shards)) for k in shards[0]["push"]}
+        scales = {r.polarity: r.scale for r in rules}
+        steps = step_metrics(tables)
+        steps.update(push, alpha_pos=scales.get("positive", 1.0), alpha_neg=scales.get("negative", 1.0),
+                     n_rollouts=float(tables["rollouts"].num_rows), trl_global_step=float(step))
+        row = {"run_id": [rid], "step": pa.array([step + 1], pa.int32()), **{k: [float(v)] for k, v in steps.items()}}
+        self.a3po_store.write_step(rid, step + 1, {**tables, "steps": pa.table(row)})
+        self.a3po_store.update_run(rid, last_step=step + 1)
 
     def train(self, *args, **kw):
         try:
@@ -117,3 +218,51 @@ class A3POGRPOTrainer(GRPOTrainer):
         if self.a3po_run is not None:
             self.a3po_store.update_run(self.a3po_run, status="finished")
         return res
+
+
+def _set(table: pa.Table, name: str, values) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+
+
+def merge_shards(run_id: str, shards: list[dict], n_groups: list[int]) -> dict[str, pa.Table]:
+    """One step's tables from the per-process shards, rank order: rollout, group and prompt indices
+    are offset so that every rollout of the step has its own index."""
+    parts = {"rollouts": [], "tokens": []}
+    r_off = g_off = 0
+    for tabs, ng in zip(shards, n_groups):
+        ro = tabs["rollouts"]
+        n = ro.num_rows
+        ro = _set(ro, "run_id", [run_id] * n)
+        ro = _set(ro, "rollout_idx", pc.add(ro["rollout_idx"], r_off).to_numpy())
+        ro = _set(ro, "group_idx", pc.add(ro["group_idx"], g_off).to_numpy())
+        ro = _set(ro, "prompt_idx", pc.add(ro["prompt_idx"], g_off).to_numpy())
+        parts["rollouts"].append(ro)
+        tk = tabs.get("tokens")
+        if tk is not None:
+            tk = _set(tk, "run_id", [run_id] * tk.num_rows)
+            parts["tokens"].append(_set(tk, "rollout_idx", pc.add(tk["rollout_idx"], r_off).to_numpy()))
+        r_off += n
+        g_off += ng
+    return {k: pa.concat_tables(v) for k, v in parts.items() if v}
+
+
+def step_metrics(tables: dict[str, pa.Table]) -> dict[str, float]:
+    """The step columns the app's Runs page plots, from one step's rollout rows (NaN where undefined)."""
+    ro = tables["rollouts"].to_pandas()
+    length = ro.length.astype(float)
+
+    def wmean(sel):  # token-weighted mean entropy of the selected rollouts
+        n = length[sel].sum()
+        return float((ro.mean_entropy[sel] * length[sel]).sum() / n) if n > 0 else math.nan
+
+    def lmean(sel):
+        return float(length[sel].mean()) if sel.any() else math.nan
+
+    pos, neg = ro.polarity == 1, ro.polarity == -1
+    groups = ro.groupby("group_idx").correct
+    return {"reward": float(ro.reward.mean()), "acc": float(ro.correct.mean()),
+            "entropy": wmean(ro.length >= 0), "entropy_pos": wmean(pos), "entropy_neg": wmean(neg),
+            "length": float(length.mean()), "length_pos": lmean(pos), "length_neg": lmean(neg),
+            "frac_all_correct": float(groups.all().mean()), "frac_all_wrong": float((~groups.any()).mean()),
+            "key_frac": float(ro.n_key.sum() / max(1, ro.length.sum()))}
