@@ -66,9 +66,11 @@ def launch_status() -> tuple[bool, str | None]:
 def disabled_reason(host: str | None) -> str:
     """One sentence: why launching is off and how to turn it on."""
     where = f"on {host}" if host else "on every network interface"
-    return (f"Launching runs is off because this server listens {where}, where other machines can reach it; "
-            "restart it with `a3po app` (localhost only) to launch runs, or add `--allow-launch` on a trusted "
-            "network only.")
+    return (
+        f"Launching runs is off because this server listens {where}, where other machines can reach it; "
+        "restart it with `a3po app` (localhost only) to launch runs, or add `--allow-launch` on a trusted "
+        "network only."
+    )
 
 
 def require_launch_allowed() -> None:

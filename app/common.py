@@ -21,8 +21,13 @@ from engine.store import Store, StoreError, check_name
 from engine.tasks import DATA_DIR
 
 EMBEDDED_STORE = DATA_DIR / "store"
-QUANTITIES = {"shaped advantage": "adv_shaped", "raw advantage": "adv_raw", "probability": "prob", "entropy": "entropy",
-              "gradient push": "push"}
+QUANTITIES = {
+    "shaped advantage": "adv_shaped",
+    "raw advantage": "adv_raw",
+    "probability": "prob",
+    "entropy": "entropy",
+    "gradient push": "push",
+}
 # What each colouring means, shown under the tokens.
 LEGENDS = {
     "adv_shaped": "Green = positive, red = negative shaped advantage (the one the loss used); stronger = larger.",
@@ -30,11 +35,16 @@ LEGENDS = {
     "prob": "Blue = the token's probability under the policy that sampled it; darker = surer.",
     "entropy": "Blue = entropy of the next-token distribution at that position; darker = more uncertain (a fork).",
     "push": "Blue = gradient push |shaped advantage| · (1 − p): how far the update moves this token's logit (the gradient "
-            "of log p with respect to its own logit is 1 − p). Near-certain tokens stay pale whatever their advantage.",
+    "of log p with respect to its own logit is 1 − p). Near-certain tokens stay pale whatever their advantage.",
 }
 # SQL over the tokens table for each quantity (same values as token_values).
-QUANTITY_SQL = {"adv_shaped": "adv_shaped", "adv_raw": "adv_raw", "prob": "exp(logprob)", "entropy": "entropy",
-                "push": "abs(adv_shaped) * greatest(1 - exp(logprob), 0)"}
+QUANTITY_SQL = {
+    "adv_shaped": "adv_shaped",
+    "adv_raw": "adv_raw",
+    "prob": "exp(logprob)",
+    "entropy": "entropy",
+    "push": "abs(adv_shaped) * greatest(1 - exp(logprob), 0)",
+}
 
 
 def token_values(tokens: pd.DataFrame, col: str) -> np.ndarray:
@@ -122,7 +132,9 @@ def store_failed(e: Exception) -> None:
 UNREADABLE = (StoreError, pa.ArrowInvalid)
 
 
-def q(sql: str, params: list | None = None, run_ids: list[str] | None = None, store: Store | None = None) -> pd.DataFrame:
+def q(
+    sql: str, params: list | None = None, run_ids: list[str] | None = None, store: Store | None = None
+) -> pd.DataFrame:
     """One parameterised query against the store (fresh file list each time, so live runs show up).
 
     An unreadable store ends the page with one error message (``store_failed``)."""
@@ -192,8 +204,15 @@ def pick_run(label: str = "Run", key: str = "run", with_tokens: bool = True, sto
     default = st.session_state.get(key)
     if default not in ids:
         default = default_run(df)
-    return st.selectbox(label, ids, index=ids.index(default), key=key,
-                        format_func=lambda r: f"{r}  ({df.set_index('run_id').loc[r, 'algorithm']}, {df.set_index('run_id').loc[r, 'status']})")
+    return st.selectbox(
+        label,
+        ids,
+        index=ids.index(default),
+        key=key,
+        format_func=lambda r: (
+            f"{r}  ({df.set_index('run_id').loc[r, 'algorithm']}, {df.set_index('run_id').loc[r, 'status']})"
+        ),
+    )
 
 
 # ------------------------------------------------------------------ token rendering
@@ -219,9 +238,11 @@ def render_tokens(tokens: pd.DataFrame, quantity: str, vmax: float | None = None
     spans = []
     for row, v, pu in zip(tokens.itertuples(index=False), vals, push):
         text = row.token_text if row.token_text != "" else "∅"
-        tip = (f"token {text!r} (id {row.token_id}) | p={np.exp(row.logprob):.4f} | H={row.entropy:.4f} | "
-               f"raw adv={row.adv_raw:+.4f} | shaped adv={row.adv_shaped:+.4f} | push={pu:.2e}"
-               + (" | KEY TOKEN" if getattr(row, key_col) else ""))
+        tip = (
+            f"token {text!r} (id {row.token_id}) | p={np.exp(row.logprob):.4f} | H={row.entropy:.4f} | "
+            f"raw adv={row.adv_raw:+.4f} | shaped adv={row.adv_shaped:+.4f} | push={pu:.2e}"
+            + (" | KEY TOKEN" if getattr(row, key_col) else "")
+        )
         style = f"background:{_color(v, vmax, signed)};padding:1px 0;font-family:monospace;white-space:pre"
         cls = "tok key" if getattr(row, key_col) else "tok"
         if getattr(row, key_col):

@@ -69,8 +69,17 @@ class Launcher:
         return job
 
     def _start(self, job: Job) -> None:
-        cmd = [sys.executable, "-m", "engine.cli", "train", "--quiet", "--store", str(self.store.root),
-               "--config", str(job.config_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "train",
+            "--quiet",
+            "--store",
+            str(self.store.root),
+            "--config",
+            str(job.config_path),
+        ]
         log = open(job.log_path, "w")
         job.proc = subprocess.Popen(cmd, cwd=str(self.dir), stdout=log, stderr=subprocess.STDOUT)
         job.state, job.started = "running", time.time()

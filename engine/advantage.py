@@ -10,8 +10,8 @@ Shapes: ``B`` responses in a batch, ``T`` padded response length. ``polarity`` i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -192,7 +192,9 @@ def token_shaping(
         ``(shaped (B, T), key_mask (B, T) bool)``; ``key_mask`` marks tokens any rule picked.
     """
     if adv.dim() != 2 or adv.shape != response_mask.shape:
-        raise ValueError(f"token_shaping: adv {tuple(adv.shape)} and mask {tuple(response_mask.shape)} must both be (B, T)")
+        raise ValueError(
+            f"token_shaping: adv {tuple(adv.shape)} and mask {tuple(response_mask.shape)} must both be (B, T)"
+        )
     valid = response_mask.bool()
     pol = torch.as_tensor(polarity, device=adv.device).reshape(-1)
     scale = torch.ones_like(adv)
@@ -214,8 +216,13 @@ def token_shaping(
     return adv * scale, key
 
 
-def gradient_push(adv_from: torch.Tensor, adv_to: torch.Tensor, logprobs: torch.Tensor, response_mask: torch.Tensor,
-                  polarity: torch.Tensor) -> dict[str, float]:
+def gradient_push(
+    adv_from: torch.Tensor,
+    adv_to: torch.Tensor,
+    logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    polarity: torch.Tensor,
+) -> dict[str, float]:
     """How much a change of advantages can move the policy, by polarity: ``Σ |adv_to − adv_from| · (1 − p)``.
 
     Why ``(1 − p)``: the gradient of ``log p(token)`` with respect to that token's own logit is
@@ -292,8 +299,16 @@ def decay_alpha(alpha0: float, step: int, total_steps: int, decay: str = "linear
     return 1.0 + (float(alpha0) - 1.0) * DECAYS[decay](x, rate)
 
 
-def a3po_rules(step: int, total_steps: int, *, ratio: float = 0.2, alpha_pos: float = 2.0, alpha_neg: float = 2.0,
-               decay: str = "linear", rate: float = 5.0) -> list[TokenRule]:
+def a3po_rules(
+    step: int,
+    total_steps: int,
+    *,
+    ratio: float = 0.2,
+    alpha_pos: float = 2.0,
+    alpha_neg: float = 2.0,
+    decay: str = "linear",
+    rate: float = 5.0,
+) -> list[TokenRule]:
     """A3PO's two token rules at training step ``step``.
 
     Positive responses: the ``ratio`` lowest-probability tokens × alpha⁺(s) (rare correct steps are

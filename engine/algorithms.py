@@ -9,13 +9,19 @@ Add your own with ``register_algorithm(Algorithm(name=..., ...))``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from engine.advantage import (
-    TokenRule, a3po_rules, decay_alpha, fork_token_mask, group_advantages, polarity_weighting, token_shaping,
+    TokenRule,
+    a3po_rules,
+    decay_alpha,
+    fork_token_mask,
+    group_advantages,
+    polarity_weighting,
+    token_shaping,
     w_reinforce_advantages,
 )
 
@@ -37,8 +43,15 @@ def _no_rules(acfg, step: int, total: int) -> list[TokenRule]:
 
 
 def _a3po(acfg, step: int, total: int) -> list[TokenRule]:
-    return a3po_rules(step, acfg.decay_steps or total, ratio=acfg.ratio, alpha_pos=acfg.alpha_pos,
-                      alpha_neg=acfg.alpha_neg, decay=acfg.decay, rate=acfg.decay_rate)
+    return a3po_rules(
+        step,
+        acfg.decay_steps or total,
+        ratio=acfg.ratio,
+        alpha_pos=acfg.alpha_pos,
+        alpha_neg=acfg.alpha_neg,
+        decay=acfg.decay,
+        rate=acfg.decay_rate,
+    )
 
 
 @dataclass(frozen=True)
@@ -68,19 +81,50 @@ def register_algorithm(algo: Algorithm) -> Algorithm:
 
 for _a in [
     Algorithm("grpo", "GRPO (Shao et al. 2024): group-normalised advantage, symmetric clip 0.2."),
-    Algorithm("dr_grpo", "Dr. GRPO (Liu et al. 2025): no std division, constant-length normaliser.",
-              std_normalize=False, loss_agg_mode="seq-mean-token-sum-norm"),
-    Algorithm("dapo", "DAPO (Yu et al. 2025): clip-higher 0.2/0.28, token-mean, dynamic sampling, soft overlong penalty.",
-              dynamic_sampling=True, overlong_penalty=True, clip_ratio_high=0.28),
-    Algorithm("psr", "Positive sample reinforcement only: GRPO with incorrect responses weighted 0.", polarity_weights=(1.0, 0.0)),
-    Algorithm("nsr", "Negative sample reinforcement only: GRPO with correct responses weighted 0.", polarity_weights=(0.0, 1.0)),
-    Algorithm("w_reinforce", "W-REINFORCE (Zhu et al. 2025): +lam correct, -1 incorrect, no normalisation.", estimator="w_reinforce"),
+    Algorithm(
+        "dr_grpo",
+        "Dr. GRPO (Liu et al. 2025): no std division, constant-length normaliser.",
+        std_normalize=False,
+        loss_agg_mode="seq-mean-token-sum-norm",
+    ),
+    Algorithm(
+        "dapo",
+        "DAPO (Yu et al. 2025): clip-higher 0.2/0.28, token-mean, dynamic sampling, soft overlong penalty.",
+        dynamic_sampling=True,
+        overlong_penalty=True,
+        clip_ratio_high=0.28,
+    ),
+    Algorithm(
+        "psr",
+        "Positive sample reinforcement only: GRPO with incorrect responses weighted 0.",
+        polarity_weights=(1.0, 0.0),
+    ),
+    Algorithm(
+        "nsr",
+        "Negative sample reinforcement only: GRPO with correct responses weighted 0.",
+        polarity_weights=(0.0, 1.0),
+    ),
+    Algorithm(
+        "w_reinforce",
+        "W-REINFORCE (Zhu et al. 2025): +lam correct, -1 incorrect, no normalisation.",
+        estimator="w_reinforce",
+    ),
     Algorithm("polarity_weighted", "GRPO with sample-level weights algorithm.w_pos / algorithm.w_neg (P2N1 = 2, 1)."),
     Algorithm("token_weighted", "GRPO with the token rules in algorithm.token_rules (the paper's token-level grid)."),
-    Algorithm("fork_tokens", "DAPO trained only on the top fork_quantile entropy tokens of the batch (Wang et al. 2025).",
-              fork_tokens=True, dynamic_sampling=True, overlong_penalty=True, clip_ratio_high=0.28),
-    Algorithm("a3po", "A3PO (Tang et al. 2025): asymmetric prob-based key tokens with decaying scales, clip-higher.",
-              rules=_a3po, clip_ratio_high=0.28),
+    Algorithm(
+        "fork_tokens",
+        "DAPO trained only on the top fork_quantile entropy tokens of the batch (Wang et al. 2025).",
+        fork_tokens=True,
+        dynamic_sampling=True,
+        overlong_penalty=True,
+        clip_ratio_high=0.28,
+    ),
+    Algorithm(
+        "a3po",
+        "A3PO (Tang et al. 2025): asymmetric prob-based key tokens with decaying scales, clip-higher.",
+        rules=_a3po,
+        clip_ratio_high=0.28,
+    ),
 ]:
     register_algorithm(_a)
 
@@ -101,9 +145,19 @@ def effective_rules(algo: Algorithm, acfg, step: int, total: int) -> list[TokenR
     return list(algo.rules(acfg, step, total)) + extra
 
 
-def shape_advantages(algo: Algorithm, acfg, *, scores: torch.Tensor, group_ids, polarity: torch.Tensor,
-                     response_mask: torch.Tensor, logprobs: torch.Tensor | None, entropy: torch.Tensor | None,
-                     step: int, total_steps: int) -> Shaped:
+def shape_advantages(
+    algo: Algorithm,
+    acfg,
+    *,
+    scores: torch.Tensor,
+    group_ids,
+    polarity: torch.Tensor,
+    response_mask: torch.Tensor,
+    logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    step: int,
+    total_steps: int,
+) -> Shaped:
     """Scores -> per-token advantages for one batch.
 
     Args:
@@ -177,20 +231,35 @@ def resolve(cfg) -> ResolvedAlgorithm:
     w_pos, w_neg = a.w_pos, a.w_neg
     if algo.polarity_weights is not None:
         w_pos, w_neg = algo.polarity_weights[0] * a.w_pos, algo.polarity_weights[1] * a.w_neg
-    overlong = a.overlong_buffer if a.overlong_buffer is not None else (
-        cfg.rollout.max_new_tokens // 4 if algo.overlong_penalty else 0)
+    overlong = (
+        a.overlong_buffer
+        if a.overlong_buffer is not None
+        else (cfg.rollout.max_new_tokens // 4 if algo.overlong_penalty else 0)
+    )
     return ResolvedAlgorithm(
-        name=algo.name, estimator=algo.estimator,
+        name=algo.name,
+        estimator=algo.estimator,
         std_normalize=algo.std_normalize if a.std_normalize is None else a.std_normalize,
-        w_pos=float(w_pos), w_neg=float(w_neg), lam=a.lam, ratio=a.ratio, alpha_pos=a.alpha_pos, alpha_neg=a.alpha_neg,
-        decay=a.decay, decay_rate=a.decay_rate, decay_steps=a.decay_steps or cfg.train.steps,
+        w_pos=float(w_pos),
+        w_neg=float(w_neg),
+        lam=a.lam,
+        ratio=a.ratio,
+        alpha_pos=a.alpha_pos,
+        alpha_neg=a.alpha_neg,
+        decay=a.decay,
+        decay_rate=a.decay_rate,
+        decay_steps=a.decay_steps or cfg.train.steps,
         token_rules=tuple(r if isinstance(r, TokenRule) else TokenRule(**r) for r in a.token_rules),
-        fork_tokens=algo.fork_tokens, fork_quantile=a.fork_quantile,
+        fork_tokens=algo.fork_tokens,
+        fork_quantile=a.fork_quantile,
         dynamic_sampling=algo.dynamic_sampling if a.dynamic_sampling is None else a.dynamic_sampling,
-        max_gen_batches=a.max_gen_batches, overlong_buffer=int(overlong),
+        max_gen_batches=a.max_gen_batches,
+        overlong_buffer=int(overlong),
         clip_ratio_low=act.clip_ratio_low if act.clip_ratio_low is not None else 0.2,
         clip_ratio_high=act.clip_ratio_high if act.clip_ratio_high is not None else algo.clip_ratio_high,
-        clip_ratio_c=act.clip_ratio_c, loss_agg_mode=act.loss_agg_mode or algo.loss_agg_mode)
+        clip_ratio_c=act.clip_ratio_c,
+        loss_agg_mode=act.loss_agg_mode or algo.loss_agg_mode,
+    )
 
 
 def alpha_schedule(acfg, total_steps: int, points: int = 101) -> list[tuple[int, float, float]]:
@@ -202,6 +271,11 @@ def alpha_schedule(acfg, total_steps: int, points: int = 101) -> list[tuple[int,
     out = []
     for i in range(points):
         s = round(i * total_steps / max(1, points - 1))
-        out.append((s, decay_alpha(acfg.alpha_pos, s, S, acfg.decay, acfg.decay_rate),
-                    decay_alpha(acfg.alpha_neg, s, S, acfg.decay, acfg.decay_rate)))
+        out.append(
+            (
+                s,
+                decay_alpha(acfg.alpha_pos, s, S, acfg.decay, acfg.decay_rate),
+                decay_alpha(acfg.alpha_neg, s, S, acfg.decay, acfg.decay_rate),
+            )
+        )
     return out

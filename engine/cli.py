@@ -25,8 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.reward import VERIFIERS
 from engine.resources import app_dir, demo_config
+from engine.reward import VERIFIERS
 from engine.tasks import DEFAULT_TASK, TASKS
 
 DEFAULT_CONFIG = demo_config()
@@ -95,15 +95,15 @@ def _check_store(path: str, write: bool):
             with tempfile.TemporaryFile(dir=probe, prefix=".a3po-probe-"):
                 pass
         except OSError as e:
-            raise StoreError(f"store folder {root} is not writable ({e.strerror}) — pick a folder you can write to "
-                             "with --store") from None
+            raise StoreError(
+                f"store folder {root} is not writable ({e.strerror}) — pick a folder you can write to with --store"
+            ) from None
     return store
 
 
 def cmd_train(a) -> int:
-    from engine.config import load_config
-    from engine.store import Store
     from engine import trainer
+    from engine.config import load_config
 
     store = _check_store(a.store, write=True)
     _sigterm_as_interrupt()
@@ -117,8 +117,17 @@ def cmd_train(a) -> int:
         cfg = load_config(a.config or DEFAULT_CONFIG, a.overrides)
         res = trainer.train(cfg, store, progress=not a.quiet, study=a.study)
     f = res.get("final") or {}
-    print(json.dumps({"run_id": res["run_id"], "store": str(store.root), "greedy_acc": f.get("greedy_acc"),
-                      "sampled_acc": f.get("sampled_acc"), "pass@k": f.get("pass@k")}))
+    print(
+        json.dumps(
+            {
+                "run_id": res["run_id"],
+                "store": str(store.root),
+                "greedy_acc": f.get("greedy_acc"),
+                "sampled_acc": f.get("sampled_acc"),
+                "pass@k": f.get("pass@k"),
+            }
+        )
+    )
     return 0
 
 
@@ -128,6 +137,7 @@ def _sigterm_as_interrupt() -> None:
     import threading
 
     if threading.current_thread() is threading.main_thread():
+
         def handler(signum, frame):
             raise KeyboardInterrupt
 
@@ -166,8 +176,16 @@ def cmd_eval(a) -> int:
     model, tok, _ = load_policy(a.model, device=a.device)
     if a.n_prompts:
         probs = probs[: a.n_prompts]
-    res = evaluate(make_backend("hf", model, tok), tok, probs, ks=ks, temperature=a.temperature,
-                   max_new_tokens=a.max_new_tokens, seed=a.seed, verify=resolve_verifier(a.task, a.verifier))
+    res = evaluate(
+        make_backend("hf", model, tok),
+        tok,
+        probs,
+        ks=ks,
+        temperature=a.temperature,
+        max_new_tokens=a.max_new_tokens,
+        seed=a.seed,
+        verify=resolve_verifier(a.task, a.verifier),
+    )
     print(json.dumps(res))
     return 0
 
@@ -181,8 +199,10 @@ def cmd_runs(a) -> int:
     for r in t:
         acc = "" if r["final_accuracy"] is None else f"{r['final_accuracy']:.3f}"
         status = f"{r['status']}: {r['error']}" if r["status"] == "invalid" else r["status"]
-        print(f"{r['run_id']:40s} {r['algorithm'] or '':18s} {r['last_step'] or 0:>5d}/{r['total_steps'] or 0:<5d} {acc:>9s} "
-              f"{status}")
+        print(
+            f"{r['run_id']:40s} {r['algorithm'] or '':18s} {r['last_step'] or 0:>5d}/{r['total_steps'] or 0:<5d} {acc:>9s} "
+            f"{status}"
+        )
     return 0
 
 
@@ -207,32 +227,54 @@ def cmd_build(a) -> int:
 
 
 def cmd_study(a) -> int:
-    from engine.store import Store
-    from engine.study import run_study
-
     from engine.config import MAX_STEPS
-    from engine.study import SETTINGS
+    from engine.store import Store
+    from engine.study import SETTINGS, run_study
 
-    for flag, v, lo, hi in (("--seeds", a.seeds, 1, 1000), ("--secondary-seeds", a.secondary_seeds, 1, 1000),
-                            ("--steps", a.steps, 1, MAX_STEPS), ("--jobs", a.jobs, 1, 256)):
+    for flag, v, lo, hi in (
+        ("--seeds", a.seeds, 1, 1000),
+        ("--secondary-seeds", a.secondary_seeds, 1, 1000),
+        ("--steps", a.steps, 1, MAX_STEPS),
+        ("--jobs", a.jobs, 1, 256),
+    ):
         _in_range(flag, v, lo, hi)
     only = [x.strip() for x in (a.only or "").split(",") if x.strip()] or None
     unknown = [x for x in only or [] if x not in SETTINGS]
     if unknown:
         raise UsageError(f"--only: unknown setting(s) {', '.join(unknown)} — choose from {', '.join(SETTINGS)}")
     try:
-        res = run_study(preset=a.preset, seeds=a.seeds, steps=a.steps, out=a.out, store=Store(a.store), study_id=a.id,
-                        jobs=a.jobs, only=only, extra=a.overrides, config=a.config, secondary_seeds=a.secondary_seeds,
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
+        res = run_study(
+            preset=a.preset,
+            seeds=a.seeds,
+            steps=a.steps,
+            out=a.out,
+            store=Store(a.store),
+            study_id=a.id,
+            jobs=a.jobs,
+            only=only,
+            extra=a.overrides,
+            config=a.config,
+            secondary_seeds=a.secondary_seeds,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
     except ValueError as e:
         if isinstance(e, _user_errors()):
             raise
         from engine.config import ConfigError
 
         raise ConfigError(str(e)) from None
-    print(json.dumps({"study": res["study"], "html": res["html"], "markdown": res["markdown"],
-                      "verdicts": {c["claim"]: c["verdict"] for c in res["claims"]},
-                      "runs": res["runs"], "failed": [k for k, v in res["runs"].items() if v.startswith("failed")]}))
+    print(
+        json.dumps(
+            {
+                "study": res["study"],
+                "html": res["html"],
+                "markdown": res["markdown"],
+                "verdicts": {c["claim"]: c["verdict"] for c in res["claims"]},
+                "runs": res["runs"],
+                "failed": [k for k, v in res["runs"].items() if v.startswith("failed")],
+            }
+        )
+    )
     return 0
 
 
@@ -265,13 +307,30 @@ def cmd_app(a) -> int:
     env[ENV_ALLOW], env[ENV_HOST] = ("1" if allow else "0"), a.host
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     open_browser = a.browser or (tty and not a.headless)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", a.host, "--server.port", str(a.port),
-           "--server.headless", "false" if open_browser else "true", "--server.showEmailPrompt", "false",
-           "--browser.gatherUsageStats", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        a.host,
+        "--server.port",
+        str(a.port),
+        "--server.headless",
+        "false" if open_browser else "true",
+        "--server.showEmailPrompt",
+        "false",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     print(f"A3PO Lab app on http://{a.host}:{a.port} (store {env['A3PO_STORE']})", file=sys.stderr, flush=True)
     if not allow:
-        print(f"Launch page off: {a.host} is reachable from other machines (add --allow-launch on a trusted network only)",
-              file=sys.stderr, flush=True)
+        print(
+            f"Launch page off: {a.host} is reachable from other machines (add --allow-launch on a trusted network only)",
+            file=sys.stderr,
+            flush=True,
+        )
     sys.stdout.flush()
     if os.name == "posix":
         os.execve(sys.executable, cmd, env)  # no return: the server is this very process
@@ -315,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="greedy accuracy and pass@k of a model")
     e.add_argument("--model", required=True, help="HF folder, HF id, builtin:tiny-countdown or builtin:tiny")
-    e.add_argument("--task", default="builtin:countdown", help="builtin:countdown, builtin:arith or a .jsonl/.parquet file")
+    e.add_argument(
+        "--task", default="builtin:countdown", help="builtin:countdown, builtin:arith or a .jsonl/.parquet file"
+    )
     e.add_argument("--verifier", choices=list(VERIFIERS), help="default: the built-in task's own, math for files")
     e.add_argument("--split", default="test")
     e.add_argument("--k", default="1,4,8")
@@ -343,8 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build-tiny-model", help="rebuild an embedded tiny model and its task data from scratch")
-    b.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK,
-                   help="task (countdown -> data/tiny-countdown, arith -> data/tiny-model)")
+    b.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=DEFAULT_TASK,
+        help="task (countdown -> data/tiny-countdown, arith -> data/tiny-model)",
+    )
     b.add_argument("--out", help="output folder (default: the task's shipped model folder)")
     b.add_argument("--steps", type=int, default=None, help="SFT steps (default: the shipped model's)")
     b.add_argument("--seed", type=int, default=0)
@@ -370,8 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8501)
     ap.add_argument("--headless", action="store_true", help="never open a browser (the default without a terminal)")
     ap.add_argument("--browser", action="store_true", help="open a browser even without a terminal")
-    ap.add_argument("--allow-launch", action="store_true",
-                    help="enable the Launch page (starts training jobs) on a non-loopback --host: trusted networks only")
+    ap.add_argument(
+        "--allow-launch",
+        action="store_true",
+        help="enable the Launch page (starts training jobs) on a non-loopback --host: trusted networks only",
+    )
     ap.set_defaults(fn=cmd_app)
 
     c = sub.add_parser("config", help="print every config key with its help")
@@ -401,10 +469,12 @@ def _with_fix(e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if " — " in msg:
         return msg
-    hints = {"StoreError": "`a3po runs --store DIR` lists the runs a store holds",
-             "ConfigError": "`a3po config` lists every key with its type and range",
-             "ModelError": "use builtin:tiny-countdown, a local Hugging Face folder or a model id",
-             "DatasetError": "use builtin:countdown, builtin:arith or a .jsonl/.parquet file of prompt/answer rows"}
+    hints = {
+        "StoreError": "`a3po runs --store DIR` lists the runs a store holds",
+        "ConfigError": "`a3po config` lists every key with its type and range",
+        "ModelError": "use builtin:tiny-countdown, a local Hugging Face folder or a model id",
+        "DatasetError": "use builtin:countdown, builtin:arith or a .jsonl/.parquet file of prompt/answer rows",
+    }
     return f"{msg} — {hints.get(type(e).__name__, 'see a3po --help')}"
 
 

@@ -1,6 +1,6 @@
 """Held-out evaluation: greedy accuracy, sampled accuracy and unbiased pass@k.
 
-    a3po eval --model runs/<id>/final --k 1,4,8
+a3po eval --model runs/<id>/final --k 1,4,8
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def encode_prompts(tok, problems, template: str = "{prompt}", chat: bool = False, max_len: int = 256) -> list[list[int]]:
+def encode_prompts(
+    tok, problems, template: str = "{prompt}", chat: bool = False, max_len: int = 256
+) -> list[list[int]]:
     out = []
     for p in problems:
         text = template.format(prompt=p.prompt)
         if chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
         else:
             ids = tok.encode(text, add_special_tokens=False)
@@ -41,9 +45,20 @@ def decode_responses(tok, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tok.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in zip(ids.cpu(), mask.cpu())]
 
 
-def evaluate(backend, tok, problems, *, ks=(1, 4, 8), temperature: float = 1.0, max_new_tokens: int = 48,
-             seed: int = 0, template: str = "{prompt}", chat: bool = False, batch_prompts: int = 64,
-             verify=math_correct) -> dict:
+def evaluate(
+    backend,
+    tok,
+    problems,
+    *,
+    ks=(1, 4, 8),
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    template: str = "{prompt}",
+    chat: bool = False,
+    batch_prompts: int = 64,
+    verify=math_correct,
+) -> dict:
     """Greedy accuracy, mean sampled accuracy and pass@k over ``problems``.
 
     ``verify(response_text, problem) -> bool`` is the task's verifier (``engine.reward.VERIFIERS``).
@@ -54,13 +69,15 @@ def evaluate(backend, tok, problems, *, ks=(1, 4, 8), temperature: float = 1.0, 
     greedy_ok, counts = [], []
     prompts = encode_prompts(tok, problems, template, chat)
     for i in range(0, len(problems), batch_prompts):
-        chunk, pids = problems[i:i + batch_prompts], prompts[i:i + batch_prompts]
+        chunk, pids = problems[i : i + batch_prompts], prompts[i : i + batch_prompts]
         g = backend.generate(pids, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed))
         greedy_ok += [verify(t, p) for t, p in zip(decode_responses(tok, g.response_ids, g.response_mask), chunk)]
-        s = backend.generate(pids, SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 1 + i))
+        s = backend.generate(
+            pids, SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 1 + i)
+        )
         texts = decode_responses(tok, s.response_ids, s.response_mask)
         for j, p in enumerate(chunk):
-            counts.append(sum(verify(t, p) for t in texts[j * n:(j + 1) * n]))
+            counts.append(sum(verify(t, p) for t in texts[j * n : (j + 1) * n]))
     P = max(1, len(problems))
     return {
         "greedy_acc": sum(greedy_ok) / P,

@@ -17,7 +17,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_len: float | None = None) -> torch.Tensor:
+def aggregate_loss(
+    loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_len: float | None = None
+) -> torch.Tensor:
     """Reduce a per-token loss ``(B, T)`` to a scalar.
 
     - ``token-mean``: sum over all valid tokens / number of valid tokens (DAPO, TRL ``dapo``).

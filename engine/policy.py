@@ -35,8 +35,9 @@ def pick_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ModelError(f"device {spec!r} but CUDA is not available here — use auto or cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelError(f"device {spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist — "
-                             "use cuda:0..cuda:N-1")
+            raise ModelError(
+                f"device {spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist — use cuda:0..cuda:N-1"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"device {spec!r} but MPS is not available here — use auto or cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
@@ -65,8 +66,10 @@ def load_policy(spec: str, *, device: str = "auto", dtype: str = "auto", gradien
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not (local / "config.json").exists():
         what = "does not exist" if not local.exists() else "is not a Hugging Face model folder (no config.json)"
-        raise ModelError(f"model path {path!r} {what} — use builtin:tiny-countdown, a folder saved with "
-                         "save_pretrained, or a Hugging Face model id")
+        raise ModelError(
+            f"model path {path!r} {what} — use builtin:tiny-countdown, a folder saved with "
+            "save_pretrained, or a Hugging Face model id"
+        )
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     src = str(local) if looks_local else path
@@ -82,8 +85,10 @@ def load_policy(spec: str, *, device: str = "auto", dtype: str = "auto", gradien
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if len(first) > 200:
             first = first[:197] + "..."
-        raise ModelError(f"cannot load model {path!r}: {first} — check the folder's config.json and weights, or the "
-                         "model id (no network: only local folders and the HF cache work)") from None
+        raise ModelError(
+            f"cannot load model {path!r}: {first} — check the folder's config.json and weights, or the "
+            "model id (no network: only local folders and the HF cache work)"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if tok.pad_token_id is None:

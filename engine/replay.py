@@ -60,16 +60,28 @@ def to_batch(rollouts: pd.DataFrame, tokens: pd.DataFrame) -> StoredBatch:
 
     mask = torch.zeros((B, T), dtype=torch.long)
     mask[b, p] = 1
-    return StoredBatch(ro.rollout_idx.to_numpy(), torch.tensor(ro.reward.to_numpy(), dtype=torch.float32),
-                       ro.group_idx.tolist(), torch.tensor(ro.polarity.to_numpy(), dtype=torch.int8), mask,
-                       grid("logprob"), grid("entropy"), grid("adv_shaped"), grid("is_key", torch.bool, False),
-                       grid("adv_raw") if "adv_raw" in tokens else None)
+    return StoredBatch(
+        ro.rollout_idx.to_numpy(),
+        torch.tensor(ro.reward.to_numpy(), dtype=torch.float32),
+        ro.group_idx.tolist(),
+        torch.tensor(ro.polarity.to_numpy(), dtype=torch.int8),
+        mask,
+        grid("logprob"),
+        grid("entropy"),
+        grid("adv_shaped"),
+        grid("is_key", torch.bool, False),
+        grid("adv_raw") if "adv_raw" in tokens else None,
+    )
 
 
 def load_step(store, run_id: str, step: int) -> StoredBatch:
     ro = store.query("select * from rollouts where run_id = ? and step = ?", [run_id, step], run_ids=[run_id])
-    tok = store.query("select rollout_idx, position, logprob, entropy, adv_raw, adv_shaped, is_key from tokens "
-                      "where run_id = ? and step = ?", [run_id, step], run_ids=[run_id])
+    tok = store.query(
+        "select rollout_idx, position, logprob, entropy, adv_raw, adv_shaped, is_key from tokens "
+        "where run_id = ? and step = ?",
+        [run_id, step],
+        run_ids=[run_id],
+    )
     if not len(ro) or not len(tok):
         raise ValueError(f"run {run_id} has no stored rollouts/tokens at step {step}")
     return to_batch(ro, tok)
@@ -77,9 +89,18 @@ def load_step(store, run_id: str, step: int) -> StoredBatch:
 
 def replay(batch: StoredBatch, acfg, *, step: int, total_steps: int) -> Shaped:
     """Shape the stored batch with algorithm ``acfg.name`` and its coefficients."""
-    return shape_advantages(ALGORITHMS[acfg.name], acfg, scores=batch.scores, group_ids=batch.group_ids,
-                            polarity=batch.polarity, response_mask=batch.mask, logprobs=batch.logprobs,
-                            entropy=batch.entropy, step=step, total_steps=total_steps)
+    return shape_advantages(
+        ALGORITHMS[acfg.name],
+        acfg,
+        scores=batch.scores,
+        group_ids=batch.group_ids,
+        polarity=batch.polarity,
+        response_mask=batch.mask,
+        logprobs=batch.logprobs,
+        entropy=batch.entropy,
+        step=step,
+        total_steps=total_steps,
+    )
 
 
 def batch_push(batch: StoredBatch, shaped: Shaped | None = None) -> dict[str, dict[str, float]]:

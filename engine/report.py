@@ -26,19 +26,29 @@ import html
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
 from engine import stats
 
-PAPER = [("GRPO", 35.0, 42.5, 58.9), ("DAPO", 36.3, 44.1, 60.1), ("DAPO + fork tokens", 37.7, 45.1, 60.6),
-         ("W-REINFORCE", 37.4, 45.3, 60.9), ("A3PO", 40.4, 48.7, 63.4)]
+PAPER = [
+    ("GRPO", 35.0, 42.5, 58.9),
+    ("DAPO", 36.3, 44.1, 60.1),
+    ("DAPO + fork tokens", 37.7, 45.1, 60.6),
+    ("W-REINFORCE", 37.4, 45.3, 60.9),
+    ("A3PO", 40.4, 48.7, 63.4),
+]
 PAPER_MODELS = ("Qwen2.5-Math-7B", "Qwen3-8B-Base", "R1-Distill-Qwen-7B")
-PAPER_KEYS = {"GRPO": "grpo", "DAPO": "dapo", "DAPO + fork tokens": "fork_tokens", "W-REINFORCE": "w_reinforce",
-              "A3PO": "a3po"}
+PAPER_KEYS = {
+    "GRPO": "grpo",
+    "DAPO": "dapo",
+    "DAPO + fork tokens": "fork_tokens",
+    "W-REINFORCE": "w_reinforce",
+    "A3PO": "a3po",
+}
 CLIP_INACTIVE = "not measured (clip inactive)"
 
 RATIO_NOTE = (
@@ -48,12 +58,14 @@ RATIO_NOTE = (
     "so at the same learning rate the two runs differ only through grad-norm clipping (actor.grad_clip clips "
     "P2N1's twice-as-large gradient earlier) and Adam's epsilon (exact invariance needs sqrt(v) >> 1e-8). The "
     "old test, P1N0.5 at twice the learning rate, measured the effect of doubling the learning rate. Under Adam "
-    "this claim is nearly true by construction; the study checks that the engine honours it.")
+    "this claim is nearly true by construction; the study checks that the engine honours it."
+)
 CLIP_NOTE = (
     "Clip-higher (DAPO: epsilon_low 0.2, epsilon_high 0.28) can only act when the policy ratio moves, i.e. "
     "with more than one optimizer step per batch (actor.mini_batches or actor.ppo_epochs >= 2). Its parts "
     "are judged only where both arms' mean clipfrac is > 0. A3PO, like DAPO, uses epsilon_high 0.28 and "
-    "GRPO 0.2, so where the clip acts, A3PO vs GRPO includes clip-higher as well as the token rules.")
+    "GRPO 0.2, so where the clip acts, A3PO vs GRPO includes clip-higher as well as the token rules."
+)
 
 
 # ------------------------------------------------------------------ data
@@ -75,8 +87,11 @@ def load_study(store, study_id: str) -> StudyData:
     runs["seed"] = parts.map(lambda p: int(p[-1][1:]) if p[-1].startswith("s") and p[-1][1:].isdigit() else 0)
     ids = list(runs.run_id)
     steps = store.query("select * from steps order by run_id, step", run_ids=ids) if ids else pd.DataFrame()
-    evals = (store.query("select run_id, step, metric, k, value, n from evals order by run_id, step", run_ids=ids)
-             if ids else pd.DataFrame())
+    evals = (
+        store.query("select run_id, step, metric, k, value, n from evals order by run_id, step", run_ids=ids)
+        if ids
+        else pd.DataFrame()
+    )
     return StudyData(runs, steps, evals)
 
 
@@ -181,8 +196,20 @@ class Part:
             self.min_effect = METRICS[self.metric].min_effect
 
     def as_dict(self) -> dict:
-        keys = ("text", "setting", "reference", "metric", "kind", "n", "mean", "se", "ci_low", "ci_high", "min_effect",
-                "verdict")
+        keys = (
+            "text",
+            "setting",
+            "reference",
+            "metric",
+            "kind",
+            "n",
+            "mean",
+            "se",
+            "ci_low",
+            "ci_high",
+            "min_effect",
+            "verdict",
+        )
         return {k: _clean(getattr(self, k)) for k in keys}
 
 
@@ -235,8 +262,11 @@ def _paper_gain(a: str, b: str) -> tuple[float, ...]:
     return tuple(round(x - y, 1) for x, y in zip(rows[a], rows[b]))
 
 
-PAPER_GAINS = {"a3po-vs-grpo": _paper_gain("A3PO", "GRPO"), "a3po-vs-dapo": _paper_gain("A3PO", "DAPO"),
-               "a3po-dapo-vs-dapo": _paper_gain("A3PO", "DAPO")}
+PAPER_GAINS = {
+    "a3po-vs-grpo": _paper_gain("A3PO", "GRPO"),
+    "a3po-vs-dapo": _paper_gain("A3PO", "DAPO"),
+    "a3po-dapo-vs-dapo": _paper_gain("A3PO", "DAPO"),
+}
 
 
 def _gain_text(g: tuple[float, ...]) -> str:
@@ -247,49 +277,94 @@ def claim_spec() -> list[tuple[str, str, list[Part]]]:
     """(id, claim as the paper states it, parts). Token parts use the entropy minimum effect."""
     L, H, AL, EQ = "lower", "higher", "at_least", "equivalent"
     acc = "final test accuracy"
-    tok = [("positive/prob/low x2 raises", "tok-pos-prob-low-x2", H),
-           ("negative/prob/high x2 raises", "tok-neg-prob-high-x2", H),
-           ("positive/prob/high x2 lowers", "tok-pos-prob-high-x2", L),
-           ("negative/prob/low x2 lowers", "tok-neg-prob-low-x2", L)]
+    tok = [
+        ("positive/prob/low x2 raises", "tok-pos-prob-low-x2", H),
+        ("negative/prob/high x2 raises", "tok-neg-prob-high-x2", H),
+        ("positive/prob/high x2 lowers", "tok-pos-prob-high-x2", L),
+        ("negative/prob/low x2 lowers", "tok-neg-prob-low-x2", L),
+    ]
     return [
-        ("psr-sharpens", "Positive samples sharpen: PSR (positive samples only) ends with lower entropy and shorter "
-         "responses than GRPO",
-         [Part("entropy lower", "psr", "grpo", "late entropy", L),
-          Part("length shorter", "psr", "grpo", "late length", L)]),
-        ("nsr-explores", "Negative samples explore: NSR (negative samples only) keeps higher entropy than GRPO, and "
-         "its pass@k at large k is at least GRPO's",
-         [Part("entropy higher", "nsr", "grpo", "late entropy", H),
-          Part("pass@4 at least GRPO's", "nsr", "grpo", "pass@4", AL)]),
-        ("single-polarity-worse", "A single polarity is worse than both: PSR and NSR each end with lower test accuracy "
-         "than GRPO",
-         [Part("PSR below GRPO", "psr", "grpo", acc, L), Part("NSR below GRPO", "nsr", "grpo", acc, L)]),
-        ("raise-positive", "Raising positive advantages speeds reward growth and narrows exploration: P2N1 has faster "
-         "early reward and lower entropy than GRPO",
-         [Part("P2N1 faster reward", "p2n1", "grpo", "early reward", H),
-          Part("P2N1 lower entropy", "p2n1", "grpo", "late entropy", L)]),
-        ("raise-negative", "Raising negative advantages does the reverse: P1N2 has slower early reward and higher "
-         "entropy than GRPO",
-         [Part("P1N2 slower reward", "p1n2", "grpo", "early reward", L),
-          Part("P1N2 higher entropy", "p1n2", "grpo", "late entropy", H)]),
-        ("ratio-only", "Only the ratio of the polarity weights matters: P1N0.5 and P2N1 (ratio 2:1, same learning "
-         "rate) train alike",
-         [Part("same final accuracy", "p1n0.5", "p2n1", acc, EQ),
-          Part("same early reward", "p1n0.5", "p2n1", "early reward", EQ),
-          Part("same late entropy", "p1n0.5", "p2n1", "late entropy", EQ)]),
-        ("token-level", "Token level: low-probability tokens in positive samples and high-probability tokens in "
-         "negative samples raise early entropy; the opposite choices lower it",
-         [Part(t, s, "grpo", "early entropy", k) for t, s, k in tok]),
-        ("a3po-vs-grpo", f"A3PO gains test accuracy over GRPO (paper: {_gain_text(PAPER_GAINS['a3po-vs-grpo'])})",
-         [Part("A3PO - GRPO > 0", "a3po", "grpo", acc, H)]),
-        ("a3po-vs-dapo", f"A3PO gains test accuracy over DAPO (paper: {_gain_text(PAPER_GAINS['a3po-vs-dapo'])})",
-         [Part("A3PO - DAPO > 0", "a3po", "dapo", acc, H)]),
-        ("a3po-dapo-vs-dapo", "A3PO built on DAPO (dynamic sampling, overlong penalty) gains test accuracy over DAPO "
-         f"(paper, A3PO vs DAPO: {_gain_text(PAPER_GAINS['a3po-dapo-vs-dapo'])})",
-         [Part("A3PO+DAPO - DAPO > 0", "a3po-dapo", "dapo", acc, H)]),
-        ("clip-higher", "Clip-higher keeps exploration (DAPO, Yu et al. 2025): DAPO with epsilon_high 0.28 keeps "
-         "higher entropy and reaches higher test accuracy than DAPO with a symmetric clip of 0.2",
-         [Part("entropy higher", "dapo", "dapo-clip-sym", "late entropy", H, needs_clip=True),
-          Part("accuracy higher", "dapo", "dapo-clip-sym", acc, H, needs_clip=True)]),
+        (
+            "psr-sharpens",
+            "Positive samples sharpen: PSR (positive samples only) ends with lower entropy and shorter "
+            "responses than GRPO",
+            [
+                Part("entropy lower", "psr", "grpo", "late entropy", L),
+                Part("length shorter", "psr", "grpo", "late length", L),
+            ],
+        ),
+        (
+            "nsr-explores",
+            "Negative samples explore: NSR (negative samples only) keeps higher entropy than GRPO, and "
+            "its pass@k at large k is at least GRPO's",
+            [
+                Part("entropy higher", "nsr", "grpo", "late entropy", H),
+                Part("pass@4 at least GRPO's", "nsr", "grpo", "pass@4", AL),
+            ],
+        ),
+        (
+            "single-polarity-worse",
+            "A single polarity is worse than both: PSR and NSR each end with lower test accuracy than GRPO",
+            [Part("PSR below GRPO", "psr", "grpo", acc, L), Part("NSR below GRPO", "nsr", "grpo", acc, L)],
+        ),
+        (
+            "raise-positive",
+            "Raising positive advantages speeds reward growth and narrows exploration: P2N1 has faster "
+            "early reward and lower entropy than GRPO",
+            [
+                Part("P2N1 faster reward", "p2n1", "grpo", "early reward", H),
+                Part("P2N1 lower entropy", "p2n1", "grpo", "late entropy", L),
+            ],
+        ),
+        (
+            "raise-negative",
+            "Raising negative advantages does the reverse: P1N2 has slower early reward and higher entropy than GRPO",
+            [
+                Part("P1N2 slower reward", "p1n2", "grpo", "early reward", L),
+                Part("P1N2 higher entropy", "p1n2", "grpo", "late entropy", H),
+            ],
+        ),
+        (
+            "ratio-only",
+            "Only the ratio of the polarity weights matters: P1N0.5 and P2N1 (ratio 2:1, same learning "
+            "rate) train alike",
+            [
+                Part("same final accuracy", "p1n0.5", "p2n1", acc, EQ),
+                Part("same early reward", "p1n0.5", "p2n1", "early reward", EQ),
+                Part("same late entropy", "p1n0.5", "p2n1", "late entropy", EQ),
+            ],
+        ),
+        (
+            "token-level",
+            "Token level: low-probability tokens in positive samples and high-probability tokens in "
+            "negative samples raise early entropy; the opposite choices lower it",
+            [Part(t, s, "grpo", "early entropy", k) for t, s, k in tok],
+        ),
+        (
+            "a3po-vs-grpo",
+            f"A3PO gains test accuracy over GRPO (paper: {_gain_text(PAPER_GAINS['a3po-vs-grpo'])})",
+            [Part("A3PO - GRPO > 0", "a3po", "grpo", acc, H)],
+        ),
+        (
+            "a3po-vs-dapo",
+            f"A3PO gains test accuracy over DAPO (paper: {_gain_text(PAPER_GAINS['a3po-vs-dapo'])})",
+            [Part("A3PO - DAPO > 0", "a3po", "dapo", acc, H)],
+        ),
+        (
+            "a3po-dapo-vs-dapo",
+            "A3PO built on DAPO (dynamic sampling, overlong penalty) gains test accuracy over DAPO "
+            f"(paper, A3PO vs DAPO: {_gain_text(PAPER_GAINS['a3po-dapo-vs-dapo'])})",
+            [Part("A3PO+DAPO - DAPO > 0", "a3po-dapo", "dapo", acc, H)],
+        ),
+        (
+            "clip-higher",
+            "Clip-higher keeps exploration (DAPO, Yu et al. 2025): DAPO with epsilon_high 0.28 keeps "
+            "higher entropy and reaches higher test accuracy than DAPO with a symmetric clip of 0.2",
+            [
+                Part("entropy higher", "dapo", "dapo-clip-sym", "late entropy", H, needs_clip=True),
+                Part("accuracy higher", "dapo", "dapo-clip-sym", acc, H, needs_clip=True),
+            ],
+        ),
     ]
 
 
@@ -303,18 +378,31 @@ def claims(d: StudyData) -> list[dict]:
 
 def claims_json(cl: list[dict]) -> list[dict]:
     """The claims as written to claims.json: one object per claim (id, claim, verdict, parts)."""
-    return [{"id": c["id"], "claim": c["claim"], "verdict": c["verdict"], "parts": [p.as_dict() for p in c["parts"]]}
-            for c in cl]
+    return [
+        {"id": c["id"], "claim": c["claim"], "verdict": c["verdict"], "parts": [p.as_dict() for p in c["parts"]]}
+        for c in cl
+    ]
 
 
 # ------------------------------------------------------------------ power and push
-POWER_COMPARISONS = [("A3PO - GRPO", "a3po", "grpo"), ("A3PO - DAPO", "a3po", "dapo"),
-                     ("A3PO+DAPO - DAPO", "a3po-dapo", "dapo"), ("P2N1 - GRPO", "p2n1", "grpo"),
-                     ("PSR - GRPO", "psr", "grpo"), ("NSR - GRPO", "nsr", "grpo")]
+POWER_COMPARISONS = [
+    ("A3PO - GRPO", "a3po", "grpo"),
+    ("A3PO - DAPO", "a3po", "dapo"),
+    ("A3PO+DAPO - DAPO", "a3po-dapo", "dapo"),
+    ("P2N1 - GRPO", "p2n1", "grpo"),
+    ("PSR - GRPO", "psr", "grpo"),
+    ("NSR - GRPO", "nsr", "grpo"),
+]
 
 
-def power_table(d: StudyData, comparisons=POWER_COMPARISONS, metric: str = "final test accuracy",
-                effects: tuple[float, ...] = (0.01, 0.02), power: float = 0.8, alpha: float = 0.05) -> pd.DataFrame:
+def power_table(
+    d: StudyData,
+    comparisons=POWER_COMPARISONS,
+    metric: str = "final test accuracy",
+    effects: tuple[float, ...] = (0.01, 0.02),
+    power: float = 0.8,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
     """Seeds each comparison needs, from the spread of its paired differences in the runs present.
 
     One row per comparison with at least one pair: ``n`` pairs, ``mean`` and ``sd`` of the paired
@@ -328,8 +416,14 @@ def power_table(d: StudyData, comparisons=POWER_COMPARISONS, metric: str = "fina
         if not diffs:
             continue
         sd = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
-        row = {"comparison": label, "setting": a, "reference": b, "n": len(diffs), "mean": statistics.fmean(diffs),
-               "sd": sd}
+        row = {
+            "comparison": label,
+            "setting": a,
+            "reference": b,
+            "n": len(diffs),
+            "mean": statistics.fmean(diffs),
+            "sd": sd,
+        }
         for e in effects:
             row[f"seeds@{e:g}"] = stats.seeds_for_power(sd, e, power, alpha)
         rows.append(row)
@@ -366,10 +460,16 @@ def push_table(d: StudyData, settings) -> pd.DataFrame | None:
         tot = pd.DataFrame(per_run)
         if not (s.name.startswith("a3po") or (tot.push_rule_pos + tot.push_rule_neg).sum() > 0):
             continue
-        rows.append({"setting": s.label, "runs": len(tot), **{c: tot[c].mean() for c in PUSH_COLS},
-                     "neg/pos (rule)": _ratio(tot.push_rule_neg, tot.push_rule_pos),
-                     "rule/raw pos": _ratio(tot.push_rule_pos, tot.push_raw_pos),
-                     "rule/raw neg": _ratio(tot.push_rule_neg, tot.push_raw_neg)})
+        rows.append(
+            {
+                "setting": s.label,
+                "runs": len(tot),
+                **{c: tot[c].mean() for c in PUSH_COLS},
+                "neg/pos (rule)": _ratio(tot.push_rule_neg, tot.push_rule_pos),
+                "rule/raw pos": _ratio(tot.push_rule_pos, tot.push_raw_pos),
+                "rule/raw neg": _ratio(tot.push_rule_neg, tot.push_raw_neg),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -403,19 +503,60 @@ def figures(d: StudyData, settings) -> list:
             sections.append(s.section)
     for sec in sections:
         ss = [s for s in settings if s.section == sec or (sec != "polarity" and s.name == "grpo")]
-        fig = make_subplots(rows=3, cols=3, subplot_titles=(
-            "test accuracy (sampled)", "reward", "pass@k at the end", "entropy: all", "entropy: positive", "entropy: negative",
-            "length: all", "length: positive", "length: negative"))
-        panels = [(1, 1, "sampled_acc", "evals"), (1, 2, "reward", "steps"), (2, 1, "entropy", "steps"),
-                  (2, 2, "entropy_pos", "steps"), (2, 3, "entropy_neg", "steps"), (3, 1, "length", "steps"),
-                  (3, 2, "length_pos", "steps"), (3, 3, "length_neg", "steps")]
-        palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79"]
+        fig = make_subplots(
+            rows=3,
+            cols=3,
+            subplot_titles=(
+                "test accuracy (sampled)",
+                "reward",
+                "pass@k at the end",
+                "entropy: all",
+                "entropy: positive",
+                "entropy: negative",
+                "length: all",
+                "length: positive",
+                "length: negative",
+            ),
+        )
+        panels = [
+            (1, 1, "sampled_acc", "evals"),
+            (1, 2, "reward", "steps"),
+            (2, 1, "entropy", "steps"),
+            (2, 2, "entropy_pos", "steps"),
+            (2, 3, "entropy_neg", "steps"),
+            (3, 1, "length", "steps"),
+            (3, 2, "length_pos", "steps"),
+            (3, 3, "length_neg", "steps"),
+        ]
+        palette = [
+            "#1f77b4",
+            "#d62728",
+            "#2ca02c",
+            "#9467bd",
+            "#ff7f0e",
+            "#8c564b",
+            "#e377c2",
+            "#7f7f7f",
+            "#bcbd22",
+            "#17becf",
+            "#393b79",
+        ]
         colors = {s.label: palette[i % len(palette)] for i, s in enumerate(ss)}
         for r, c, col, src in panels:
             df = _mean_curves(d, ss, col, src)
             for lab, g in df.groupby("setting", sort=False):
-                fig.add_trace(go.Scatter(x=g.step, y=g.value, name=lab, legendgroup=lab, showlegend=(r, c) == (1, 1),
-                                         line=dict(color=colors.get(lab))), row=r, col=c)
+                fig.add_trace(
+                    go.Scatter(
+                        x=g.step,
+                        y=g.value,
+                        name=lab,
+                        legendgroup=lab,
+                        showlegend=(r, c) == (1, 1),
+                        line=dict(color=colors.get(lab)),
+                    ),
+                    row=r,
+                    col=c,
+                )
         for s in ss:  # pass@k curve, mean over seeds at the last eval step
             pts = []
             for rid in d.seeds(s.name).values():
@@ -424,8 +565,19 @@ def figures(d: StudyData, settings) -> list:
                     pts.append(e[e.step == e.step.max()][["k", "value"]])
             if pts:
                 g = pd.concat(pts).groupby("k", as_index=False)["value"].mean()
-                fig.add_trace(go.Scatter(x=g.k, y=g.value, name=s.label, legendgroup=s.label, showlegend=False,
-                                         mode="lines+markers", line=dict(color=colors.get(s.label))), row=1, col=3)
+                fig.add_trace(
+                    go.Scatter(
+                        x=g.k,
+                        y=g.value,
+                        name=s.label,
+                        legendgroup=s.label,
+                        showlegend=False,
+                        mode="lines+markers",
+                        line=dict(color=colors.get(s.label)),
+                    ),
+                    row=1,
+                    col=3,
+                )
         fig.update_xaxes(type="log", row=1, col=3)
         fig.update_layout(title=f"{sec} settings (mean over seeds)", height=900)
         figs.append((sec, fig))
@@ -445,10 +597,21 @@ def parts_frame(cl: list[dict]) -> pd.DataFrame:
         for p in c["parts"]:
             m = METRICS[p.metric]
             ci = "–" if math.isnan(p.ci_low) else f"[{_num(p.ci_low, m)}, {_num(p.ci_high, m)}]"
-            rows.append({"claim": c["id"], "part": p.text, "setting − reference": f"{p.setting} − {p.reference}",
-                         "metric": f"{p.metric} ({m.unit})", "kind": p.kind, "n": p.n, "effect": _num(p.mean, m),
-                         "se": _num(p.se, m, sign=False), "95% CI": ci,
-                         "min effect": f"±{_num(p.min_effect, m, sign=False)}", "verdict": p.verdict})
+            rows.append(
+                {
+                    "claim": c["id"],
+                    "part": p.text,
+                    "setting − reference": f"{p.setting} − {p.reference}",
+                    "metric": f"{p.metric} ({m.unit})",
+                    "kind": p.kind,
+                    "n": p.n,
+                    "effect": _num(p.mean, m),
+                    "se": _num(p.se, m, sign=False),
+                    "95% CI": ci,
+                    "min effect": f"±{_num(p.min_effect, m, sign=False)}",
+                    "verdict": p.verdict,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -460,9 +623,16 @@ def gains_frame(cl: list[dict]) -> pd.DataFrame:
         p = c["parts"][0]
         m = METRICS[p.metric]
         ci = "–" if math.isnan(p.ci_low) else f"[{_num(p.ci_low, m)}, {_num(p.ci_high, m)}]"
-        rows.append({"comparison": f"{p.setting} − {p.reference}", "n": p.n, "gain here (pts)": _num(p.mean, m),
-                     "95% CI (pts)": ci, "verdict": p.verdict,
-                     **{f"paper: {mod}": f"+{g:g}" for mod, g in zip(PAPER_MODELS, PAPER_GAINS[c["id"]])}})
+        rows.append(
+            {
+                "comparison": f"{p.setting} − {p.reference}",
+                "n": p.n,
+                "gain here (pts)": _num(p.mean, m),
+                "95% CI (pts)": ci,
+                "verdict": p.verdict,
+                **{f"paper: {mod}": f"+{g:g}" for mod, g in zip(PAPER_MODELS, PAPER_GAINS[c["id"]])},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -473,29 +643,44 @@ def summary_table(d: StudyData, settings) -> pd.DataFrame:
         if not seeds:
             continue
 
-        def agg(fn, scale=1.0, digits=3):
+        def agg(fn, scale=1.0, digits=3, seeds=seeds):
             v = [fn(d, r) * scale for r in seeds.values()]
             v = [x for x in v if not math.isnan(x)]
             if not v:
                 return "–"
             return f"{statistics.fmean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
 
-        rows.append({"setting": s.label, "seeds": len(seeds), "final test acc (pts)": agg(final_acc, 100, 1),
-                     "pass@4 (pts)": agg(pass_at_large_k, 100, 1), "pass@max k (pts)": agg(pass_at_max_k, 100, 1),
-                     "late entropy": agg(ent_late, 1, 4), "late length": agg(len_late, 1, 2),
-                     "early entropy": agg(ent_early, 1, 4), "early reward (pts)": agg(reward_early, 100, 1),
-                     "clipfrac": agg(mean_clipfrac, 1, 4)})
+        rows.append(
+            {
+                "setting": s.label,
+                "seeds": len(seeds),
+                "final test acc (pts)": agg(final_acc, 100, 1),
+                "pass@4 (pts)": agg(pass_at_large_k, 100, 1),
+                "pass@max k (pts)": agg(pass_at_max_k, 100, 1),
+                "late entropy": agg(ent_late, 1, 4),
+                "late length": agg(len_late, 1, 2),
+                "early entropy": agg(ent_early, 1, 4),
+                "early reward (pts)": agg(reward_early, 100, 1),
+                "clipfrac": agg(mean_clipfrac, 1, 4),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _power_frame(d: StudyData) -> pd.DataFrame:
     t = power_table(d)
+
     def txt(v, fmt):
         return "–" if v is None or pd.isna(v) else format(float(v), fmt)
 
-    out = pd.DataFrame({"comparison": t.comparison, "pairs": t.n,
-                        "mean (pts)": [txt(100 * v, "+.2f") for v in t["mean"]],
-                        "sd of paired diffs (pts)": [txt(100 * v, ".2f") for v in t.sd]})
+    out = pd.DataFrame(
+        {
+            "comparison": t.comparison,
+            "pairs": t.n,
+            "mean (pts)": [txt(100 * v, "+.2f") for v in t["mean"]],
+            "sd of paired diffs (pts)": [txt(100 * v, ".2f") for v in t.sd],
+        }
+    )
     for col, lab in (("seeds@0.01", "seeds for 80% power at 1 pt"), ("seeds@0.02", "seeds for 80% power at 2 pts")):
         out[lab] = [txt(v, ".0f") for v in t[col]]
     return out
@@ -515,19 +700,21 @@ def _facts(d: StudyData) -> list[str]:
     if {"created", "updated"} <= set(fin.columns) and len(fin):
         span = (fin.updated.max() - fin.created.min()) / 3600
         total = (fin.updated - fin.created).sum() / 3600
-        out.append(f"Wall time: {span:.1f} h from the first run's start to the last run's end; "
-                   f"{total:.1f} run-hours in all (runs in parallel overlap).")
+        out.append(
+            f"Wall time: {span:.1f} h from the first run's start to the last run's end; "
+            f"{total:.1f} run-hours in all (runs in parallel overlap)."
+        )
     return out
 
 
 def _rule_text() -> str:
     doc = stats.__doc__ or ""
-    return doc[doc.index("Intervals."):doc.index("Power.")].strip()
+    return doc[doc.index("Intervals.") : doc.index("Power.")].strip()
 
 
 def _min_effects_text() -> str:
     doc = __doc__ or ""
-    return doc[doc.index("Minimum effects"):].strip()
+    return doc[doc.index("Minimum effects") :].strip()
 
 
 # ------------------------------------------------------------------ writing
@@ -536,41 +723,68 @@ def _sections(d: StudyData, study_id: str, settings, cl: list[dict], notes: list
     summary = pd.DataFrame([{"claim": c["claim"], "verdict": c["verdict"]} for c in cl])
     push = push_table(d, settings)
     power = _power_frame(d)
-    out = [("h1", f"Sample-polarity study `{study_id}`"),
-           ("p", " ".join(_facts(d) + [f"Settings: {', '.join(s.name for s in settings)}."])),
-           *[("p", n) for n in notes],
-           ("h2", "Claims"), ("table", summary),
-           ("h2", "Every part: paired effect (setting − reference), 95% t interval, minimum effect"),
-           ("table", parts_frame(cl)),
-           ("h2", "A3PO's gain in final test accuracy, here and in the paper"),
-           ("p", "Paper: average over AIME24, AIME25, MATH500, GPQA, LiveCodeBench for three 7-8B models (Tang et al. "
-                 "2025). Here: a ~1M-parameter model on a synthetic task; the comparison is of direction and rough "
-                 "size, not of scale."), ("table", gains_frame(cl)),
-           ("h2", "Verdict rule"), ("pre", _rule_text()), ("pre", _min_effects_text()),
-           ("h2", "Only the ratio matters: the same learning rate"), ("p", RATIO_NOTE),
-           ("h2", "Clip-higher"), ("p", CLIP_NOTE),
-           ("h2", "Power"),
-           ("p", "Sd of the paired differences in final test accuracy between the runs present, and the paired seeds a "
-                 "two-sided 95% paired t test needs to detect a true difference of 1 or 2 points with 80% power "
-                 "(engine.stats.seeds_for_power). A 'holds' verdict also needs the estimate to reach the minimum "
-                 "effect, which for a true effect of exactly 1 point happens about half the time."),
-           ("table", power) if len(power) else ("p", "(no paired runs)"),
-           ("h2", "What the token rules push"),
-           ("p", "Descriptive, not a claim: push_rule = Σ|adv_shaped − adv_raw|·(1 − p) over the tokens of "
-                 "positive / negative rollouts, summed over each run's steps (mean over runs); "
-                 "push_raw = Σ|adv_raw|·(1 − p). "
-                 "neg/pos is the negative rule's push relative to the positive rule's. Where most tokens are "
-                 "near-certain, the highest-probability tokens that A3PO's negative rule picks have 1 − p ≈ 0 and "
-                 "it moves almost nothing.")]
+    out = [
+        ("h1", f"Sample-polarity study `{study_id}`"),
+        ("p", " ".join(_facts(d) + [f"Settings: {', '.join(s.name for s in settings)}."])),
+        *[("p", n) for n in notes],
+        ("h2", "Claims"),
+        ("table", summary),
+        ("h2", "Every part: paired effect (setting − reference), 95% t interval, minimum effect"),
+        ("table", parts_frame(cl)),
+        ("h2", "A3PO's gain in final test accuracy, here and in the paper"),
+        (
+            "p",
+            "Paper: average over AIME24, AIME25, MATH500, GPQA, LiveCodeBench for three 7-8B models (Tang et al. "
+            "2025). Here: a ~1M-parameter model on a synthetic task; the comparison is of direction and rough "
+            "size, not of scale.",
+        ),
+        ("table", gains_frame(cl)),
+        ("h2", "Verdict rule"),
+        ("pre", _rule_text()),
+        ("pre", _min_effects_text()),
+        ("h2", "Only the ratio matters: the same learning rate"),
+        ("p", RATIO_NOTE),
+        ("h2", "Clip-higher"),
+        ("p", CLIP_NOTE),
+        ("h2", "Power"),
+        (
+            "p",
+            "Sd of the paired differences in final test accuracy between the runs present, and the paired seeds a "
+            "two-sided 95% paired t test needs to detect a true difference of 1 or 2 points with 80% power "
+            "(engine.stats.seeds_for_power). A 'holds' verdict also needs the estimate to reach the minimum "
+            "effect, which for a true effect of exactly 1 point happens about half the time.",
+        ),
+        ("table", power) if len(power) else ("p", "(no paired runs)"),
+        ("h2", "What the token rules push"),
+        (
+            "p",
+            "Descriptive, not a claim: push_rule = Σ|adv_shaped − adv_raw|·(1 − p) over the tokens of "
+            "positive / negative rollouts, summed over each run's steps (mean over runs); "
+            "push_raw = Σ|adv_raw|·(1 − p). "
+            "neg/pos is the negative rule's push relative to the positive rule's. Where most tokens are "
+            "near-certain, the highest-probability tokens that A3PO's negative rule picks have 1 − p ≈ 0 and "
+            "it moves almost nothing.",
+        ),
+    ]
     if push is None:
         out.append(("p", "(these runs predate the push columns of the steps table)"))
     else:
         out.append(("table", push.round(6)) if len(push) else ("p", "(no runs with token rules)"))
     summ = summary_table(d, settings)
-    out += [("h2", "Settings (mean ± sd over seeds)"), ("table", summ) if len(summ) else ("p", "(no finished runs)"),
-            ("h2", "The paper's numbers, for context"),
-            ("table", pd.DataFrame([{"method": name, **dict(zip(PAPER_MODELS, vals)),
-                                     "ours: final test acc": _ours(d, name)} for name, *vals in PAPER]))]
+    out += [
+        ("h2", "Settings (mean ± sd over seeds)"),
+        ("table", summ) if len(summ) else ("p", "(no finished runs)"),
+        ("h2", "The paper's numbers, for context"),
+        (
+            "table",
+            pd.DataFrame(
+                [
+                    {"method": name, **dict(zip(PAPER_MODELS, vals)), "ours: final test acc": _ours(d, name)}
+                    for name, *vals in PAPER
+                ]
+            ),
+        ),
+    ]
     return out
 
 
@@ -610,9 +824,12 @@ def _html(blocks, figs) -> str:
             body.append(c.to_html(index=False, border=1) if len(c) else "<p>(none)</p>")
     for i, (sec, fig) in enumerate(figs):
         body.append(f"<h2>{html.escape(sec)}</h2>" + fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>A3PO Lab study</title>"
-            "<style>table{border-collapse:collapse}td,th{padding:3px 6px}</style></head><body>"
-            + "\n".join(body) + "</body></html>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>A3PO Lab study</title>"
+        "<style>table{border-collapse:collapse}td,th{padding:3px 6px}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
 
 
 def render_report(d: StudyData, study_id: str, out: Path, settings, notes: list[str] | None = None) -> dict:

@@ -20,7 +20,7 @@ launched jobs) write into the checkout only when there is one, else where the us
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,19 +44,19 @@ def _package_dir(package: str, fallback: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def data_dir() -> Path:
     """Shipped data: ``tiny-countdown/``, ``tiny-model/``, ``countdown/``, ``arith/``, ``store/``, ``study-quick/``."""
     return _package_dir("a3po_data", "data")
 
 
-@lru_cache(maxsize=None)
+@cache
 def configs_dir() -> Path:
     """Shipped run configs (``demo.yaml`` ...)."""
     return _package_dir("a3po_configs", "configs")
 
 
-@lru_cache(maxsize=None)
+@cache
 def app_dir() -> Path:
     """The Streamlit app's folder (``main.py`` and ``pages/``), a regular package."""
     return _package_dir("app", "app")

@@ -32,15 +32,24 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from engine.rollout import Rollouts, SamplingParams, left_pad
 
 
-def rollouts_from_vllm(outputs: Sequence[Any], prompts: list[list[int]], n: int, *, eos_id: int, pad_id: int,
-                       max_new_tokens: int, device=None) -> tuple[Rollouts, torch.Tensor]:
+def rollouts_from_vllm(
+    outputs: Sequence[Any],
+    prompts: list[list[int]],
+    n: int,
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    device=None,
+) -> tuple[Rollouts, torch.Tensor]:
     """Convert vLLM outputs (one ``RequestOutput`` per prompt, ``n`` completions each) to ``Rollouts``.
 
     Each completion needs ``token_ids``; ``finish_reason`` ("stop"/"length"), ``stop_reason`` (the stop
@@ -69,7 +78,12 @@ def rollouts_from_vllm(outputs: Sequence[Any], prompts: list[list[int]], n: int,
                 k = ids.index(eos_id) + 1
                 ids, lp = ids[:k], lp[:k]
                 stopped = True
-            elif finish == "stop" and isinstance(stop, int) and not isinstance(stop, bool) and (not ids or ids[-1] != stop):
+            elif (
+                finish == "stop"
+                and isinstance(stop, int)
+                and not isinstance(stop, bool)
+                and (not ids or ids[-1] != stop)
+            ):
                 ids, lp = ids + [stop], lp + [float("nan")]  # a build that stripped the sampled stop token
                 stopped = True
             else:
@@ -82,11 +96,13 @@ def rollouts_from_vllm(outputs: Sequence[Any], prompts: list[list[int]], n: int,
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     slp = torch.full((len(rows), T), float("nan"))
     for i, (r, lp) in enumerate(zip(rows, lps)):
-        resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-        slp[i, :len(lp)] = torch.tensor(lp)
+        resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+        slp[i, : len(lp)] = torch.tensor(lp)
     pids, pmask = left_pad([p for p in prompts for _ in range(n)], pad_id)
-    ro = Rollouts(pids.to(device), pmask.to(device), resp.to(device), mask.to(device), torch.tensor(trunc, device=device))
+    ro = Rollouts(
+        pids.to(device), pmask.to(device), resp.to(device), mask.to(device), torch.tensor(trunc, device=device)
+    )
     return ro, slp
 
 
@@ -106,11 +122,27 @@ def engine_max_len(model_config, prompt_tokens: int, new_tokens: int) -> int:
 class VLLMBackend:
     """Colocated vLLM engine in the training process (needs CUDA and vllm). See the module docstring."""
 
-    def __init__(self, model, tokenizer, *, model_path: str, gpu_memory_utilization: float = 0.35, dtype: str = "bfloat16",
-                 max_model_len: int | None = None, seed: int = 0, sleep: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        model_path: str,
+        gpu_memory_utilization: float = 0.35,
+        dtype: str = "bfloat16",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        sleep: bool = False,
+    ):
         # one-process group for the external launcher; setdefault keeps a launcher's own values
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                     ("MASTER_PORT", str(_free_port())), ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")):
+        for k, v in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(_free_port())),
+            ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+        ):
             os.environ.setdefault(k, v)
         from vllm import LLM  # noqa: PLC0415  (optional dependency)
 
@@ -118,9 +150,17 @@ class VLLMBackend:
         self.device = next(model.parameters()).device
         self.sleep = sleep
         self.max_model_len = max_model_len or engine_max_len(model.config, 256, 64)
-        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=self.max_model_len, seed=seed, enable_prefix_caching=True, enable_sleep_mode=sleep,
-                       distributed_executor_backend="external_launcher", logprobs_mode="processed_logprobs")
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+            seed=seed,
+            enable_prefix_caching=True,
+            enable_sleep_mode=sleep,
+            distributed_executor_backend="external_launcher",
+            logprobs_mode="processed_logprobs",
+        )
         self._model = model
         self._asleep = False
         self.sync_weights(model)
@@ -130,8 +170,10 @@ class VLLMBackend:
         try:
             return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         except AttributeError:
-            raise RuntimeError("the vLLM engine runs its worker in another process, so weights cannot be pushed in "
-                               "place — keep VLLM_ENABLE_V1_MULTIPROCESSING=0 (set by this backend)") from None
+            raise RuntimeError(
+                "the vLLM engine runs its worker in another process, so weights cannot be pushed in "
+                "place — keep VLLM_ENABLE_V1_MULTIPROCESSING=0 (set by this backend)"
+            ) from None
 
     def sync_weights(self, model) -> None:
         """Push the policy's current weights into the engine, one parameter tensor at a time."""
@@ -160,15 +202,29 @@ class VLLMBackend:
 
         greedy = params.temperature <= 0
         eos = self.tok.eos_token_id
-        sp = VSP(n=params.n, temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
-                 top_k=-1 if (greedy or params.top_k <= 0) else params.top_k, max_tokens=params.max_new_tokens,
-                 seed=params.seed, logprobs=0, ignore_eos=True, stop_token_ids=[eos])
+        sp = VSP(
+            n=params.n,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=-1 if (greedy or params.top_k <= 0) else params.top_k,
+            max_tokens=params.max_new_tokens,
+            seed=params.seed,
+            logprobs=0,
+            ignore_eos=True,
+            stop_token_ids=[eos],
+        )
         self._wake()
         try:
             outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         finally:
             self._nap()
-        ro, self.last_sampler_logprobs = rollouts_from_vllm(outs, prompts, params.n, eos_id=eos,
-                                                            pad_id=self.tok.pad_token_id, max_new_tokens=params.max_new_tokens,
-                                                            device=self.device)
+        ro, self.last_sampler_logprobs = rollouts_from_vllm(
+            outs,
+            prompts,
+            params.n,
+            eos_id=eos,
+            pad_id=self.tok.pad_token_id,
+            max_new_tokens=params.max_new_tokens,
+            device=self.device,
+        )
         return ro

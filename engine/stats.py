@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from statistics import NormalDist
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 HOLDS, FAILS, NULL, UNSURE, UNMEASURED = "holds", "does not hold", "no practical effect", "inconclusive", "not measured"
 VERDICTS = (HOLDS, FAILS, NULL, UNSURE)
@@ -201,8 +202,9 @@ def judge(diffs: Iterable[float], kind: str, min_effect: float = 0.0, level: flo
 
 
 # ------------------------------------------------------------------ power
-def seeds_for_power(sd_diff: float, min_effect: float, power: float = 0.8, alpha: float = 0.05,
-                    exact: bool = False) -> int | None:
+def seeds_for_power(
+    sd_diff: float, min_effect: float, power: float = 0.8, alpha: float = 0.05, exact: bool = False
+) -> int | None:
     """Paired seeds needed to detect a true effect of ``min_effect`` (two-sided level ``alpha``).
 
     Smallest n >= 2 with n >= ((t_{1-alpha/2, n-1} + t_{power, n-1}) sd / delta)^2. The right side
@@ -231,8 +233,9 @@ def seeds_for_power(sd_diff: float, min_effect: float, power: float = 0.8, alpha
     return n
 
 
-def power_paired_t(n: int, sd_diff: float, effect: float, alpha: float = 0.05, min_effect: float = 0.0,
-                   grid: int = 2000) -> float:
+def power_paired_t(
+    n: int, sd_diff: float, effect: float, alpha: float = 0.05, min_effect: float = 0.0, grid: int = 2000
+) -> float:
     """P(lower bound of the two-sided interval > 0 and mean >= min_effect) for a true ``effect`` > 0.
 
     min_effect = 0: the power of the paired t test on the claimed side (the other tail is ignored).

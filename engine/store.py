@@ -55,9 +55,9 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,33 +72,88 @@ GRACE_S = 120.0  # how long merged segments stay readable after a compaction (A3
 _INT32 = (-(2**31), 2**31 - 1)
 
 SCHEMAS: dict[str, pa.Schema] = {
-    "rollouts": pa.schema([
-        ("run_id", pa.string()), ("step", pa.int32()), ("rollout_idx", pa.int32()), ("group_idx", pa.int32()),
-        ("prompt_idx", pa.int64()), ("prompt", pa.string()), ("response", pa.string()), ("answer", pa.string()),
-        ("reward", pa.float32()), ("correct", pa.bool_()), ("polarity", pa.int8()), ("length", pa.int32()),
-        ("truncated", pa.bool_()), ("adv_raw", pa.float32()), ("mean_logprob", pa.float32()),
-        ("mean_entropy", pa.float32()), ("n_key", pa.int32()),
-    ]),
-    "tokens": pa.schema([
-        ("run_id", pa.string()), ("step", pa.int32()), ("rollout_idx", pa.int32()), ("position", pa.int32()),
-        ("token_id", pa.int32()), ("token_text", pa.string()), ("logprob", pa.float32()), ("entropy", pa.float32()),
-        ("adv_raw", pa.float32()), ("adv_shaped", pa.float32()), ("is_key", pa.bool_()), ("polarity", pa.int8()),
-    ]),
-    "evals": pa.schema([
-        ("run_id", pa.string()), ("step", pa.int32()), ("metric", pa.string()), ("k", pa.int32()),
-        ("value", pa.float64()), ("n", pa.int32()),
-    ]),
+    "rollouts": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("step", pa.int32()),
+            ("rollout_idx", pa.int32()),
+            ("group_idx", pa.int32()),
+            ("prompt_idx", pa.int64()),
+            ("prompt", pa.string()),
+            ("response", pa.string()),
+            ("answer", pa.string()),
+            ("reward", pa.float32()),
+            ("correct", pa.bool_()),
+            ("polarity", pa.int8()),
+            ("length", pa.int32()),
+            ("truncated", pa.bool_()),
+            ("adv_raw", pa.float32()),
+            ("mean_logprob", pa.float32()),
+            ("mean_entropy", pa.float32()),
+            ("n_key", pa.int32()),
+        ]
+    ),
+    "tokens": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("step", pa.int32()),
+            ("rollout_idx", pa.int32()),
+            ("position", pa.int32()),
+            ("token_id", pa.int32()),
+            ("token_text", pa.string()),
+            ("logprob", pa.float32()),
+            ("entropy", pa.float32()),
+            ("adv_raw", pa.float32()),
+            ("adv_shaped", pa.float32()),
+            ("is_key", pa.bool_()),
+            ("polarity", pa.int8()),
+        ]
+    ),
+    "evals": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("step", pa.int32()),
+            ("metric", pa.string()),
+            ("k", pa.int32()),
+            ("value", pa.float64()),
+            ("n", pa.int32()),
+        ]
+    ),
     # steps: run_id, step, then one float64 column per logged metric (see engine.trainer.STEP_METRICS)
 }
 
-RUN_COLUMNS = [("run_id", pa.string()), ("name", pa.string()), ("algorithm", pa.string()), ("status", pa.string()),
-               ("study", pa.string()), ("created", pa.float64()), ("updated", pa.float64()), ("last_step", pa.int32()),
-               ("total_steps", pa.int32()), ("final_accuracy", pa.float64()), ("error", pa.string()),
-               ("config", pa.string())]
+RUN_COLUMNS = [
+    ("run_id", pa.string()),
+    ("name", pa.string()),
+    ("algorithm", pa.string()),
+    ("status", pa.string()),
+    ("study", pa.string()),
+    ("created", pa.float64()),
+    ("updated", pa.float64()),
+    ("last_step", pa.int32()),
+    ("total_steps", pa.int32()),
+    ("final_accuracy", pa.float64()),
+    ("error", pa.string()),
+    ("config", pa.string()),
+]
 
 
-def step_tables(run_id: str, step: int, *, mask, token_ids, logprob, entropy, adv_tokens_raw, adv_shaped, is_key, polarity,
-                rollouts: dict, token_text, with_tokens: bool = True) -> dict[str, pa.Table]:
+def step_tables(
+    run_id: str,
+    step: int,
+    *,
+    mask,
+    token_ids,
+    logprob,
+    entropy,
+    adv_tokens_raw,
+    adv_shaped,
+    is_key,
+    polarity,
+    rollouts: dict,
+    token_text,
+    with_tokens: bool = True,
+) -> dict[str, pa.Table]:
     """One step's ``rollouts`` (and ``tokens``) rows in the store's schema, from padded tensors.
 
     Args:
@@ -120,20 +175,38 @@ def step_tables(run_id: str, step: int, *, mask, token_ids, logprob, entropy, ad
     lp, ent = logprob.detach().float().cpu(), entropy.detach().float().cpu()
     key = is_key.bool().cpu()
     pol = torch.as_tensor(polarity).cpu().numpy().astype(np.int8)
-    cols = {"run_id": [run_id] * B, "step": np.full(B, step, np.int32), "rollout_idx": np.arange(B, dtype=np.int32),
-            **rollouts, "polarity": pol, "length": m.sum(1).numpy().astype(np.int32),
-            "mean_logprob": ((lp * mf).sum(1) / n).numpy(), "mean_entropy": ((ent * mf).sum(1) / n).numpy(),
-            "n_key": key.sum(1).numpy().astype(np.int32)}
+    cols = {
+        "run_id": [run_id] * B,
+        "step": np.full(B, step, np.int32),
+        "rollout_idx": np.arange(B, dtype=np.int32),
+        **rollouts,
+        "polarity": pol,
+        "length": m.sum(1).numpy().astype(np.int32),
+        "mean_logprob": ((lp * mf).sum(1) / n).numpy(),
+        "mean_entropy": ((ent * mf).sum(1) / n).numpy(),
+        "n_key": key.sum(1).numpy().astype(np.int32),
+    }
     out = {"rollouts": pa.table({k: cols[k] for k in SCHEMAS["rollouts"].names}, schema=SCHEMAS["rollouts"])}
     if with_tokens:
         rows, pos = m.nonzero(as_tuple=True)
         ids = token_ids.cpu()[rows, pos].numpy().astype(np.int32)
-        out["tokens"] = pa.table({
-            "run_id": [run_id] * len(ids), "step": np.full(len(ids), step, np.int32), "rollout_idx": rows.numpy().astype(np.int32),
-            "position": pos.numpy().astype(np.int32), "token_id": ids, "token_text": token_text(ids),
-            "logprob": lp[m].numpy(), "entropy": ent[m].numpy(), "adv_raw": adv_tokens_raw.detach().float().cpu()[m].numpy(),
-            "adv_shaped": adv_shaped.detach().float().cpu()[m].numpy(), "is_key": key[m].numpy(), "polarity": pol[rows.numpy()],
-        }, schema=SCHEMAS["tokens"])
+        out["tokens"] = pa.table(
+            {
+                "run_id": [run_id] * len(ids),
+                "step": np.full(len(ids), step, np.int32),
+                "rollout_idx": rows.numpy().astype(np.int32),
+                "position": pos.numpy().astype(np.int32),
+                "token_id": ids,
+                "token_text": token_text(ids),
+                "logprob": lp[m].numpy(),
+                "entropy": ent[m].numpy(),
+                "adv_raw": adv_tokens_raw.detach().float().cpu()[m].numpy(),
+                "adv_shaped": adv_shaped.detach().float().cpu()[m].numpy(),
+                "is_key": key[m].numpy(),
+                "polarity": pol[rows.numpy()],
+            },
+            schema=SCHEMAS["tokens"],
+        )
     return out
 
 
@@ -144,7 +217,9 @@ class StoreError(ValueError):
 def check_name(name: str, what: str = "run id") -> str:
     """Refuse names that could escape the store folder (``..``, ``/``, empty, odd characters)."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise StoreError(f"invalid {what} {name!r} — use letters, digits, '.', '_' or '-' (max 128, not starting with '.')")
+        raise StoreError(
+            f"invalid {what} {name!r} — use letters, digits, '.', '_' or '-' (max 128, not starting with '.')"
+        )
     return name
 
 
@@ -178,7 +253,7 @@ def _proc_start(pid: int) -> int | None:
     Recorded in the lease so that a new process that got a dead writer's pid is not taken for it."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -248,7 +323,9 @@ class Store:
             info = {"host": meta.get("host"), "pid": meta.get("pid")}
         return self._lease_live(info)
 
-    def create_run(self, config: dict, *, name: str | None = None, study: str | None = None, lease: bool = False) -> str:
+    def create_run(
+        self, config: dict, *, name: str | None = None, study: str | None = None, lease: bool = False
+    ) -> str:
         """Create a run folder with its run.json, atomically: it appears complete or not at all.
 
         With ``lease=True`` the folder appears with this process already holding the writer lease, so
@@ -260,14 +337,29 @@ class Store:
         self._clean_tmp_runs()
         run_id, i = base, 1
         while True:
-            meta = {"run_id": run_id, "name": name or run_id, "algorithm": algo, "status": "created", "study": study,
-                    "created": time.time(), "updated": time.time(), "last_step": 0,
-                    "total_steps": int(config.get("train", {}).get("steps", 0)), "final_accuracy": None, "error": None,
-                    "pid": os.getpid(), "host": _HOST, "writer_lease": lease, "config": config}
+            meta = {
+                "run_id": run_id,
+                "name": name or run_id,
+                "algorithm": algo,
+                "status": "created",
+                "study": study,
+                "created": time.time(),
+                "updated": time.time(),
+                "last_step": 0,
+                "total_steps": int(config.get("train", {}).get("steps", 0)),
+                "final_accuracy": None,
+                "error": None,
+                "pid": os.getpid(),
+                "host": _HOST,
+                "writer_lease": lease,
+                "config": config,
+            }
             if self._publish_run(run_id, meta, lease):
                 return run_id
             if name is not None:
-                raise StoreError(f"run {name!r} already exists in {self.root} — pick another name or resume it with --resume {name}")
+                raise StoreError(
+                    f"run {name!r} already exists in {self.root} — pick another name or resume it with --resume {name}"
+                )
             i += 1
             run_id = f"{base}-{i}"
 
@@ -277,7 +369,9 @@ class Store:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot create the store folder {self.root}: {e.strerror} — pick a writable folder with --store") from None
+            raise StoreError(
+                f"cannot create the store folder {self.root}: {e.strerror} — pick a writable folder with --store"
+            ) from None
 
     def _publish_run(self, run_id: str, meta: dict, lease: bool) -> bool:
         """Build the run under a hidden name and rename it into place; False when the name is taken.
@@ -301,7 +395,9 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 return False
-            raise StoreError(f"cannot create run {run_id!r} in {self.root}: {e.strerror} — pick a writable folder with --store") from None
+            raise StoreError(
+                f"cannot create run {run_id!r} in {self.root}: {e.strerror} — pick a writable folder with --store"
+            ) from None
 
     def _clean_tmp_runs(self) -> None:
         """Remove hidden half-created run folders whose creator (on this host) is gone."""
@@ -341,7 +437,9 @@ class Store:
         try:
             fd = os.open(d, os.O_RDONLY)
         except FileNotFoundError:
-            raise StoreError(f"no run {run_id!r} in {self.root} — list the runs with `a3po runs --store {self.root}`") from None
+            raise StoreError(
+                f"no run {run_id!r} in {self.root} — list the runs with `a3po runs --store {self.root}`"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield d
@@ -374,8 +472,12 @@ class Store:
 
     @staticmethod
     def _lease_mine(info: dict | None) -> bool:
-        return bool(info) and info.get("host") == _HOST and info.get("pid") == os.getpid() \
+        return (
+            bool(info)
+            and info.get("host") == _HOST
+            and info.get("pid") == os.getpid()
             and info.get("start") == _proc_start(os.getpid())
+        )
 
     def writer(self, run_id: str) -> dict | None:
         """The live writer lease of a run (host, pid, start, since), or None when nobody writes it."""
@@ -384,8 +486,10 @@ class Store:
 
     def _busy_error(self, run_id: str, info: dict) -> StoreError:
         since = time.strftime("%H:%M", time.localtime(float(info.get("since") or 0)))
-        return StoreError(f"run {run_id!r} is being written by pid {info.get('pid')} on host {info.get('host')} since {since} "
-                          f"— wait for it to finish or stop it first")
+        return StoreError(
+            f"run {run_id!r} is being written by pid {info.get('pid')} on host {info.get('host')} since {since} "
+            f"— wait for it to finish or stop it first"
+        )
 
     def acquire_writer(self, run_id: str) -> dict:
         """Take the run's writer lease (re-entrant within this process); StoreError if another live process holds it.
@@ -401,7 +505,9 @@ class Store:
             try:
                 return self._write_lease(d / LOCK)
             except OSError as e:
-                raise StoreError(f"cannot write the lease of run {run_id!r}: {e.strerror} — make {d} writable") from None
+                raise StoreError(
+                    f"cannot write the lease of run {run_id!r}: {e.strerror} — make {d} writable"
+                ) from None
 
     def release_writer(self, run_id: str) -> None:
         """Give up the lease if this process holds it (a no-op otherwise)."""
@@ -429,8 +535,13 @@ class Store:
     def clean_temp(self, run_id: str) -> int:
         """Remove the temporary files a killed writer left in the run (caller holds the lease)."""
         d = self.run_dir(run_id)
-        junk = [*(d / "segments").glob(".tmp-*"), *(d / "chunks").glob(".tmp-*"), *d.glob(".run.json.*.tmp"),
-                *d.glob(f".{LOCK}.*.tmp"), d / ".checkpoint-tmp"]
+        junk = [
+            *(d / "segments").glob(".tmp-*"),
+            *(d / "chunks").glob(".tmp-*"),
+            *d.glob(".run.json.*.tmp"),
+            *d.glob(f".{LOCK}.*.tmp"),
+            d / ".checkpoint-tmp",
+        ]
         if (d / "checkpoint" / "trainer_state.pt").exists():
             junk.append(d / ".checkpoint-old")  # only a fallback while the new checkpoint is incomplete
         n = 0
@@ -444,7 +555,7 @@ class Store:
         return n
 
     # ---------------------------------------------------------------- writing
-    def begin_step(self, run_id: str, step: int) -> "StepSegment":
+    def begin_step(self, run_id: str, step: int) -> StepSegment:
         """Start writing one step; nothing is visible until ``commit()``."""
         return StepSegment(self.run_dir(run_id) / "segments", step)
 
@@ -507,7 +618,9 @@ class Store:
         cdir = self.run_dir(run_id) / "chunks"
         cdir.mkdir(exist_ok=True)
         for table in TABLES:
-            todo = [(s, p / f"{table}.parquet") for s, p in segs if s > cov[table] and (p / f"{table}.parquet").exists()]
+            todo = [
+                (s, p / f"{table}.parquet") for s, p in segs if s > cov[table] and (p / f"{table}.parquet").exists()
+            ]
             if not todo:
                 continue
             merged = pa.concat_tables([pq.read_table(f) for _, f in todo], promote_options="default")
@@ -561,12 +674,15 @@ class Store:
     def files(self, table: str, run_ids: Iterable[str] | None = None) -> list[str]:
         """Current Parquet files of ``table`` (chunks, plus segments no chunk covers)."""
         out = []
-        for rid in (self.run_ids() if run_ids is None else run_ids):
+        for rid in self.run_ids() if run_ids is None else run_ids:
             chunks = [c for c in self._chunks(rid) if c[0] == table]
             covered = max((b for _, _, b, _ in chunks), default=-1)
             out += [str(p) for _, _, _, p in chunks]
-            out += [str(p / f"{table}.parquet") for s, p in self._segments(rid)
-                    if s > covered and (p / f"{table}.parquet").exists()]
+            out += [
+                str(p / f"{table}.parquet")
+                for s, p in self._segments(rid)
+                if s > covered and (p / f"{table}.parquet").exists()
+            ]
         return out
 
     def runs_table(self) -> pa.Table:
@@ -585,8 +701,12 @@ class Store:
         except FileNotFoundError:
             raise
         except OSError as e:
-            return {**{k: None for k, _ in RUN_COLUMNS}, "run_id": rid, "status": "invalid",
-                    "error": f"run.json: cannot read ({e.strerror})"}
+            return {
+                **{k: None for k, _ in RUN_COLUMNS},
+                "run_id": rid,
+                "status": "invalid",
+                "error": f"run.json: cannot read ({e.strerror})",
+            }
         except StoreError as e:
             if not (self.run_dir(rid) / "run.json").exists():
                 raise FileNotFoundError(rid) from None
@@ -632,7 +752,9 @@ class Store:
                 # DuckDB cannot bind parameters in a view definition: the list is our own file names,
                 # quoted as SQL string literals.
                 lst = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-                con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet([{lst}], union_by_name=true)")
+                con.execute(
+                    f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet([{lst}], union_by_name=true)"
+                )
             else:
                 schema = SCHEMAS.get(table, pa.schema([("run_id", pa.string()), ("step", pa.int32())]))
                 con.register(f"{table}_empty", schema.empty_table())
@@ -689,7 +811,9 @@ class Store:
         try:
             if fmt == "parquet":
                 for t, tmp in zip(("runs",) + TABLES, tmps):
-                    con.execute(f"COPY (SELECT * FROM {t} WHERE run_id = ?) TO '{_sql_path(tmp)}' (FORMAT parquet)", [run_id])
+                    con.execute(
+                        f"COPY (SELECT * FROM {t} WHERE run_id = ?) TO '{_sql_path(tmp)}' (FORMAT parquet)", [run_id]
+                    )
             else:
                 con.execute(f"ATTACH '{_sql_path(tmps[0])}' AS dst")
                 try:
@@ -738,8 +862,11 @@ class _ReadConnection:
                 return self._con.execute(sql, params or [])
             except Exception as e:
                 if _is_vanished_file(e):
-                    self._store._create_views(self._con, None if self._ids is None else [check_name(r) for r in self._ids])
+                    self._store._create_views(
+                        self._con, None if self._ids is None else [check_name(r) for r in self._ids]
+                    )
                 raise
+
         return _retry(once, self._retries)
 
     def sql(self, sql: str):

@@ -45,40 +45,78 @@ class Setting:
 def _tok(pol: str, metric: str, end: str, scale: float) -> Setting:
     sc = f"x{scale:g}"
     rule = f"[{{polarity: {pol}, metric: {metric}, end: {end}, ratio: 0.2, scale: {scale:g}}}]"
-    return Setting(f"tok-{pol[:3]}-{metric}-{end}-{sc}", "token", f"{pol} / {metric} / {end} x{scale:g}",
-                   ("algorithm.name=token_weighted", f"algorithm.token_rules={rule}"))
+    return Setting(
+        f"tok-{pol[:3]}-{metric}-{end}-{sc}",
+        "token",
+        f"{pol} / {metric} / {end} x{scale:g}",
+        ("algorithm.name=token_weighted", f"algorithm.token_rules={rule}"),
+    )
 
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in [
-    Setting("grpo", "polarity", "GRPO (both polarities)", ("algorithm.name=grpo",)),
-    Setting("psr", "polarity", "PSR only", ("algorithm.name=psr",)),
-    Setting("nsr", "polarity", "NSR only", ("algorithm.name=nsr",)),
-    Setting("w_reinforce", "polarity", "W-REINFORCE (lambda 0.1)", ("algorithm.name=w_reinforce", "algorithm.lam=0.1")),
-    Setting("p2n1", "sample", "P2N1", ("algorithm.name=polarity_weighted", "algorithm.w_pos=2", "algorithm.w_neg=1")),
-    Setting("p1n2", "sample", "P1N2", ("algorithm.name=polarity_weighted", "algorithm.w_pos=1", "algorithm.w_neg=2")),
-    # same ratio as P2N1 at the same lr: Adam cancels the constant scale (see engine/report.py, RATIO_NOTE)
-    Setting("p1n0.5", "sample", "P1N0.5",
-            ("algorithm.name=polarity_weighted", "algorithm.w_pos=1", "algorithm.w_neg=0.5")),
-    *[_tok(p, m, e, 2.0) for m in ("prob", "entropy") for p in ("positive", "negative") for e in ("high", "low")],
-    _tok("positive", "prob", "high", 0.5),
-    _tok("positive", "entropy", "high", 0.5),
-    Setting("dapo", "methods", "DAPO", ("algorithm.name=dapo",)),
-    Setting("dapo-clip-sym", "methods", "DAPO, symmetric clip 0.2",
-            ("algorithm.name=dapo", "actor.clip_ratio_high=0.2")),
-    Setting("fork_tokens", "methods", "DAPO + fork tokens (top 20% entropy)", ("algorithm.name=fork_tokens",)),
-    Setting("a3po", "methods", "A3PO (decay on)", ("algorithm.name=a3po",)),
-    # A3PO on DAPO's sampling: dynamic sampling and DAPO's default overlong buffer (max_new_tokens // 4);
-    # A3PO already has DAPO's clip-higher 0.28 and token-mean loss
-    Setting("a3po-dapo", "methods", "A3PO on DAPO", ("algorithm.name=a3po", "algorithm.dynamic_sampling=true",
-                                                     "algorithm.overlong_buffer={dapo_overlong_buffer}")),
-    Setting("a3po-static", "methods", "A3PO static scales (decay off)",
-            ("algorithm.name=a3po", "algorithm.decay=constant")),
-    # the scale sweep the A3PO defaults are chosen from (alpha+_0 = alpha-_0)
-    Setting("a3po-a1.5", "a3po scales", "A3PO alpha0 1.5",
-            ("algorithm.name=a3po", "algorithm.alpha_pos=1.5", "algorithm.alpha_neg=1.5")),
-    Setting("a3po-a3", "a3po scales", "A3PO alpha0 3",
-            ("algorithm.name=a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=3")),
-]}
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting("grpo", "polarity", "GRPO (both polarities)", ("algorithm.name=grpo",)),
+        Setting("psr", "polarity", "PSR only", ("algorithm.name=psr",)),
+        Setting("nsr", "polarity", "NSR only", ("algorithm.name=nsr",)),
+        Setting(
+            "w_reinforce", "polarity", "W-REINFORCE (lambda 0.1)", ("algorithm.name=w_reinforce", "algorithm.lam=0.1")
+        ),
+        Setting(
+            "p2n1", "sample", "P2N1", ("algorithm.name=polarity_weighted", "algorithm.w_pos=2", "algorithm.w_neg=1")
+        ),
+        Setting(
+            "p1n2", "sample", "P1N2", ("algorithm.name=polarity_weighted", "algorithm.w_pos=1", "algorithm.w_neg=2")
+        ),
+        # same ratio as P2N1 at the same lr: Adam cancels the constant scale (see engine/report.py, RATIO_NOTE)
+        Setting(
+            "p1n0.5",
+            "sample",
+            "P1N0.5",
+            ("algorithm.name=polarity_weighted", "algorithm.w_pos=1", "algorithm.w_neg=0.5"),
+        ),
+        *[_tok(p, m, e, 2.0) for m in ("prob", "entropy") for p in ("positive", "negative") for e in ("high", "low")],
+        _tok("positive", "prob", "high", 0.5),
+        _tok("positive", "entropy", "high", 0.5),
+        Setting("dapo", "methods", "DAPO", ("algorithm.name=dapo",)),
+        Setting(
+            "dapo-clip-sym", "methods", "DAPO, symmetric clip 0.2", ("algorithm.name=dapo", "actor.clip_ratio_high=0.2")
+        ),
+        Setting("fork_tokens", "methods", "DAPO + fork tokens (top 20% entropy)", ("algorithm.name=fork_tokens",)),
+        Setting("a3po", "methods", "A3PO (decay on)", ("algorithm.name=a3po",)),
+        # A3PO on DAPO's sampling: dynamic sampling and DAPO's default overlong buffer (max_new_tokens // 4);
+        # A3PO already has DAPO's clip-higher 0.28 and token-mean loss
+        Setting(
+            "a3po-dapo",
+            "methods",
+            "A3PO on DAPO",
+            (
+                "algorithm.name=a3po",
+                "algorithm.dynamic_sampling=true",
+                "algorithm.overlong_buffer={dapo_overlong_buffer}",
+            ),
+        ),
+        Setting(
+            "a3po-static",
+            "methods",
+            "A3PO static scales (decay off)",
+            ("algorithm.name=a3po", "algorithm.decay=constant"),
+        ),
+        # the scale sweep the A3PO defaults are chosen from (alpha+_0 = alpha-_0)
+        Setting(
+            "a3po-a1.5",
+            "a3po scales",
+            "A3PO alpha0 1.5",
+            ("algorithm.name=a3po", "algorithm.alpha_pos=1.5", "algorithm.alpha_neg=1.5"),
+        ),
+        Setting(
+            "a3po-a3",
+            "a3po scales",
+            "A3PO alpha0 3",
+            ("algorithm.name=a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=3"),
+        ),
+    ]
+}
 # P1N1 is GRPO; the sample-level section reuses the grpo runs as its reference.
 CORE = ("grpo", "dapo", "a3po", "a3po-dapo", "p2n1", "psr", "nsr")  # the comparisons the main claims rest on
 
@@ -104,12 +142,28 @@ class Preset:
 # one (pass@4 is the exploration claim's "large k"); the start is the same model in every run, so it is not
 # re-evaluated. 30 steps x 12 prompts x 8 rollouts (4 mini-batches each) keep a run near 1.5 min on one busy
 # core, so the 10-seed core grid (70 runs) fits about an hour on 2 cores.
-DECIDE = ("train.prompts_per_step=12", "train.eval_every=0", "eval.at_start=false", "eval.n_prompts=0",
-          "eval.final_k=[1,2,4]", "train.store_tokens=false", "train.save_final_model=false")
+DECIDE = (
+    "train.prompts_per_step=12",
+    "train.eval_every=0",
+    "eval.at_start=false",
+    "eval.n_prompts=0",
+    "eval.final_k=[1,2,4]",
+    "train.store_tokens=false",
+    "train.save_final_model=false",
+)
 PRESETS = {
-    "quick": Preset(("grpo", "psr", "nsr", "w_reinforce", "dapo", "a3po"), seeds=1, steps=80,
-                    overrides=("train.eval_every=20", "eval.n_prompts=100", "eval.final_k=[1,2,4,8,16,32,64]",
-                               "train.store_tokens=false", "train.save_final_model=false")),
+    "quick": Preset(
+        ("grpo", "psr", "nsr", "w_reinforce", "dapo", "a3po"),
+        seeds=1,
+        steps=80,
+        overrides=(
+            "train.eval_every=20",
+            "eval.n_prompts=100",
+            "eval.final_k=[1,2,4,8,16,32,64]",
+            "train.store_tokens=false",
+            "train.save_final_model=false",
+        ),
+    ),
     "pilot": Preset(("grpo", "dapo", "a3po"), seeds=10, steps=30, overrides=DECIDE),
     "full": Preset(tuple(SETTINGS), seeds=10, steps=30, overrides=DECIDE, core=CORE, secondary_seeds=3),
 }
@@ -129,9 +183,20 @@ def _fill(text: str, values: dict[str, str]) -> str:
     return text
 
 
-def plan(study_id: str, preset: Preset, *, seeds: int, steps: int, only: list[str] | None, extra: list[str],
-         base_lr: float, threads: int, config: str | None, secondary_seeds: int | None = None,
-         max_new_tokens: int = 48) -> list[Job]:
+def plan(
+    study_id: str,
+    preset: Preset,
+    *,
+    seeds: int,
+    steps: int,
+    only: list[str] | None,
+    extra: list[str],
+    base_lr: float,
+    threads: int,
+    config: str | None,
+    secondary_seeds: int | None = None,
+    max_new_tokens: int = 48,
+) -> list[Job]:
     """The runs of a study, seed-major (an interrupted study has whole seeds of every setting).
 
     ``{dapo_overlong_buffer}`` in a setting's overrides becomes DAPO's default, ``max_new_tokens // 4``.
@@ -180,10 +245,21 @@ def _run_job(job: Job, store: Store, study_id: str, log) -> tuple[str, str]:
     return job.run_id, "finished"
 
 
-def run_study(*, preset: str = "quick", seeds: int | None = None, steps: int | None = None,
-              out: str | Path = "reports/study", store: Store, study_id: str | None = None, jobs: int | None = None,
-              only: list[str] | None = None, extra: list[str] | None = None, config: str | None = None,
-              secondary_seeds: int | None = None, log=print) -> dict:
+def run_study(
+    *,
+    preset: str = "quick",
+    seeds: int | None = None,
+    steps: int | None = None,
+    out: str | Path = "reports/study",
+    store: Store,
+    study_id: str | None = None,
+    jobs: int | None = None,
+    only: list[str] | None = None,
+    extra: list[str] | None = None,
+    config: str | None = None,
+    secondary_seeds: int | None = None,
+    log=print,
+) -> dict:
     """Run (or continue) a study and write its report. Returns the report's paths and claims.
 
     ``seeds`` are the core settings' paired seeds; ``secondary_seeds`` (default: the preset's) the others'.
@@ -203,9 +279,19 @@ def run_study(*, preset: str = "quick", seeds: int | None = None, steps: int | N
     extra = list(extra or [])
     base_cfg = load_config(config, list(pr.overrides) + extra)  # validates the overrides once, before any launch
     seeds, steps = seeds or pr.seeds, steps or pr.steps
-    todo = plan(study_id, pr, seeds=seeds, steps=steps, only=only, extra=extra, base_lr=base_cfg.actor.lr,
-                threads=threads, config=config, secondary_seeds=secondary_seeds,
-                max_new_tokens=base_cfg.rollout.max_new_tokens)
+    todo = plan(
+        study_id,
+        pr,
+        seeds=seeds,
+        steps=steps,
+        only=only,
+        extra=extra,
+        base_lr=base_cfg.actor.lr,
+        threads=threads,
+        config=config,
+        secondary_seeds=secondary_seeds,
+        max_new_tokens=base_cfg.rollout.max_new_tokens,
+    )
     log(f"study {study_id}: {len(todo)} runs, {jobs} at a time, {threads} thread(s) each, store {store.root}")
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=jobs) as ex:
@@ -213,20 +299,25 @@ def run_study(*, preset: str = "quick", seeds: int | None = None, steps: int | N
     from engine.report import write_report
 
     names = only or list(pr.settings)
-    notes = [_seed_note(preset, pr, names, seeds, secondary_seeds, steps, config),
-             f"This invocation ran {len(todo)} jobs ({jobs} at a time, {threads} thread(s) each) in "
-             f"{(time.time() - t0) / 3600:.2f} h (finished runs are skipped when a study is continued)."]
+    notes = [
+        _seed_note(preset, pr, names, seeds, secondary_seeds, steps, config),
+        f"This invocation ran {len(todo)} jobs ({jobs} at a time, {threads} thread(s) each) in "
+        f"{(time.time() - t0) / 3600:.2f} h (finished runs are skipped when a study is continued).",
+    ]
     paths = write_report(store, study_id, Path(out), settings=[SETTINGS[n] for n in names], notes=notes)
     return {"study": study_id, "runs": dict(results), **paths}
 
 
-def _seed_note(preset: str, pr: Preset, names: list[str], seeds: int, secondary: int | None, steps: int,
-               config: str) -> str:
+def _seed_note(
+    preset: str, pr: Preset, names: list[str], seeds: int, secondary: int | None, steps: int, config: str
+) -> str:
     """One sentence for the report: the preset, steps, and which settings got how many paired seeds."""
     counts: dict[int, list[str]] = {}
     for n in names:
         counts.setdefault(pr.seeds_for(n, seeds, secondary), []).append(n)
     per = "; ".join(f"{k} paired seed{'s' * (k != 1)}: {', '.join(v)}" for k, v in sorted(counts.items(), reverse=True))
-    return (f"Preset {preset!r} on {Path(config).name}, {steps} steps per run. {per}. Core comparisons use the most "
-            f"seeds; secondary grid cells fewer, so their intervals are wider. "
-            f"Preset overrides: {' '.join(pr.overrides)}.")
+    return (
+        f"Preset {preset!r} on {Path(config).name}, {steps} steps per run. {per}. Core comparisons use the most "
+        f"seeds; secondary grid cells fewer, so their intervals are wider. "
+        f"Preset overrides: {' '.join(pr.overrides)}."
+    )

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.resources import data_dir
-from typing import Callable
 
 DATA_DIR = data_dir()  # data/ in a checkout, a3po_data in an installed wheel (engine.resources)
 ARITH_DIR = DATA_DIR / "arith"
@@ -111,8 +111,9 @@ def apply_op(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def make_splits(make_problem, n_train: int = 20000, n_test: int = 500, seed: int = 0,
-                name: str = "arith") -> tuple[list[Problem], list[Problem]]:
+def make_splits(
+    make_problem, n_train: int = 20000, n_test: int = 500, seed: int = 0, name: str = "arith"
+) -> tuple[list[Problem], list[Problem]]:
     """Disjoint train/test splits, deterministic in ``seed`` (test drawn first, train excludes its prompts)."""
     rng_test = random.Random(f"{name}-test-{seed}")
     test, seen = [], set()
@@ -153,13 +154,26 @@ class Task:
         return make_splits(self.make_problem, n_train, n_test, seed, name=self.name)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("countdown", countdown_problem, "countdown", "builtin:tiny-countdown",
-         "Countdown-lite: reach a target from 3-4 numbers (1-12) with + - *, one written step at a time; "
-         "the default task (several valid continuations at every step)."),
-    Task("arith", arith_problem, "math", "builtin:tiny",
-         "a+-b+-c with a worked solution and a boxed answer; the quick smoke task (about two decisions per response)."),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task(
+            "countdown",
+            countdown_problem,
+            "countdown",
+            "builtin:tiny-countdown",
+            "Countdown-lite: reach a target from 3-4 numbers (1-12) with + - *, one written step at a time; "
+            "the default task (several valid continuations at every step).",
+        ),
+        Task(
+            "arith",
+            arith_problem,
+            "math",
+            "builtin:tiny",
+            "a+-b+-c with a worked solution and a boxed answer; the quick smoke task (about two decisions per response).",
+        ),
+    ]
+}
 DEFAULT_TASK = "countdown"
 
 
@@ -169,8 +183,9 @@ def builtin_task(spec: str) -> Task | None:
         return None
     name = spec.split(":", 1)[1]
     if name not in TASKS:
-        raise DatasetError(f"unknown builtin dataset {spec!r} — the embedded ones are "
-                           + ", ".join(f"'builtin:{n}'" for n in TASKS))
+        raise DatasetError(
+            f"unknown builtin dataset {spec!r} — the embedded ones are " + ", ".join(f"'builtin:{n}'" for n in TASKS)
+        )
     return TASKS[name]
 
 
@@ -193,16 +208,19 @@ def resolve_data_path(spec: str, split: str) -> Path:
     return task.dir / f"{split}.jsonl" if task else Path(spec).expanduser()
 
 
-def load_problems(spec: str, split: str = "train", *, prompt_key: str = "prompt", answer_key: str = "answer",
-                  limit: int | None = None) -> list[Problem]:
+def load_problems(
+    spec: str, split: str = "train", *, prompt_key: str = "prompt", answer_key: str = "answer", limit: int | None = None
+) -> list[Problem]:
     """Load a JSONL or Parquet file of prompt/answer rows.
 
     Raises ``DatasetError`` with a one-line message naming the file and row on any problem.
     """
     path = resolve_data_path(spec, split)
     if not path.exists():
-        raise DatasetError(f"dataset file not found: {path} — pass builtin:countdown, builtin:arith or an existing "
-                           ".jsonl/.parquet file")
+        raise DatasetError(
+            f"dataset file not found: {path} — pass builtin:countdown, builtin:arith or an existing "
+            ".jsonl/.parquet file"
+        )
     if path.is_dir():
         raise DatasetError(f"dataset path {path} is a folder — pass a .jsonl or .parquet file")
     suffix = path.suffix.lower()
@@ -251,8 +269,9 @@ def _read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}: row {i} is not valid JSON ({e.msg}) — fix or remove that line") from None
             if not isinstance(obj, dict):
-                raise DatasetError(f"{path}: row {i} is not a JSON object — each line must be {{\"prompt\": ..., "
-                                   "\"answer\": ...}") from None
+                raise DatasetError(
+                    f'{path}: row {i} is not a JSON object — each line must be {{"prompt": ..., "answer": ...}}'
+                ) from None
             rows.append(obj)
     return rows
 
@@ -266,5 +285,6 @@ def _read_parquet(path: Path) -> list[dict]:
         raise
     except Exception as e:  # pyarrow raises several types for corrupt files
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DatasetError(f"{path}: cannot read parquet ({type(e).__name__}: {first}) — check the file is a complete "
-                           "Parquet file") from None
+        raise DatasetError(
+            f"{path}: cannot read parquet ({type(e).__name__}: {first}) — check the file is a complete Parquet file"
+        ) from None

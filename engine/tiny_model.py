@@ -40,8 +40,13 @@ def build_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
     tk.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        padding_side="left", model_max_length=256,
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=256,
     )
 
 
@@ -49,10 +54,19 @@ def build_config(vocab_size: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        rms_norm_eps=1e-5, rope_theta=10000.0,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
     )
 
 
@@ -85,10 +99,21 @@ RECIPES = {
 FORK_ENTROPY = 0.672  # nats; a token above it is a "fork" (Wang et al. 2025: ~20% of Qwen3-8B reasoning tokens)
 
 
-def build_tiny_model(out: Path | None = None, *, task: str = "arith", steps: int | None = None,
-                     schedule_steps: int | None = None, batch: int = 64, lr: float | None = None, seed: int = 0,
-                     threads: int | None = None, eval_every: int = 0, write_data: bool = True, n_eval: int | None = None,
-                     log=print) -> dict:
+def build_tiny_model(
+    out: Path | None = None,
+    *,
+    task: str = "arith",
+    steps: int | None = None,
+    schedule_steps: int | None = None,
+    batch: int = 64,
+    lr: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    eval_every: int = 0,
+    write_data: bool = True,
+    n_eval: int | None = None,
+    log=print,
+) -> dict:
     """Write ``task``'s splits and a freshly SFT-trained tiny model to ``out``; returns build stats.
 
     ``steps`` optimiser steps of a warm-up + cosine schedule whose horizon is ``schedule_steps``
@@ -111,8 +136,10 @@ def build_tiny_model(out: Path | None = None, *, task: str = "arith", steps: int
         if out is None:
             from engine.config import ConfigError
 
-            raise ConfigError("build-tiny-model outside a source checkout needs --out — e.g. --out ./tiny-countdown "
-                              "(the shipped model in the package is never overwritten)")
+            raise ConfigError(
+                "build-tiny-model outside a source checkout needs --out — e.g. --out ./tiny-countdown "
+                "(the shipped model in the package is never overwritten)"
+            )
         data_out = Path(out) / "data"
     out = Path(out) if out else MODEL_DIRS[task]
     torch.set_num_threads(threads)
@@ -128,7 +155,8 @@ def build_tiny_model(out: Path | None = None, *, task: str = "arith", steps: int
     horizon = max(steps, schedule_steps)
     warm = max(1, horizon // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / horizon))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / horizon)))
+    )
     rng = random.Random(seed)
     t0 = time.time()
     history = []
@@ -157,17 +185,38 @@ def build_tiny_model(out: Path | None = None, *, task: str = "arith", steps: int
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     st = rollout_stats(model, tok, test[:n_eval] if n_eval else test, t.verifier, seed=seed)
-    stats = {"task": task, "sft_steps": steps, "schedule_steps": horizon, "batch": batch, "lr": lr, "seed": seed,
-             "threads": threads, "seconds": seconds, "test_sampled_accuracy_t1": st["accuracy"],
-             "rollout_stats_t1": st, "params": sum(p.numel() for p in model.parameters()), "history": history}
+    stats = {
+        "task": task,
+        "sft_steps": steps,
+        "schedule_steps": horizon,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "threads": threads,
+        "seconds": seconds,
+        "test_sampled_accuracy_t1": st["accuracy"],
+        "rollout_stats_t1": st,
+        "params": sum(p.numel() for p in model.parameters()),
+        "history": history,
+    }
     (out / "build_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     log(f"wrote {out} ({stats['params']} params); on fresh T=1 rollouts of the test split: {st}")
     return stats
 
 
 @torch.no_grad()
-def rollout_stats(model, tok, problems, verifier: str = "math", *, group: int = 8, seed: int = 0, batch: int = 32,
-                  max_new_tokens: int = 64, temperature: float = 1.0) -> dict:
+def rollout_stats(
+    model,
+    tok,
+    problems,
+    verifier: str = "math",
+    *,
+    group: int = 8,
+    seed: int = 0,
+    batch: int = 32,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+) -> dict:
     """Polarity statistics of fresh rollouts: ``group`` samples per problem at ``temperature``.
 
     Returns accuracy (share of correct samples), mixed_groups (share of problems whose group holds
@@ -186,13 +235,25 @@ def rollout_stats(model, tok, problems, verifier: str = "math", *, group: int = 
         torch.manual_seed(seed)
         for i in range(0, len(problems), batch):
             chunk = problems[i : i + batch]
-            enc = [[tok.bos_token_id] + tok.encode(p.prompt, add_special_tokens=False) for p in chunk for _ in range(group)]
+            enc = [
+                [tok.bos_token_id] + tok.encode(p.prompt, add_special_tokens=False) for p in chunk for _ in range(group)
+            ]
             T = max(map(len, enc))
             ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc])
             att = (torch.arange(T).expand(len(enc), T) >= torch.tensor([T - len(e) for e in enc]).unsqueeze(1)).long()
-            out = model.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=temperature, top_k=0,
-                                 top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=att,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             resp = out.sequences[:, T:]
             logp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)  # (B, L, V): scores are logits / T
             ent = -(logp.exp() * logp).nan_to_num().sum(-1)
@@ -207,12 +268,19 @@ def rollout_stats(model, tok, problems, verifier: str = "math", *, group: int = 
             ent_sum += float(ent[valid].sum())
             n_fork += int((ent[valid] > FORK_ENTROPY).sum())
             for g in range(len(chunk)):
-                c = sum(ok[g * group:(g + 1) * group])
+                c = sum(ok[g * group : (g + 1) * group])
                 mixed += 0 < c < group
                 all_wrong += c == 0
                 all_right += c == group
     n_samples = len(problems) * group
-    return {"accuracy": round(n_ok / n_samples, 4), "mixed_groups": round(mixed / len(problems), 4),
-            "all_wrong_groups": round(all_wrong / len(problems), 4), "all_correct_groups": round(all_right / len(problems), 4),
-            "length": round(n_tok / n_samples, 2), "entropy": round(ent_sum / max(1, n_tok), 4),
-            "fork_frac": round(n_fork / max(1, n_tok), 4), "n_prompts": len(problems), "group": group}
+    return {
+        "accuracy": round(n_ok / n_samples, 4),
+        "mixed_groups": round(mixed / len(problems), 4),
+        "all_wrong_groups": round(all_wrong / len(problems), 4),
+        "all_correct_groups": round(all_right / len(problems), 4),
+        "length": round(n_tok / n_samples, 2),
+        "entropy": round(ent_sum / max(1, n_tok), 4),
+        "fork_frac": round(n_fork / max(1, n_tok), 4),
+        "n_prompts": len(problems),
+        "group": group,
+    }

@@ -33,8 +33,11 @@ def make_reward(data: str):
     verify = resolve_verifier(data)
 
     def reward(completions, task_prompt, answer, **kw):
-        return [float(verify(c if isinstance(c, str) else c[-1]["content"], Problem(prompt=p, answer=str(a))))
-                for c, p, a in zip(completions, task_prompt, answer)]
+        return [
+            float(verify(c if isinstance(c, str) else c[-1]["content"], Problem(prompt=p, answer=str(a))))
+            for c, p, a in zip(completions, task_prompt, answer)
+        ]
+
     return reward
 
 
@@ -54,14 +57,41 @@ def main():
     a = ap.parse_args()
     model, tok, _ = load_policy(a.model, device="cuda" if torch.cuda.is_available() else "cpu")
     bos = tok.bos_token or ""
-    ds = Dataset.from_list([{"prompt": bos + p.prompt, "task_prompt": p.prompt, "answer": p.answer} for p in load_problems(a.data, "train", limit=a.prompts)])
-    args = GRPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, num_generations=a.generations,
-                      max_completion_length=a.max_tokens, max_steps=a.steps, learning_rate=1e-5, temperature=1.0,
-                      top_k=0, beta=0.0, report_to=[], save_strategy="no", logging_steps=10, seed=0,
-                      bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available())
-    A3POGRPOTrainer(model=model, reward_funcs=make_reward(a.data), args=args, train_dataset=ds, processing_class=tok,
-                    a3po={"alpha_pos": a.alpha, "alpha_neg": a.alpha}, store=a.store, run_name=a.run_name,
-                    data=a.data, model_path=a.model).train()
+    ds = Dataset.from_list(
+        [
+            {"prompt": bos + p.prompt, "task_prompt": p.prompt, "answer": p.answer}
+            for p in load_problems(a.data, "train", limit=a.prompts)
+        ]
+    )
+    args = GRPOConfig(
+        output_dir=a.out,
+        per_device_train_batch_size=a.batch,
+        num_generations=a.generations,
+        max_completion_length=a.max_tokens,
+        max_steps=a.steps,
+        learning_rate=1e-5,
+        temperature=1.0,
+        top_k=0,
+        beta=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10,
+        seed=0,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+    )
+    A3POGRPOTrainer(
+        model=model,
+        reward_funcs=make_reward(a.data),
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        a3po={"alpha_pos": a.alpha, "alpha_neg": a.alpha},
+        store=a.store,
+        run_name=a.run_name,
+        data=a.data,
+        model_path=a.model,
+    ).train()
 
 
 if __name__ == "__main__":

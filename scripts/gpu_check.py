@@ -61,17 +61,34 @@ def chunked_vs_full(device: str, V: int = 151_936, N: int = 4096) -> None:
         err = (got.float() - ref).abs()
         tol = ref.abs() * 2**-8 + 1e-5  # half a bf16 ulp is at most |x| * 2^-8
         worst = (err - tol).argmax()
-        print(f"[ops] {name}: max |diff| {err.max().item():.2e} at |ref| {ref.abs()[err.argmax()].item():.1f}; "
-              f"worst margin {(tol - err)[worst].item():+.2e}")
+        print(
+            f"[ops] {name}: max |diff| {err.max().item():.2e} at |ref| {ref.abs()[err.argmax()].item():.1f}; "
+            f"worst margin {(tol - err)[worst].item():+.2e}"
+        )
         assert bool((err <= tol).all()), f"chunked {name} is off by more than bf16 rounding"
-    print(f"[ops] vocab {V}, {N} tokens on {device}: chunked {t_c * 1000:.1f} ms "
-          f"(a full float32 softmax would be {N * V * 4 / 2**20:.0f} MiB)")
+    print(
+        f"[ops] vocab {V}, {N} tokens on {device}: chunked {t_c * 1000:.1f} ms "
+        f"(a full float32 softmax would be {N * V * 4 / 2**20:.0f} MiB)"
+    )
 
 
 def a3po_run(device: str, steps: int, prompts: int, n: int) -> None:
-    cfg = load_config(None, [f"model.device={device}", "model.dtype=bfloat16", f"train.prompts_per_step={prompts}",
-                             f"rollout.n={n}", f"train.steps={steps}", "eval.n_prompts=16", "eval.at_start=false",
-                             "train.eval_every=0", "train.save_final_model=false", "train.threads=2", "actor.lr=3e-4"])
+    cfg = load_config(
+        None,
+        [
+            f"model.device={device}",
+            "model.dtype=bfloat16",
+            f"train.prompts_per_step={prompts}",
+            f"rollout.n={n}",
+            f"train.steps={steps}",
+            "eval.n_prompts=16",
+            "eval.at_start=false",
+            "train.eval_every=0",
+            "train.save_final_model=false",
+            "train.threads=2",
+            "actor.lr=3e-4",
+        ],
+    )
     rewards, phases = [], {}
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, Store(d), log=lambda s: None)
@@ -104,12 +121,16 @@ def vllm_matches_hf(device: str) -> None:
     from engine.tasks import load_problems
 
     model, tok, _ = load_policy("builtin:tiny-countdown", device=device)
-    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in load_problems("builtin:countdown", "test")[:8]]
+    prompts = [
+        tok(p.prompt, add_special_tokens=False)["input_ids"] for p in load_problems("builtin:countdown", "test")[:8]
+    ]
     sp = SamplingParams(n=1, temperature=0.0, max_new_tokens=48)
     hf = HFBackend(model, tok).generate(prompts, sp)
     vl = VLLMBackend(model, tok, model_path=resolve_model_path("builtin:tiny-countdown"), seed=0).generate(prompts, sp)
-    same = [tok.decode(a[m.bool()]) == tok.decode(b[k.bool()]) for a, m, b, k in
-            zip(hf.response_ids, hf.response_mask, vl.response_ids, vl.response_mask)]
+    same = [
+        tok.decode(a[m.bool()]) == tok.decode(b[k.bool()])
+        for a, m, b, k in zip(hf.response_ids, hf.response_mask, vl.response_ids, vl.response_mask)
+    ]
     print(f"[vllm] greedy outputs equal to HF on {sum(same)}/8 prompts")
     assert all(same), "vLLM greedy outputs differ from HF"
 

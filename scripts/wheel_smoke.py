@@ -34,8 +34,13 @@ def serve_app(store: str, deadline_s: float = 120.0) -> None:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open("app.log", "w")
-    proc = subprocess.Popen([str(BIN / "a3po"), "app", "--store", store, "--port", str(port)], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "a3po"), "app", "--store", store, "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         end = time.monotonic() + deadline_s
         while True:
@@ -60,8 +65,20 @@ def main() -> None:
     pkg = Path(engine.__file__).resolve().parent.parent
     if (here / "engine").exists() or "site-packages" not in str(pkg):
         sys.exit(f"wheel smoke: run it from outside the checkout with an installed wheel (engine from {pkg})")
-    run("train", "--quiet", "--store", "runs", "name=wheel-smoke", "train.steps=1", "train.prompts_per_step=2",
-        "rollout.n=2", "eval.n_prompts=2", "eval.k=[1]", "eval.at_start=false", "train.save_final_model=false")
+    run(
+        "train",
+        "--quiet",
+        "--store",
+        "runs",
+        "name=wheel-smoke",
+        "train.steps=1",
+        "train.prompts_per_step=2",
+        "rollout.n=2",
+        "eval.n_prompts=2",
+        "eval.k=[1]",
+        "eval.at_start=false",
+        "train.save_final_model=false",
+    )
     listing = run("runs", "--store", "runs")
     print(listing, end="")
     if not any(line.startswith("wheel-smoke") and line.rstrip().endswith("finished") for line in listing.splitlines()):

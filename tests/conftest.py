@@ -9,8 +9,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # A run small enough for tests: 4 prompts x 4 rollouts, short evals.
-TINY = ["train.prompts_per_step=4", "rollout.n=4", "eval.n_prompts=8", "eval.k=[1,2]", "train.eval_every=0",
-        "train.save_final_model=false"]
+TINY = [
+    "train.prompts_per_step=4",
+    "rollout.n=4",
+    "eval.n_prompts=8",
+    "eval.k=[1,2]",
+    "train.eval_every=0",
+    "train.save_final_model=false",
+]
 
 
 def a3po(*args, store=None, check=True, timeout=300, **kw):

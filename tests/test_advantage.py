@@ -189,7 +189,9 @@ def test_token_shaping_k_rounding_ratio_0_2():
     # ratio 0.2: n=4 -> int(0.8)=0 -> max(1, 0)=1 ; n=5 -> 1 ; n=9 -> int(1.8)=1 ; n=10 -> 2
     mask, ent = _ramp_batch([4, 5, 9, 10], 10)
     pol = torch.ones(4, dtype=torch.long)
-    shaped, key = token_shaping(mask.clone(), mask, pol, [TokenRule("positive", "entropy", "high", 0.2, 3.0)], entropy=ent)
+    shaped, key = token_shaping(
+        mask.clone(), mask, pol, [TokenRule("positive", "entropy", "high", 0.2, 3.0)], entropy=ent
+    )
     assert key.sum(-1).tolist() == [1, 1, 1, 2]
     # the highest entropies are the last valid tokens
     assert key.nonzero().tolist() == [[0, 3], [1, 4], [2, 8], [3, 8], [3, 9]]
@@ -208,7 +210,9 @@ def test_token_shaping_k_rounding_ratio_0_2():
 )
 def test_token_shaping_k_is_python_int_of_float_product(ratio, n, k):
     mask, ent = _ramp_batch([n], n)
-    _, key = token_shaping(mask.clone(), mask, torch.tensor([1]), [TokenRule("positive", "entropy", "low", ratio, 2.0)], entropy=ent)
+    _, key = token_shaping(
+        mask.clone(), mask, torch.tensor([1]), [TokenRule("positive", "entropy", "low", ratio, 2.0)], entropy=ent
+    )
     assert int(key.sum()) == k
     # "low": the first k positions have the lowest entropies
     assert key[0, :k].all() and not key[0, k:].any()
@@ -218,7 +222,9 @@ def test_token_shaping_length_one_response():
     mask = torch.tensor([[1.0, 0.0, 0.0]])
     ent = torch.tensor([[0.4, 5.0, 6.0]])  # padding entropies are larger but must not be read
     adv = torch.tensor([[0.5, 0.0, 0.0]])
-    shaped, key = token_shaping(adv, mask, torch.tensor([1]), [TokenRule("positive", "entropy", "high", 0.2, 4.0)], entropy=ent)
+    shaped, key = token_shaping(
+        adv, mask, torch.tensor([1]), [TokenRule("positive", "entropy", "high", 0.2, 4.0)], entropy=ent
+    )
     # n = 1 -> k = max(1, int(0.2)) = 1 -> token 0: 0.5 * 4 = 2
     close(shaped, [[2.0, 0.0, 0.0]])
     assert key.tolist() == [[True, False, False]]
@@ -228,7 +234,9 @@ def test_token_shaping_zero_entropy_tokens_excluded():
     ent = torch.tensor([[0.0, 0.0, 0.5, 0.3, 0.0]])
     mask = torch.ones(1, 5)
     adv = torch.full((1, 5), -1.0)
-    shaped, key = token_shaping(adv, mask, torch.tensor([-1]), [TokenRule("negative", "entropy", "low", 0.2, 2.0)], entropy=ent)
+    shaped, key = token_shaping(
+        adv, mask, torch.tensor([-1]), [TokenRule("negative", "entropy", "low", 0.2, 2.0)], entropy=ent
+    )
     # candidates {0.5, 0.3}: n=2 -> k=max(1, int(0.4))=1 -> lowest non-zero is 0.3 at index 3
     close(shaped, [[-1.0, -1.0, -1.0, -2.0, -1.0]])
     assert key.tolist() == [[False, False, False, True, False]]
@@ -282,12 +290,16 @@ def test_token_shaping_row_without_candidates():
     ent = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.0, 0.1]])
     adv = torch.ones(2, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
-    shaped, key = token_shaping(adv, mask, torch.tensor([1, 1]), [TokenRule("positive", "entropy", "low", 0.2, 5.0)], entropy=ent)
+    shaped, key = token_shaping(
+        adv, mask, torch.tensor([1, 1]), [TokenRule("positive", "entropy", "low", 0.2, 5.0)], entropy=ent
+    )
     # row 0: no non-zero entropy -> nothing ; row 1: lowest non-zero is 0.1 at idx 2
     close(shaped, [[1.0, 1.0, 1.0], [1.0, 1.0, 5.0]])
     assert key.tolist() == [[False, False, False], [False, False, True]]
     # a fully padded row has no candidates either
-    shaped, key = token_shaping(adv, torch.zeros(2, 3), torch.tensor([1, 1]), [TokenRule("positive", "entropy", "low", 0.2, 5.0)], entropy=ent)
+    shaped, key = token_shaping(
+        adv, torch.zeros(2, 3), torch.tensor([1, 1]), [TokenRule("positive", "entropy", "low", 0.2, 5.0)], entropy=ent
+    )
     assert torch.equal(shaped, adv) and not key.any()
 
 
@@ -295,12 +307,16 @@ def test_token_shaping_ties_broken_by_position():
     ent = torch.full((1, 5), 0.5)
     mask = torch.ones(1, 5)
     for end in ("high", "low"):
-        _, key = token_shaping(torch.ones(1, 5), mask, torch.tensor([1]), [TokenRule("positive", "entropy", end, 0.4, 2.0)], entropy=ent)
+        _, key = token_shaping(
+            torch.ones(1, 5), mask, torch.tensor([1]), [TokenRule("positive", "entropy", end, 0.4, 2.0)], entropy=ent
+        )
         # k = int(0.4 * 5) = 2 -> the first two positions
         assert key.tolist() == [[True, True, False, False, False]], end
     # partial tie at the top: 0.9 at idx 1 and 3, 0.2 elsewhere; k=1 -> idx 1
     ent = torch.tensor([[0.2, 0.9, 0.2, 0.9, 0.2]])
-    _, key = token_shaping(torch.ones(1, 5), mask, torch.tensor([1]), [TokenRule("positive", "entropy", "high", 0.2, 2.0)], entropy=ent)
+    _, key = token_shaping(
+        torch.ones(1, 5), mask, torch.tensor([1]), [TokenRule("positive", "entropy", "high", 0.2, 2.0)], entropy=ent
+    )
     assert key.tolist() == [[False, True, False, False, False]]
 
 
@@ -310,7 +326,9 @@ def test_token_shaping_missing_metric_raises():
     with pytest.raises(ValueError):
         token_shaping(adv, mask, torch.tensor([1]), [TokenRule("positive", "prob", "low")], entropy=torch.ones(1, 3))
     with pytest.raises(ValueError):
-        token_shaping(adv, mask, torch.tensor([1]), [TokenRule("positive", "entropy", "low")], logprobs=torch.zeros(1, 3))
+        token_shaping(
+            adv, mask, torch.tensor([1]), [TokenRule("positive", "entropy", "low")], logprobs=torch.zeros(1, 3)
+        )
 
 
 def test_token_shaping_no_rules_is_identity():
@@ -324,7 +342,9 @@ def test_token_shaping_prob_metric_reads_tiny_probabilities():
     # being the lowest, it is the one "low" picks. n = 5 -> k = max(1, int(1.0)) = 1 -> idx 0.
     lp = torch.tensor([[-120.0, -1.0, -2.0, -3.0, -4.0]], dtype=torch.float64)
     adv = torch.ones(1, 5, dtype=torch.float64)
-    shaped, key = token_shaping(adv, torch.ones(1, 5), torch.tensor([1]), [TokenRule("positive", "prob", "low", 0.2, 2.0)], logprobs=lp)
+    shaped, key = token_shaping(
+        adv, torch.ones(1, 5), torch.tensor([1]), [TokenRule("positive", "prob", "low", 0.2, 2.0)], logprobs=lp
+    )
     assert key.tolist() == [[True, False, False, False, False]]
     close(shaped, [[2.0, 1.0, 1.0, 1.0, 1.0]])
 
@@ -420,7 +440,9 @@ def test_a3po_end_to_end_token_shaping():
         [False] * 5,
     ]
     # at the end of training (linear) both scales are 1: values unchanged, key tokens still marked
-    shaped, key = token_shaping(adv, mask, pol, a3po_rules(10, 10, ratio=0.4, alpha_pos=2.0, alpha_neg=3.0), logprobs=probs.log())
+    shaped, key = token_shaping(
+        adv, mask, pol, a3po_rules(10, 10, ratio=0.4, alpha_pos=2.0, alpha_neg=3.0), logprobs=probs.log()
+    )
     assert torch.equal(shaped, adv)
     assert int(key.sum()) == 3
 
@@ -448,7 +470,9 @@ def test_gradient_push_hand_values():
 
 def test_gradient_push_neutral_rows_and_empty_batch():
     mask = torch.ones(1, 2)
-    out = gradient_push(torch.zeros(1, 2), torch.ones(1, 2), torch.log(torch.full((1, 2), 0.5)), mask, torch.tensor([0]))
+    out = gradient_push(
+        torch.zeros(1, 2), torch.ones(1, 2), torch.log(torch.full((1, 2), 0.5)), mask, torch.tensor([0])
+    )
     assert out == {"positive": 0.0, "negative": 0.0}
     e = torch.zeros(0, 3)
     assert gradient_push(e, e, e, e, torch.zeros(0, dtype=torch.long)) == {"positive": 0.0, "negative": 0.0}

@@ -28,24 +28,30 @@ G = 0.5 / (math.sqrt(0.5) + 1e-6)
 SCORES = torch.tensor([1.0, 0.0, 0.0, 0.0])
 GROUPS = [0, 0, 1, 1]
 POLARITY = torch.tensor([1, -1, -1, -1], dtype=torch.int8)
-MASK = torch.tensor([
-    [1, 1, 1, 1, 0],
-    [1, 1, 1, 0, 0],
-    [1, 1, 1, 1, 1],
-    [1, 1, 0, 0, 0],
-])
-LOGPROBS = torch.tensor([
-    [-0.1, -2.0, -0.5, -1.0, -9.0],  # lowest prob among valid: pos 1; the pad (-9) is lower still
-    [-1.5, -0.3, -0.8, 0.0, 0.0],  # highest prob among valid: pos 1; pads have prob 1
-    [-0.7, -0.4, -2.5, -0.05, -1.2],  # highest prob: pos 3
-    [-0.9, -0.6, 0.0, 0.0, 0.0],  # highest prob among valid: pos 1
-])
-ENTROPY = torch.tensor([
-    [0.5, 1.5, 0.2, 0.9, 9.0],
-    [0.3, 2.0, 1.0, 8.0, 8.0],
-    [0.4, 0.0, 1.2, 0.6, 1.1],  # pos 1 has zero entropy: never a rule candidate
-    [0.7, 0.1, 7.0, 7.0, 7.0],
-])
+MASK = torch.tensor(
+    [
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 1, 0, 0, 0],
+    ]
+)
+LOGPROBS = torch.tensor(
+    [
+        [-0.1, -2.0, -0.5, -1.0, -9.0],  # lowest prob among valid: pos 1; the pad (-9) is lower still
+        [-1.5, -0.3, -0.8, 0.0, 0.0],  # highest prob among valid: pos 1; pads have prob 1
+        [-0.7, -0.4, -2.5, -0.05, -1.2],  # highest prob: pos 3
+        [-0.9, -0.6, 0.0, 0.0, 0.0],  # highest prob among valid: pos 1
+    ]
+)
+ENTROPY = torch.tensor(
+    [
+        [0.5, 1.5, 0.2, 0.9, 9.0],
+        [0.3, 2.0, 1.0, 8.0, 8.0],
+        [0.4, 0.0, 1.2, 0.6, 1.1],  # pos 1 has zero entropy: never a rule candidate
+        [0.7, 0.1, 7.0, 7.0, 7.0],
+    ]
+)
 M = MASK.float()
 
 
@@ -55,8 +61,18 @@ def cfg_for(name, *overrides):
 
 def shape(name, *overrides, step=0, total=10, entropy=ENTROPY, logprobs=LOGPROBS):
     cfg = cfg_for(name, *overrides)
-    return shape_advantages(ALGORITHMS[name], cfg.algorithm, scores=SCORES, group_ids=GROUPS, polarity=POLARITY,
-                            response_mask=MASK, logprobs=logprobs, entropy=entropy, step=step, total_steps=total)
+    return shape_advantages(
+        ALGORITHMS[name],
+        cfg.algorithm,
+        scores=SCORES,
+        group_ids=GROUPS,
+        polarity=POLARITY,
+        response_mask=MASK,
+        logprobs=logprobs,
+        entropy=entropy,
+        step=step,
+        total_steps=total,
+    )
 
 
 def close(got, expected, atol=1e-5):
@@ -164,8 +180,10 @@ def test_token_weighted_rule_from_config():
     #   row 2: pos 1 has entropy 0 -> 4 candidates, k = int(2.0) = 2 -> pos 2 (1.2), pos 4 (1.1)
     #   row 3: 2 candidates, k = 1 -> pos 0 (0.7)
     #   row 0 is positive: untouched
-    s = shape("token_weighted",
-              "algorithm.token_rules=[{polarity: negative, metric: entropy, end: high, ratio: 0.5, scale: 3}]")
+    s = shape(
+        "token_weighted",
+        "algorithm.token_rules=[{polarity: negative, metric: entropy, end: high, ratio: 0.5, scale: 3}]",
+    )
     expected = torch.zeros(4, 5)
     expected[0, :4] = G
     expected[1, :3] = torch.tensor([-G, -3 * G, -G])  # -3G = -2.1213173
@@ -223,7 +241,9 @@ def test_a3po_step0_full_alpha():
     close(s.adv_tokens_raw, per_row([G, -G, 0.0, 0.0]))
     assert torch.equal(s.key_mask, keys(A3PO_KEYS))
     assert [(r.polarity, r.metric, r.end, r.scale) for r in s.rules] == [
-        ("positive", "prob", "low", 2.0), ("negative", "prob", "high", 2.0)]
+        ("positive", "prob", "low", 2.0),
+        ("negative", "prob", "high", 2.0),
+    ]
 
 
 def test_a3po_midway_linear():
@@ -276,14 +296,25 @@ def test_padding_is_zero_and_never_key(name):
 
 # ------------------------------------------------------------------ registry and schedule
 def test_register_algorithm_new_spec():
-    algo = Algorithm("unit_half_pos", "w_reinforce with correct rows halved", estimator="w_reinforce",
-                     polarity_weights=(0.5, 1.0))
+    algo = Algorithm(
+        "unit_half_pos", "w_reinforce with correct rows halved", estimator="w_reinforce", polarity_weights=(0.5, 1.0)
+    )
     try:
         assert register_algorithm(algo) is algo
         assert ALGORITHMS["unit_half_pos"] is algo
         cfg = load_config(None, ["algorithm.name=unit_half_pos"])  # the config validator knows it now
-        s = shape_advantages(algo, cfg.algorithm, scores=SCORES, group_ids=GROUPS, polarity=POLARITY,
-                             response_mask=MASK, logprobs=LOGPROBS, entropy=ENTROPY, step=0, total_steps=10)
+        s = shape_advantages(
+            algo,
+            cfg.algorithm,
+            scores=SCORES,
+            group_ids=GROUPS,
+            polarity=POLARITY,
+            response_mask=MASK,
+            logprobs=LOGPROBS,
+            entropy=ENTROPY,
+            step=0,
+            total_steps=10,
+        )
         # raw [0.1, -1, -1, -1]; weights (0.5 * 1, 1 * 1) -> [0.05, -1, -1, -1]
         close(s.adv_raw, [0.1, -1.0, -1.0, -1.0])
         close(s.adv, per_row([0.05, -1.0, -1.0, -1.0]))
@@ -328,21 +359,53 @@ def _cfg(*overrides):
     return load_config(None, list(overrides))
 
 
-@pytest.mark.parametrize("overrides, expect", [
-    (["algorithm.name=grpo"], dict(clip_ratio_low=0.2, clip_ratio_high=0.2, loss_agg_mode="token-mean", std_normalize=True,
-                                   dynamic_sampling=False, overlong_buffer=0, w_pos=1.0, w_neg=1.0)),
-    (["algorithm.name=dr_grpo"], dict(std_normalize=False, loss_agg_mode="seq-mean-token-sum-norm", clip_ratio_high=0.2)),
-    (["algorithm.name=dapo", "rollout.max_new_tokens=64"], dict(clip_ratio_high=0.28, dynamic_sampling=True,
-                                                                overlong_buffer=16)),
-    (["algorithm.name=dapo", "algorithm.overlong_buffer=0", "algorithm.dynamic_sampling=false"],
-     dict(dynamic_sampling=False, overlong_buffer=0)),
-    (["algorithm.name=psr", "algorithm.w_pos=2"], dict(w_pos=2.0, w_neg=0.0)),
-    (["algorithm.name=nsr"], dict(w_pos=0.0, w_neg=1.0)),
-    (["algorithm.name=a3po", "train.steps=30"], dict(clip_ratio_high=0.28, decay_steps=30, ratio=0.2, alpha_pos=2.0)),
-    (["algorithm.name=a3po", "train.steps=30", "algorithm.decay_steps=10", "actor.clip_ratio_high=0.3",
-      "actor.loss_agg_mode=seq-mean-token-mean"], dict(decay_steps=10, clip_ratio_high=0.3, loss_agg_mode="seq-mean-token-mean")),
-    (["algorithm.name=fork_tokens"], dict(fork_tokens=True, dynamic_sampling=True, fork_quantile=0.2)),
-])
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (
+            ["algorithm.name=grpo"],
+            dict(
+                clip_ratio_low=0.2,
+                clip_ratio_high=0.2,
+                loss_agg_mode="token-mean",
+                std_normalize=True,
+                dynamic_sampling=False,
+                overlong_buffer=0,
+                w_pos=1.0,
+                w_neg=1.0,
+            ),
+        ),
+        (
+            ["algorithm.name=dr_grpo"],
+            dict(std_normalize=False, loss_agg_mode="seq-mean-token-sum-norm", clip_ratio_high=0.2),
+        ),
+        (
+            ["algorithm.name=dapo", "rollout.max_new_tokens=64"],
+            dict(clip_ratio_high=0.28, dynamic_sampling=True, overlong_buffer=16),
+        ),
+        (
+            ["algorithm.name=dapo", "algorithm.overlong_buffer=0", "algorithm.dynamic_sampling=false"],
+            dict(dynamic_sampling=False, overlong_buffer=0),
+        ),
+        (["algorithm.name=psr", "algorithm.w_pos=2"], dict(w_pos=2.0, w_neg=0.0)),
+        (["algorithm.name=nsr"], dict(w_pos=0.0, w_neg=1.0)),
+        (
+            ["algorithm.name=a3po", "train.steps=30"],
+            dict(clip_ratio_high=0.28, decay_steps=30, ratio=0.2, alpha_pos=2.0),
+        ),
+        (
+            [
+                "algorithm.name=a3po",
+                "train.steps=30",
+                "algorithm.decay_steps=10",
+                "actor.clip_ratio_high=0.3",
+                "actor.loss_agg_mode=seq-mean-token-mean",
+            ],
+            dict(decay_steps=10, clip_ratio_high=0.3, loss_agg_mode="seq-mean-token-mean"),
+        ),
+        (["algorithm.name=fork_tokens"], dict(fork_tokens=True, dynamic_sampling=True, fork_quantile=0.2)),
+    ],
+)
 def test_resolve_fills_every_algorithm_default(overrides, expect):
     from engine.algorithms import resolve
 
@@ -357,9 +420,20 @@ def test_resolved_algorithm_is_stored_whole_in_run_json(tmp_path):
     from engine.store import Store
     from engine.trainer import Trainer
 
-    cfg = load_config(None, ["algorithm.name=dapo", "train.steps=1", "train.prompts_per_step=2", "rollout.n=2",
-                             "eval.n_prompts=2", "eval.k=[1]", "eval.at_start=false", "train.save_final_model=false",
-                             "train.threads=1"])
+    cfg = load_config(
+        None,
+        [
+            "algorithm.name=dapo",
+            "train.steps=1",
+            "train.prompts_per_step=2",
+            "rollout.n=2",
+            "eval.n_prompts=2",
+            "eval.k=[1]",
+            "eval.at_start=false",
+            "train.save_final_model=false",
+            "train.threads=1",
+        ],
+    )
     tr = Trainer(cfg, Store(tmp_path), log=lambda s: None)
     tr.fit(progress=False)
     meta = json.loads((tmp_path / tr.run_id / "run.json").read_text())

@@ -4,10 +4,10 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import ROOT, free_port, healthy
 from streamlit.testing.v1 import AppTest
 
 from app.toy import entropy, pg_step, softmax
-from conftest import ROOT, free_port, healthy
 
 PAGES = ROOT / "app" / "pages"
 
@@ -130,13 +130,24 @@ def test_launch_refuses_bad_name(store, launch_on):
 
 
 # ------------------------------------------------------------------ launching only where it is safe
-@pytest.mark.parametrize("host, allow, on", [
-    ("0.0.0.0", False, False), ("::", False, False), ("192.168.1.5", False, False), ("example.com", False, False),
-    ("", False, False), (None, False, False),
-    ("127.0.0.1", False, True), ("::1", False, True), ("localhost", False, True), ("[::1]", False, True),
-    ("127.0.0.2", False, True),  # all of 127.0.0.0/8 is loopback
-    ("0.0.0.0", True, True), ("example.com", True, True),  # --allow-launch
-])
+@pytest.mark.parametrize(
+    "host, allow, on",
+    [
+        ("0.0.0.0", False, False),
+        ("::", False, False),
+        ("192.168.1.5", False, False),
+        ("example.com", False, False),
+        ("", False, False),
+        (None, False, False),
+        ("127.0.0.1", False, True),
+        ("::1", False, True),
+        ("localhost", False, True),
+        ("[::1]", False, True),
+        ("127.0.0.2", False, True),  # all of 127.0.0.0/8 is loopback
+        ("0.0.0.0", True, True),
+        ("example.com", True, True),  # --allow-launch
+    ],
+)
 def test_launch_decision_by_host(host, allow, on):
     from app.access import launch_allowed
 
@@ -158,11 +169,17 @@ def test_launch_status_without_a3po_app_follows_streamlit_address(monkeypatch):
     assert access.launch_status() == (False, "127.0.0.1")
 
 
-@pytest.mark.parametrize("args, allow", [
-    ([], "1"), (["--host", "127.0.0.1"], "1"), (["--host", "localhost"], "1"),
-    (["--host", "0.0.0.0"], "0"), (["--host", "192.168.1.5"], "0"),
-    (["--host", "0.0.0.0", "--allow-launch"], "1"),
-])
+@pytest.mark.parametrize(
+    "args, allow",
+    [
+        ([], "1"),
+        (["--host", "127.0.0.1"], "1"),
+        (["--host", "localhost"], "1"),
+        (["--host", "0.0.0.0"], "0"),
+        (["--host", "192.168.1.5"], "0"),
+        (["--host", "0.0.0.0", "--allow-launch"], "1"),
+    ],
+)
 def test_a3po_app_passes_the_launch_decision_to_the_server(tmp_path, monkeypatch, args, allow):
     """`a3po app` execs the Streamlit server with A3PO_ALLOW_LAUNCH and A3PO_HOST in its environment."""
     import os
@@ -313,8 +330,9 @@ def test_store_read_errors_show_one_message(store, monkeypatch):
 def test_polarity101_page(store):
     from engine.store import Store
 
-    studied = Store(store).query("select run_id from runs where study in ('study-quick', 'study-full') "
-                                 "and status = 'finished'")
+    studied = Store(store).query(
+        "select run_id from runs where study in ('study-quick', 'study-full') and status = 'finished'"
+    )
     at = run_page("polarity101.py")
     # a study's curves (when the embedded store holds its runs) and the toy
     assert len(at.get("plotly_chart")) == (2 if len(studied) else 1)
@@ -322,12 +340,15 @@ def test_polarity101_page(store):
     assert not at.exception
 
 
-@pytest.mark.parametrize("sampled, adv, up", [
-    (4, +1.0, True),   # raise a low-probability token of a correct answer -> entropy up
-    (0, -1.0, True),   # push down the favourite in a wrong answer -> entropy up
-    (0, +1.0, False),  # raise the favourite in a correct answer -> entropy down
-    (4, -1.0, False),  # push down a rare token in a wrong answer -> entropy down
-])
+@pytest.mark.parametrize(
+    "sampled, adv, up",
+    [
+        (4, +1.0, True),  # raise a low-probability token of a correct answer -> entropy up
+        (0, -1.0, True),  # push down the favourite in a wrong answer -> entropy up
+        (0, +1.0, False),  # raise the favourite in a correct answer -> entropy down
+        (4, -1.0, False),  # push down a rare token in a wrong answer -> entropy down
+    ],
+)
 def test_toy_entropy_directions(sampled, adv, up):
     z = np.array([2.5, 1.0, 0.5, -0.5, -1.0])
     h0, h1 = entropy(softmax(z)), entropy(softmax(pg_step(z, sampled, adv)))
@@ -388,9 +409,18 @@ def test_launcher_stop_marks_run_killed_and_queue_runs_in_order(tmp_path, launch
 # (rollout, position, p, raw adv, shaped adv).
 FX_TOKENS = [(0, 0, 0.5, 1.0, 2.0), (0, 1, 0.9, 1.0, 1.0), (1, 0, 0.99, -1.0, -3.0), (1, 1, 0.2, -1.0, -1.0)]
 # Σ|shaped − raw|·(1 − p) and Σ|raw|·(1 − p) by polarity, by hand:
-FX_PUSH = {"push_rule_pos": 1.0 * 0.5, "push_rule_neg": 2.0 * 0.01, "push_raw_pos": 0.5 + 0.1, "push_raw_neg": 0.01 + 0.8}
-FX_RECORDED = {"push_rule_pos": [3.0, 4.0], "push_rule_neg": [1e-5, 2e-5], "push_raw_pos": [10.0, 20.0],
-               "push_raw_neg": [30.0, 40.0]}
+FX_PUSH = {
+    "push_rule_pos": 1.0 * 0.5,
+    "push_rule_neg": 2.0 * 0.01,
+    "push_raw_pos": 0.5 + 0.1,
+    "push_raw_neg": 0.01 + 0.8,
+}
+FX_RECORDED = {
+    "push_rule_pos": [3.0, 4.0],
+    "push_rule_neg": [1e-5, 2e-5],
+    "push_raw_pos": [10.0, 20.0],
+    "push_raw_neg": [30.0, 40.0],
+}
 
 
 def _fx_config(task: str) -> dict:
@@ -411,24 +441,57 @@ def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
 
     rid = s.create_run(_fx_config(task), name=name)
     for step in (1, 2):
-        cols = {"run_id": [rid] * 2, "step": [step] * 2, "rollout_idx": [0, 1], "group_idx": [0, 0], "prompt_idx": [7, 7],
-                "prompt": ["3 4 5 -> 17"] * 2, "response": ["3*4=12(5 12);12+5=17", "3+4=7(5 7);7*5=35"],
-                "answer": ["17"] * 2, "reward": [1.0, 0.0], "correct": [True, False], "polarity": [1, -1],
-                "length": [2, 2], "truncated": [False, False], "adv_raw": [1.0, -1.0], "mean_logprob": [-0.4, -0.8],
-                "mean_entropy": [0.5, 0.6], "n_key": [1, 1]}
+        cols = {
+            "run_id": [rid] * 2,
+            "step": [step] * 2,
+            "rollout_idx": [0, 1],
+            "group_idx": [0, 0],
+            "prompt_idx": [7, 7],
+            "prompt": ["3 4 5 -> 17"] * 2,
+            "response": ["3*4=12(5 12);12+5=17", "3+4=7(5 7);7*5=35"],
+            "answer": ["17"] * 2,
+            "reward": [1.0, 0.0],
+            "correct": [True, False],
+            "polarity": [1, -1],
+            "length": [2, 2],
+            "truncated": [False, False],
+            "adv_raw": [1.0, -1.0],
+            "mean_logprob": [-0.4, -0.8],
+            "mean_entropy": [0.5, 0.6],
+            "n_key": [1, 1],
+        }
         tables = {"rollouts": pa.table(cols, schema=SCHEMAS["rollouts"])}
-        m = {"run_id": [rid], "step": [step], "reward": [0.5], "acc": [0.5], "entropy": [0.55], "length": [2.0],
-             "clipfrac": [0.1 * step], "clipfrac_lower": [0.0]}
+        m = {
+            "run_id": [rid],
+            "step": [step],
+            "reward": [0.5],
+            "acc": [0.5],
+            "entropy": [0.55],
+            "length": [2.0],
+            "clipfrac": [0.1 * step],
+            "clipfrac_lower": [0.0],
+        }
         if recorded:
             m.update({k: [v[step - 1]] for k, v in FX_RECORDED.items()})
         tables["steps"] = pa.table(m)
         if tokens:
-            tables["tokens"] = pa.table({
-                "run_id": [rid] * 4, "step": [step] * 4, "rollout_idx": [t[0] for t in FX_TOKENS],
-                "position": [t[1] for t in FX_TOKENS], "token_id": [5, 6, 7, 8], "token_text": ["3", "*", "3", "+"],
-                "logprob": [float(np.log(t[2])) for t in FX_TOKENS], "entropy": [0.7, 0.1, 0.05, 1.2],
-                "adv_raw": [t[3] for t in FX_TOKENS], "adv_shaped": [t[4] for t in FX_TOKENS],
-                "is_key": [t[3] != t[4] for t in FX_TOKENS], "polarity": [1, 1, -1, -1]}, schema=SCHEMAS["tokens"])
+            tables["tokens"] = pa.table(
+                {
+                    "run_id": [rid] * 4,
+                    "step": [step] * 4,
+                    "rollout_idx": [t[0] for t in FX_TOKENS],
+                    "position": [t[1] for t in FX_TOKENS],
+                    "token_id": [5, 6, 7, 8],
+                    "token_text": ["3", "*", "3", "+"],
+                    "logprob": [float(np.log(t[2])) for t in FX_TOKENS],
+                    "entropy": [0.7, 0.1, 0.05, 1.2],
+                    "adv_raw": [t[3] for t in FX_TOKENS],
+                    "adv_shaped": [t[4] for t in FX_TOKENS],
+                    "is_key": [t[3] != t[4] for t in FX_TOKENS],
+                    "polarity": [1, 1, -1, -1],
+                },
+                schema=SCHEMAS["tokens"],
+            )
         s.write_step(rid, step, tables)
     s.update_run(rid, status="finished", last_step=2)
 
@@ -537,8 +600,15 @@ def test_playground_shows_push_of_replayed_and_run_rule(fx_store):
     assert tab.loc["run's rule", "negative"] == pytest.approx(FX_PUSH["push_rule_neg"], rel=1e-4)
     assert tab.loc["raw advantage (scale)", "negative"] == pytest.approx(FX_PUSH["push_raw_neg"], rel=1e-4)
     # "this rule" is engine.advantage.gradient_push on the engine's own replay of the page's settings
-    cfg = config_from_dict({**_fx_config("builtin:arith"), "algorithm": {
-        **_fx_config("builtin:arith")["algorithm"], **at.session_state["playground_settings"]["algorithm"]}})
+    cfg = config_from_dict(
+        {
+            **_fx_config("builtin:arith"),
+            "algorithm": {
+                **_fx_config("builtin:arith")["algorithm"],
+                **at.session_state["playground_settings"]["algorithm"],
+            },
+        }
+    )
     batch = load_step(fx_store, "fx-default", 1)
     want = batch_push(batch, replay(batch, cfg.algorithm, step=0, total_steps=2))["rule"]
     assert tab.loc["this rule", "positive"] == pytest.approx(want["positive"])
@@ -556,12 +626,32 @@ def _fx_study_run(s, rid: str, task: str, entropy: float) -> None:
 
     s.create_run(_fx_config(task), name=rid, study=rid.split(".")[0])
     for step in (1, 2):
-        s.write_step(rid, step, {
-            "steps": pa.table({"run_id": [rid], "step": [step], "reward": [0.5], "acc": [0.5], "entropy": [entropy * step],
-                               "length": [30.0]}),
-            "evals": pa.table({"run_id": [rid] * 3, "step": pa.array([step] * 3, pa.int32()),
-                               "metric": ["sampled_acc", "pass@k", "pass@k"], "k": pa.array([None, 1, 4], pa.int32()),
-                               "value": [0.3, 0.3, 0.6], "n": pa.array([8] * 3, pa.int32())})})
+        s.write_step(
+            rid,
+            step,
+            {
+                "steps": pa.table(
+                    {
+                        "run_id": [rid],
+                        "step": [step],
+                        "reward": [0.5],
+                        "acc": [0.5],
+                        "entropy": [entropy * step],
+                        "length": [30.0],
+                    }
+                ),
+                "evals": pa.table(
+                    {
+                        "run_id": [rid] * 3,
+                        "step": pa.array([step] * 3, pa.int32()),
+                        "metric": ["sampled_acc", "pass@k", "pass@k"],
+                        "k": pa.array([None, 1, 4], pa.int32()),
+                        "value": [0.3, 0.3, 0.6],
+                        "n": pa.array([8] * 3, pa.int32()),
+                    }
+                ),
+            },
+        )
     s.update_run(rid, status="finished", last_step=2)
 
 
@@ -639,8 +729,14 @@ def test_app_serves_without_terminal_and_stops_with_its_server(tmp_path, sig):
     home.mkdir()
     log = open(tmp_path / "app.log", "w")
     env = dict(os.environ, HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "app", "--store", str(tmp_path / "runs"), "--port",
-                             str(port)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "app", "--store", str(tmp_path / "runs"), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _poll(lambda: _serving(port) or proc.poll() is not None, 180, "the app's health endpoint")
         assert proc.poll() is None, (tmp_path / "app.log").read_text()

@@ -14,12 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, healthy
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-quic", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
@@ -35,8 +42,14 @@ def app_url(tmp_path):
     log = open(tmp_path / "app.log", "w")
     # `a3po app` becomes the Streamlit server (exec); in a session of its own, so that killing its process
     # group also ends the training run the test launches from the page.
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "app", "--store", str(store), "--port", str(port), "--headless"],
-                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "app", "--store", str(store), "--port", str(port), "--headless"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -80,7 +93,8 @@ def _has_study_runs() -> bool:
     from engine.store import Store
 
     runs = Store(ROOT / "data" / "store").query(
-        "select run_id from runs where study in ('study-quick', 'study-full') and status = 'finished'")
+        "select run_id from runs where study in ('study-quick', 'study-full') and status = 'finished'"
+    )
     return len(runs) > 0
 
 
@@ -194,7 +208,9 @@ def test_app_in_browser(app_url, tmp_path):
             def demo_config():
                 settle(page)
                 by_key(page, "ln_source").get_by_text("The demo config", exact=True).click(timeout=10_000)
-                expect(by_key(page, "ln_source").get_by_role("radio", name="The demo config")).to_be_checked(timeout=10_000)
+                expect(by_key(page, "ln_source").get_by_role("radio", name="The demo config")).to_be_checked(
+                    timeout=10_000
+                )
                 settle(page)
 
             retry(demo_config, "choose the demo config")
@@ -208,7 +224,8 @@ def test_app_in_browser(app_url, tmp_path):
                 if not job.count():  # a retry must not submit the run twice
                     by_key(page, "ln_go").get_by_role("button").click(timeout=10_000)
                 expect(job.get_by_text(re.compile(r"browser-run — (queued|running|finished)")).first).to_be_visible(
-                    timeout=60_000)
+                    timeout=60_000
+                )
 
             retry(launch, "launch the run")
             done = job.get_by_text(re.compile(r"browser-run — (finished|failed)"))

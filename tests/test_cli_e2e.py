@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, a3po
+
 from engine.store import Store
 
 
@@ -18,15 +18,19 @@ def _last_json(out: str) -> dict:
 
 
 def test_train_writes_every_table(tmp_path, tiny):
-    p = a3po("train", "--quiet", "--store", str(tmp_path), "train.steps=3", "train.checkpoint_every=2", "name=e2e", *tiny)
+    p = a3po(
+        "train", "--quiet", "--store", str(tmp_path), "train.steps=3", "train.checkpoint_every=2", "name=e2e", *tiny
+    )
     res = _last_json(p.stdout)
     assert res["run_id"] == "e2e"
     store = Store(tmp_path)
     meta = store.read_run("e2e")
     assert meta["status"] == "finished" and meta["last_step"] == 3 and meta["algorithm"] == "a3po"
     q = store.query
-    steps = q("select step, reward, acc, entropy, entropy_pos, entropy_neg, length, clipfrac, grad_norm, t_generate, t_store "
-              "from steps order by step")
+    steps = q(
+        "select step, reward, acc, entropy, entropy_pos, entropy_neg, length, clipfrac, grad_norm, t_generate, t_store "
+        "from steps order by step"
+    )
     assert steps["step"].tolist() == [1, 2, 3]
     assert (steps["t_generate"] > 0).all() and (steps["entropy"] > 0).all()
     ro = q("select * from rollouts order by step, rollout_idx")
@@ -35,21 +39,27 @@ def test_train_writes_every_table(tmp_path, tiny):
     assert (ro["correct"] == (ro["reward"] > 0.5)).all()
     assert (ro["polarity"] == ro["correct"].map({True: 1, False: -1})).all()
     # every valid response token is stored once, positions 0..length-1
-    tok = q("select step, rollout_idx, count(*) n, min(position) lo, max(position) hi, "
-            "bool_or(is_key) any_key from tokens group by all order by step, rollout_idx")
+    tok = q(
+        "select step, rollout_idx, count(*) n, min(position) lo, max(position) hi, "
+        "bool_or(is_key) any_key from tokens group by all order by step, rollout_idx"
+    )
     assert len(tok) == len(ro)
     assert (tok["n"].values == ro["length"].values).all()
     assert (tok["lo"] == 0).all() and ((tok["hi"] + 1).values == ro["length"].values).all()
     # A3PO picked key tokens in every response of a mixed group, raw advantages are per response
-    mixed = q("select t.is_key, t.adv_raw, t.adv_shaped, r.adv_raw r_adv from tokens t join rollouts r "
-              "using (run_id, step, rollout_idx) where r.adv_raw <> 0")
+    mixed = q(
+        "select t.is_key, t.adv_raw, t.adv_shaped, r.adv_raw r_adv from tokens t join rollouts r "
+        "using (run_id, step, rollout_idx) where r.adv_raw <> 0"
+    )
     if len(mixed):
         assert mixed["is_key"].any()
         assert (abs(mixed["adv_raw"] - mixed["r_adv"]) < 1e-6).all()
         unkeyed = mixed[~mixed["is_key"]]
         assert (abs(unkeyed["adv_shaped"] - unkeyed["adv_raw"]) < 1e-6).all()
     # text of tokens concatenates back into the response (plus the EOS)
-    one = q("select string_agg(token_text, '' order by position) s from tokens where step = 1 and rollout_idx = 0")["s"][0]
+    one = q("select string_agg(token_text, '' order by position) s from tokens where step = 1 and rollout_idx = 0")[
+        "s"
+    ][0]
     assert one.startswith(ro["response"][0])
     ev = q("select step, metric, k, value from evals order by step, metric, k")
     assert sorted(set(ev["step"])) == [0, 3]
@@ -78,14 +88,29 @@ def test_same_seed_same_run(tmp_path, tiny):
     ra = store.query("select step, rollout_idx, response, reward from rollouts where run_id='a' order by all")
     rb = store.query("select step, rollout_idx, response, reward from rollouts where run_id='b' order by all")
     assert ra.equals(rb)
-    ta = store.query("select logprob, adv_shaped from tokens where run_id='a' and step=2 order by rollout_idx, position")
-    tb = store.query("select logprob, adv_shaped from tokens where run_id='b' and step=2 order by rollout_idx, position")
+    ta = store.query(
+        "select logprob, adv_shaped from tokens where run_id='a' and step=2 order by rollout_idx, position"
+    )
+    tb = store.query(
+        "select logprob, adv_shaped from tokens where run_id='b' and step=2 order by rollout_idx, position"
+    )
     assert ta.equals(tb)
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny):
-    args = [sys.executable, "-m", "engine.cli", "train", "--quiet", "--store", str(tmp_path), "train.steps=7",
-            "train.checkpoint_every=2", "name=k", *tiny]
+    args = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "train",
+        "--quiet",
+        "--store",
+        str(tmp_path),
+        "train.steps=7",
+        "train.checkpoint_every=2",
+        "name=k",
+        *tiny,
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seg = tmp_path / "k" / "segments"
     deadline = time.time() + 240
@@ -108,12 +133,15 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny):
     assert n_tok == store.query("select sum(length) s from rollouts")["s"][0]
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("algorithm.name=ppo_magic", "algorithm.name"),
-    ("algorithm.ratio=-0.5", "algorithm.ratio"),
-    ("model.path=/nonexistent/model", "/nonexistent/model"),
-    ("nonsense.key=1", "nonsense"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("algorithm.name=ppo_magic", "algorithm.name"),
+        ("algorithm.ratio=-0.5", "algorithm.ratio"),
+        ("model.path=/nonexistent/model", "/nonexistent/model"),
+        ("nonsense.key=1", "nonsense"),
+    ],
+)
 def test_bad_input_fails_with_one_line(tmp_path, override, needle):
     p = a3po("train", "--quiet", "--store", str(tmp_path), "train.steps=1", override, check=False)
     assert p.returncode == 2

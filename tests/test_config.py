@@ -3,8 +3,8 @@
 import dataclasses
 
 import pytest
-
 from conftest import ROOT
+
 from engine.config import Config, ConfigError, config_from_dict, describe, load_config
 
 
@@ -66,13 +66,16 @@ def test_yaml_file_and_overrides(tmp_path):
         "  steps: 50\n"
         "  store_tokens: true\n"
     )
-    cfg = load_config(p, [
-        "algorithm.name=grpo",
-        "actor.lr=5e-5",
-        "eval.k=[1,2]",
-        "algorithm.std_normalize=null",
-        "train.store_tokens=false",
-    ])
+    cfg = load_config(
+        p,
+        [
+            "algorithm.name=grpo",
+            "actor.lr=5e-5",
+            "eval.k=[1,2]",
+            "algorithm.std_normalize=null",
+            "train.store_tokens=false",
+        ],
+    )
     assert cfg.seed == 7  # from the file
     assert cfg.algorithm.ratio == pytest.approx(0.3)  # from the file
     assert cfg.train.steps == 50  # from the file
@@ -97,9 +100,16 @@ def test_empty_yaml_file_gives_defaults(tmp_path):
     assert load_config(p) == Config()
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("true", True), ("false", False), ("True", True), ("no", False), ("yes", True),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("true", True),
+        ("false", False),
+        ("True", True),
+        ("no", False),
+        ("yes", True),
+    ],
+)
 def test_bool_overrides(text, expected):
     assert load_config(None, [f"train.store_tokens={text}"]).train.store_tokens is expected
 
@@ -111,9 +121,18 @@ def test_bool_override_one_zero(text, expected):
 
 
 def test_override_types():
-    cfg = load_config(None, ["train.steps=12", "rollout.temperature=0", "algorithm.decay=cosine",
-                             "name=my_run-1.a", "algorithm.decay_steps=null", "actor.clip_ratio_high=0.28",
-                             "train.prompts_per_step=4.0"])
+    cfg = load_config(
+        None,
+        [
+            "train.steps=12",
+            "rollout.temperature=0",
+            "algorithm.decay=cosine",
+            "name=my_run-1.a",
+            "algorithm.decay_steps=null",
+            "actor.clip_ratio_high=0.28",
+            "train.prompts_per_step=4.0",
+        ],
+    )
     assert cfg.train.steps == 12 and isinstance(cfg.train.steps, int)
     assert cfg.rollout.temperature == 0.0 and isinstance(cfg.rollout.temperature, float)
     assert cfg.algorithm.decay == "cosine"
@@ -129,51 +148,67 @@ def test_later_override_wins():
 
 
 def test_token_rules_override():
-    cfg = load_config(None, ["algorithm.name=token_weighted",
-                             "algorithm.token_rules=[{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}]"])
-    assert cfg.algorithm.token_rules == [{"polarity": "positive", "metric": "prob", "end": "low", "ratio": 0.2, "scale": 2}]
+    cfg = load_config(
+        None,
+        [
+            "algorithm.name=token_weighted",
+            "algorithm.token_rules=[{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}]",
+        ],
+    )
+    assert cfg.algorithm.token_rules == [
+        {"polarity": "positive", "metric": "prob", "end": "low", "ratio": 0.2, "scale": 2}
+    ]
     rules = cfg.token_rules()
     assert len(rules) == 1 and rules[0].polarity == "positive" and rules[0].end == "low"
 
 
 # ------------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("overrides, key", [
-    (["bogus=1"], "bogus"),
-    (["algorithm.bogus=1"], "algorithm.bogus"),
-    (["actor.lrr=1e-4"], "actor.lrr"),
-    (["algorithm.name=nope"], "algorithm.name"),
-    (["algorithm.ratio=-0.1"], "algorithm.ratio"),
-    (["algorithm.ratio=0"], "algorithm.ratio"),
-    (["algorithm.ratio=1.5"], "algorithm.ratio"),
-    (["actor.lr=-1e-4"], "actor.lr"),
-    (["actor.lr=0"], "actor.lr"),
-    (["actor.lr=nan"], "actor.lr"),
-    (["train.steps=abc"], "train.steps"),
-    (["train.steps=1.5"], "train.steps"),
-    (["train.steps=0"], "train.steps"),
-    (["train.steps=true"], "train.steps"),
-    (["train.steps=null"], "train.steps"),
-    (["train.store_tokens=maybe"], "train.store_tokens"),
-    (["rollout.n=0"], "rollout.n"),
-    (["rollout.top_p=1.5"], "rollout.top_p"),
-    (["algorithm.decay=weird"], "algorithm.decay"),
-    (["actor.loss_agg_mode=mean"], "actor.loss_agg_mode"),
-    (["actor.kl_type=k9"], "actor.kl_type"),
-    (["rollout.backend=sglang"], "rollout.backend"),
-    (["actor.betas=[0.9]"], "actor.betas"),
-    (["eval.k=[0]"], "eval.k"),
-    (["eval.k=3"], "eval.k"),
-    (["model=3"], "model"),
-    (["algorithm.token_rules=[{polarity: neutral, metric: prob, end: low}]"], "algorithm.token_rules[0]"),
-    (["algorithm.token_rules=[{polarity: positive, metric: prob, end: low, ratio: 2}]"], "algorithm.token_rules[0]"),
-    (["algorithm.token_rules=[{polarity: positive, metric: prob, end: low, colour: red}]"], "algorithm.token_rules[0]"),
-    (["algorithm.token_rules=[3]"], "algorithm.token_rules[0]"),
-    (["name=../x"], "name"),
-    (["name=a/b"], "name"),
-    (["data.prompt_template=Question: {question}"], "data.prompt_template"),
-    (["actor.mini_batches=129"], "actor.mini_batches"),  # batch = 16 prompts x 8 rollouts = 128
-    (["train.prompts_per_step=2", "rollout.n=2", "actor.mini_batches=5"], "actor.mini_batches"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["bogus=1"], "bogus"),
+        (["algorithm.bogus=1"], "algorithm.bogus"),
+        (["actor.lrr=1e-4"], "actor.lrr"),
+        (["algorithm.name=nope"], "algorithm.name"),
+        (["algorithm.ratio=-0.1"], "algorithm.ratio"),
+        (["algorithm.ratio=0"], "algorithm.ratio"),
+        (["algorithm.ratio=1.5"], "algorithm.ratio"),
+        (["actor.lr=-1e-4"], "actor.lr"),
+        (["actor.lr=0"], "actor.lr"),
+        (["actor.lr=nan"], "actor.lr"),
+        (["train.steps=abc"], "train.steps"),
+        (["train.steps=1.5"], "train.steps"),
+        (["train.steps=0"], "train.steps"),
+        (["train.steps=true"], "train.steps"),
+        (["train.steps=null"], "train.steps"),
+        (["train.store_tokens=maybe"], "train.store_tokens"),
+        (["rollout.n=0"], "rollout.n"),
+        (["rollout.top_p=1.5"], "rollout.top_p"),
+        (["algorithm.decay=weird"], "algorithm.decay"),
+        (["actor.loss_agg_mode=mean"], "actor.loss_agg_mode"),
+        (["actor.kl_type=k9"], "actor.kl_type"),
+        (["rollout.backend=sglang"], "rollout.backend"),
+        (["actor.betas=[0.9]"], "actor.betas"),
+        (["eval.k=[0]"], "eval.k"),
+        (["eval.k=3"], "eval.k"),
+        (["model=3"], "model"),
+        (["algorithm.token_rules=[{polarity: neutral, metric: prob, end: low}]"], "algorithm.token_rules[0]"),
+        (
+            ["algorithm.token_rules=[{polarity: positive, metric: prob, end: low, ratio: 2}]"],
+            "algorithm.token_rules[0]",
+        ),
+        (
+            ["algorithm.token_rules=[{polarity: positive, metric: prob, end: low, colour: red}]"],
+            "algorithm.token_rules[0]",
+        ),
+        (["algorithm.token_rules=[3]"], "algorithm.token_rules[0]"),
+        (["name=../x"], "name"),
+        (["name=a/b"], "name"),
+        (["data.prompt_template=Question: {question}"], "data.prompt_template"),
+        (["actor.mini_batches=129"], "actor.mini_batches"),  # batch = 16 prompts x 8 rollouts = 128
+        (["train.prompts_per_step=2", "rollout.n=2", "actor.mini_batches=5"], "actor.mini_batches"),
+    ],
+)
 def test_error_names_key(overrides, key):
     msg = _err(overrides)
     assert f"'{key}'" in msg, msg
@@ -193,17 +228,23 @@ def test_ratio_one_is_allowed():
     assert load_config(None, ["algorithm.ratio=1"]).algorithm.ratio == 1.0
 
 
-@pytest.mark.parametrize("yaml_text, key", [
-    ("model: 3\n", "model"),
-    ("bogus: 1\n", "bogus"),
-    ("train:\n  bogus: 1\n", "train.bogus"),
-    ("algorithm:\n  name: nope\n", "algorithm.name"),
-    ("algorithm:\n  ratio: -0.2\n", "algorithm.ratio"),
-    ("actor:\n  lr: 0\n", "actor.lr"),
-    ("train:\n  steps: abc\n", "train.steps"),
-    ("algorithm:\n  token_rules:\n    - {polarity: sideways, metric: prob, end: low}\n", "algorithm.token_rules[0]"),
-    ("name: ../x\n", "name"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("model: 3\n", "model"),
+        ("bogus: 1\n", "bogus"),
+        ("train:\n  bogus: 1\n", "train.bogus"),
+        ("algorithm:\n  name: nope\n", "algorithm.name"),
+        ("algorithm:\n  ratio: -0.2\n", "algorithm.ratio"),
+        ("actor:\n  lr: 0\n", "actor.lr"),
+        ("train:\n  steps: abc\n", "train.steps"),
+        (
+            "algorithm:\n  token_rules:\n    - {polarity: sideways, metric: prob, end: low}\n",
+            "algorithm.token_rules[0]",
+        ),
+        ("name: ../x\n", "name"),
+    ],
+)
 def test_yaml_error_names_key(tmp_path, yaml_text, key):
     p = tmp_path / "c.yaml"
     p.write_text(yaml_text)
@@ -288,10 +329,20 @@ def test_round_trip_defaults():
 
 
 def test_round_trip_non_default():
-    cfg = load_config(None, ["algorithm.name=token_weighted", "name=abc", "actor.lr=2e-5", "eval.k=[1,2,16]",
-                             "algorithm.std_normalize=false", "actor.loss_agg_mode=seq-mean-token-sum",
-                             "algorithm.token_rules=[{polarity: negative, metric: entropy, end: high, ratio: 0.1, scale: 0.5}]",
-                             "algorithm.decay_steps=30", "train.store_tokens=false"])
+    cfg = load_config(
+        None,
+        [
+            "algorithm.name=token_weighted",
+            "name=abc",
+            "actor.lr=2e-5",
+            "eval.k=[1,2,16]",
+            "algorithm.std_normalize=false",
+            "actor.loss_agg_mode=seq-mean-token-sum",
+            "algorithm.token_rules=[{polarity: negative, metric: entropy, end: high, ratio: 0.1, scale: 0.5}]",
+            "algorithm.decay_steps=30",
+            "train.store_tokens=false",
+        ],
+    )
     d = cfg.to_dict()
     back = config_from_dict(d)
     assert back == cfg

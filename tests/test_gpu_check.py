@@ -1,6 +1,6 @@
 """The GPU check script runs its legs on the CPU too (``--cpu``), so CI keeps it working.
 
-    bash scripts/gpu_check.sh --cpu
+bash scripts/gpu_check.sh --cpu
 """
 
 import subprocess
@@ -10,8 +10,14 @@ from conftest import ROOT
 
 
 def test_gpu_check_cpu_mode_passes():
-    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"})
+    p = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"},
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
     assert "[ops] logprob" in out and "[ops] entropy" in out

@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 
 from engine.ops import token_entropy, token_logprobs

@@ -14,22 +14,64 @@ import pytest
 
 from engine import stats
 from engine.report import (
-    CLIP_INACTIVE, METRICS, StudyData, claims, claims_json, combine, power_table, push_table, render_report,
+    CLIP_INACTIVE,
+    METRICS,
+    StudyData,
+    claims,
+    claims_json,
+    combine,
+    power_table,
+    push_table,
+    render_report,
 )
 from engine.stats import (
-    FAILS, HOLDS, NULL, UNMEASURED, UNSURE, betainc, judge, paired_interval, power_paired_t, seeds_for_power,
-    t_quantile, verdict,
+    FAILS,
+    HOLDS,
+    NULL,
+    UNMEASURED,
+    UNSURE,
+    betainc,
+    judge,
+    paired_interval,
+    power_paired_t,
+    seeds_for_power,
+    t_quantile,
+    verdict,
 )
 from engine.study import SETTINGS
 
-PART_KEYS = {"text", "setting", "reference", "metric", "kind", "n", "mean", "se", "ci_low", "ci_high", "min_effect",
-             "verdict"}
+PART_KEYS = {
+    "text",
+    "setting",
+    "reference",
+    "metric",
+    "kind",
+    "n",
+    "mean",
+    "se",
+    "ci_low",
+    "ci_high",
+    "min_effect",
+    "verdict",
+}
 
 
 # ------------------------------------------------------------------ t distribution
-@pytest.mark.parametrize("p, df, value", [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 9, 2.262), (0.975, 29, 2.045),
-                                          (0.975, 10**9, 1.960), (0.975, math.inf, 1.960), (0.95, 4, 2.132),
-                                          (0.995, 5, 4.032), (0.8, 12, 0.873), (0.9, 30, 1.310)])
+@pytest.mark.parametrize(
+    "p, df, value",
+    [
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 9, 2.262),
+        (0.975, 29, 2.045),
+        (0.975, 10**9, 1.960),
+        (0.975, math.inf, 1.960),
+        (0.95, 4, 2.132),
+        (0.995, 5, 4.032),
+        (0.8, 12, 0.873),
+        (0.9, 30, 1.310),
+    ],
+)
 def test_t_quantile_table(p, df, value):
     assert t_quantile(p, df) == pytest.approx(value, abs=5e-4)
 
@@ -80,33 +122,36 @@ def test_paired_interval_edge_cases():
 
 
 # ------------------------------------------------------------------ verdicts
-@pytest.mark.parametrize("diffs, kind, delta, expected", [
-    ([2.0, 2.1, 1.9], "higher", 1.0, HOLDS),           # CI [1.75, 2.25]
-    ([-2.0, -2.1, -1.9], "lower", 1.0, HOLDS),
-    ([-2.0, -2.1, -1.9], "higher", 1.0, FAILS),        # whole interval below 0
-    ([0.5, 0.6, 0.4], "higher", 1.0, NULL),            # CI [0.25, 0.75]: real but below the minimum effect
-    ([-0.5, -0.6, -0.4], "higher", 1.0, NULL),         # opposite sign, but negligible
-    ([0.8, 0.9, 0.7], "higher", 1.0, UNSURE),          # CI [0.55, 1.05]: above 0, estimate 0.8 < 1
-    ([1, 2, 3], "higher", 1.0, UNSURE),                # CI [-0.48, 4.48]
-    ([6e-8, 5e-8, 7e-8], "lower", 0.003, NULL),        # the old rule's "holds" for 6e-8 nats
-    ([-0.004, 0.0, 0.004, 0.002], "at_least", 0.01, HOLDS),   # lo > -delta
-    ([-0.05, -0.04, -0.06], "at_least", 0.01, FAILS),         # hi < -delta
-    ([-0.05, 0.04, -0.02], "at_least", 0.01, UNSURE),
-    ([0.001, -0.001, 0.0], "equivalent", 0.01, HOLDS),
-    ([0.05, 0.04, 0.06], "equivalent", 0.01, FAILS),
-    ([0.05, -0.04, 0.01], "equivalent", 0.01, UNSURE),
-])
+@pytest.mark.parametrize(
+    "diffs, kind, delta, expected",
+    [
+        ([2.0, 2.1, 1.9], "higher", 1.0, HOLDS),  # CI [1.75, 2.25]
+        ([-2.0, -2.1, -1.9], "lower", 1.0, HOLDS),
+        ([-2.0, -2.1, -1.9], "higher", 1.0, FAILS),  # whole interval below 0
+        ([0.5, 0.6, 0.4], "higher", 1.0, NULL),  # CI [0.25, 0.75]: real but below the minimum effect
+        ([-0.5, -0.6, -0.4], "higher", 1.0, NULL),  # opposite sign, but negligible
+        ([0.8, 0.9, 0.7], "higher", 1.0, UNSURE),  # CI [0.55, 1.05]: above 0, estimate 0.8 < 1
+        ([1, 2, 3], "higher", 1.0, UNSURE),  # CI [-0.48, 4.48]
+        ([6e-8, 5e-8, 7e-8], "lower", 0.003, NULL),  # the old rule's "holds" for 6e-8 nats
+        ([-0.004, 0.0, 0.004, 0.002], "at_least", 0.01, HOLDS),  # lo > -delta
+        ([-0.05, -0.04, -0.06], "at_least", 0.01, FAILS),  # hi < -delta
+        ([-0.05, 0.04, -0.02], "at_least", 0.01, UNSURE),
+        ([0.001, -0.001, 0.0], "equivalent", 0.01, HOLDS),
+        ([0.05, 0.04, 0.06], "equivalent", 0.01, FAILS),
+        ([0.05, -0.04, 0.01], "equivalent", 0.01, UNSURE),
+    ],
+)
 def test_verdict_by_hand(diffs, kind, delta, expected):
     assert judge(diffs, kind, delta).verdict == expected
 
 
 def test_verdict_boundaries():
-    assert verdict(0.0, 2.0, 1.0, "higher") == UNSURE     # lo must be > 0
+    assert verdict(0.0, 2.0, 1.0, "higher") == UNSURE  # lo must be > 0
     assert verdict(1e-9, 2.0, 1.0, "higher", mean=1.0) == HOLDS  # mean >= delta is enough
-    assert verdict(-2.0, 0.0, 1.0, "higher") == UNSURE    # hi must be < 0
-    assert verdict(-1.0, 1.0, 1.0, "higher") == UNSURE    # the ±delta band is open
+    assert verdict(-2.0, 0.0, 1.0, "higher") == UNSURE  # hi must be < 0
+    assert verdict(-1.0, 1.0, 1.0, "higher") == UNSURE  # the ±delta band is open
     assert verdict(-0.99, 0.99, 1.0, "higher") == NULL
-    assert verdict(0.1, 0.3, 0.0, "higher") == HOLDS      # no minimum effect: significance alone
+    assert verdict(0.1, 0.3, 0.0, "higher") == HOLDS  # no minimum effect: significance alone
     assert verdict(-0.3, -0.1, 0.0, "higher") == FAILS
     assert verdict(math.nan, math.nan, 1.0, "lower") == UNSURE
     assert verdict(-0.0099, 0.5, 0.01, "at_least") == HOLDS
@@ -125,8 +170,12 @@ def _agrees(v: str, lo: float, hi: float, m: float, delta: float, kind: str) -> 
         lo, hi, m, kind = -hi, -lo, -m, "higher"
     inside = -delta < lo and hi < delta
     if kind == "higher":
-        return {HOLDS: lo > 0 and m >= delta and not inside, FAILS: hi < 0 and not inside, NULL: inside,
-                UNSURE: not inside and not (lo > 0 and m >= delta) and not hi < 0}[v]
+        return {
+            HOLDS: lo > 0 and m >= delta and not inside,
+            FAILS: hi < 0 and not inside,
+            NULL: inside,
+            UNSURE: not inside and not (lo > 0 and m >= delta) and not hi < 0,
+        }[v]
     if kind == "at_least":
         return {HOLDS: lo > -delta, FAILS: hi < -delta, UNSURE: lo <= -delta <= hi}[v]
     practical = (lo > 0 or hi < 0) and abs(m) >= delta
@@ -218,20 +267,46 @@ def fake_study(values: dict[str, list[dict]], push: bool = True) -> StudyData:
     for setting, seeds in values.items():
         for seed, v in enumerate(seeds):
             rid = f"t.{setting}.s{seed}"
-            runs.append({"run_id": rid, "status": "finished", "setting": setting, "seed": seed,
-                         "created": 1000.0 + seed, "updated": 1000.0 + seed + 600})
+            runs.append(
+                {
+                    "run_id": rid,
+                    "status": "finished",
+                    "setting": setting,
+                    "seed": seed,
+                    "created": 1000.0 + seed,
+                    "updated": 1000.0 + seed + 600,
+                }
+            )
             for st in range(1, STEPS + 1):
-                row = {"run_id": rid, "step": st, "reward": v.get("reward", 0.3), "entropy": v.get("entropy", 0.2),
-                       "length": v.get("length", 30.0), "clipfrac": v.get("clipfrac", 0.01)}
+                row = {
+                    "run_id": rid,
+                    "step": st,
+                    "reward": v.get("reward", 0.3),
+                    "entropy": v.get("entropy", 0.2),
+                    "length": v.get("length", 30.0),
+                    "clipfrac": v.get("clipfrac", 0.01),
+                }
                 if push:
-                    row.update(push_rule_pos=v.get("rule_pos", 4.0), push_rule_neg=v.get("rule_neg", 0.001),
-                               push_raw_pos=10.0, push_raw_neg=8.0)
+                    row.update(
+                        push_rule_pos=v.get("rule_pos", 4.0),
+                        push_rule_neg=v.get("rule_neg", 0.001),
+                        push_raw_pos=10.0,
+                        push_raw_neg=8.0,
+                    )
                 steps.append(row)
             for st, acc in ((0, 0.2), (STEPS, v.get("acc", 0.3))):
                 evals.append({"run_id": rid, "step": st, "metric": "sampled_acc", "k": None, "value": acc, "n": 500})
                 for k in (1, 16, 64):
-                    evals.append({"run_id": rid, "step": st, "metric": "pass@k", "k": k,
-                                  "value": min(1.0, acc * (1 + k / 8)), "n": 500})
+                    evals.append(
+                        {
+                            "run_id": rid,
+                            "step": st,
+                            "metric": "pass@k",
+                            "k": k,
+                            "value": min(1.0, acc * (1 + k / 8)),
+                            "n": 500,
+                        }
+                    )
     return StudyData(pd.DataFrame(runs), pd.DataFrame(steps), pd.DataFrame(evals))
 
 
@@ -340,9 +415,24 @@ def test_report_files(tmp_path):
     settings = [SETTINGS[n] for n in _grid()]
     res = render_report(fake_study(_grid()), "t", tmp_path, settings, notes=["Preset 'full': 5 paired seeds."])
     md = (tmp_path / "report.md").read_text()
-    for text in ("## Verdict rule", "no practical effect", "## Power", "seeds for 80% power at 1 pt", "95% CI",
-                 "min effect", "±1.00", "±0.0030", "Adam", "clip inactive", "+5.4", "+3.3", "Preset 'full'",
-                 "Final evaluations on 500 test prompts", "neg/pos (rule)", "Wall time"):
+    for text in (
+        "## Verdict rule",
+        "no practical effect",
+        "## Power",
+        "seeds for 80% power at 1 pt",
+        "95% CI",
+        "min effect",
+        "±1.00",
+        "±0.0030",
+        "Adam",
+        "clip inactive",
+        "+5.4",
+        "+3.3",
+        "Preset 'full'",
+        "Final evaluations on 500 test prompts",
+        "neg/pos (rule)",
+        "Wall time",
+    ):
         assert text in md, text
     assert "+3.00" in md  # A3PO's gain over GRPO in points
     html = (tmp_path / "report.html").read_text()

@@ -70,8 +70,9 @@ def test_is_correct_no_box_is_false():
     assert is_correct("", "73") is False
 
 
-@pytest.mark.parametrize("response", ["\\boxed{", "\\boxed{}", "\\boxed{1/0}", "x;\\boxed{\\frac{}{}}",
-                                      "\\boxed{)(}", "\\boxed{\\\\\\}"])
+@pytest.mark.parametrize(
+    "response", ["\\boxed{", "\\boxed{}", "\\boxed{1/0}", "x;\\boxed{\\frac{}{}}", "\\boxed{)(}", "\\boxed{\\\\\\}"]
+)
 def test_is_correct_garbage_is_false_without_raising(response):
     assert is_correct(response, "1") is False
     assert math_verify_correct(response, "1") is False
@@ -136,28 +137,43 @@ def _run_in_thread(fn):
 
 def test_math_verify_correct_in_thread():
     # gold strings not used elsewhere, so the gold parse is not served from the cache
-    verdicts = _run_in_thread(lambda: (
-        math_verify_correct("x;\\boxed{\\frac{1}{4}}", "0.25"),
-        math_verify_correct("x;\\boxed{\\frac{1}{5}}", "0.125"),
-    ))
+    verdicts = _run_in_thread(
+        lambda: (
+            math_verify_correct("x;\\boxed{\\frac{1}{4}}", "0.25"),
+            math_verify_correct("x;\\boxed{\\frac{1}{5}}", "0.125"),
+        )
+    )
     assert verdicts == (True, False)
 
 
 def test_is_correct_in_thread_non_integer():
-    verdicts = _run_in_thread(lambda: (
-        is_correct("x;\\boxed{0.75}", "3/4"),
-        is_correct("x;\\boxed{0.7}", "7/8"),
-        is_correct("x;\\boxed{0375}", "375"),  # non-canonical int -> math-verify
-    ))
+    verdicts = _run_in_thread(
+        lambda: (
+            is_correct("x;\\boxed{0.75}", "3/4"),
+            is_correct("x;\\boxed{0.7}", "7/8"),
+            is_correct("x;\\boxed{0375}", "375"),  # non-canonical int -> math-verify
+        )
+    )
     assert verdicts == (True, False, True)
 
 
 # ------------------------------------------------------------------------------------ overlong
-@pytest.mark.parametrize("length, expected", [
-    (0, 0.0), (10, 0.0), (36, 0.0),  # up to max_len - buffer: no penalty
-    (37, -1 / 12), (40, -1 / 3), (42, -0.5), (45, -0.75), (47, -11 / 12),
-    (48, -1.0), (49, -1.0), (500, -1.0),
-])
+@pytest.mark.parametrize(
+    "length, expected",
+    [
+        (0, 0.0),
+        (10, 0.0),
+        (36, 0.0),  # up to max_len - buffer: no penalty
+        (37, -1 / 12),
+        (40, -1 / 3),
+        (42, -0.5),
+        (45, -0.75),
+        (47, -11 / 12),
+        (48, -1.0),
+        (49, -1.0),
+        (500, -1.0),
+    ],
+)
 def test_overlong_penalty_hand_values(length, expected):
     assert overlong_penalty(length, 48, 12) == pytest.approx(expected, abs=1e-12)
 
@@ -204,20 +220,26 @@ def test_countdown_valid_derivations():
     assert countdown_correct(" 3*3=9(2 9);9-2=7(7)\n", "3 3 2:7=")  # surrounding whitespace is ignored
 
 
-@pytest.mark.parametrize("response", [
-    "10+8=18(9 7 18);18*7=126(9 126);126-9=117(116)",   # wrong final list
-    "10+8=18(9 7 18);18*7=126(9 126);126-10=116(116)",  # 10 used twice, wrong value
-    "10+8=19(9 7 19);19*7=133(9 133);133-16=117(117)",  # arithmetic error
-    "10+8=18(9 7 18);18*7=126(9 126)",                  # stops early: numbers left
-    "10+8=18(9 7 18);18*7=126(9 126);126-9=117",        # the last step lists nothing
-    "10+8=18(9 7);18*7=126(9 126);126-9=117(117)",      # wrong numbers-left list
-    "10+8=18(9 7 18);18*7=126;126-9=117(117)",          # missing numbers-left list
-    "10+10=20(8 9 7 20);20*7=140(9 140);140-23=117(117)",  # uses 10 twice
-    "11+6=17(10 8 9 7 17);17*7=119(10 8 9 119);119-2=117(10 8 9 117)",  # numbers not in the prompt
-    "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117);",  # trailing separator
-    "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117);117+0=117(117)",  # one step too many
-    "", "117", "\\boxed{117}", "10+8=18(9 7 18) ;18*7=126(9 126);126-9=117(117)",
-])
+@pytest.mark.parametrize(
+    "response",
+    [
+        "10+8=18(9 7 18);18*7=126(9 126);126-9=117(116)",  # wrong final list
+        "10+8=18(9 7 18);18*7=126(9 126);126-10=116(116)",  # 10 used twice, wrong value
+        "10+8=19(9 7 19);19*7=133(9 133);133-16=117(117)",  # arithmetic error
+        "10+8=18(9 7 18);18*7=126(9 126)",  # stops early: numbers left
+        "10+8=18(9 7 18);18*7=126(9 126);126-9=117",  # the last step lists nothing
+        "10+8=18(9 7);18*7=126(9 126);126-9=117(117)",  # wrong numbers-left list
+        "10+8=18(9 7 18);18*7=126;126-9=117(117)",  # missing numbers-left list
+        "10+10=20(8 9 7 20);20*7=140(9 140);140-23=117(117)",  # uses 10 twice
+        "11+6=17(10 8 9 7 17);17*7=119(10 8 9 119);119-2=117(10 8 9 117)",  # numbers not in the prompt
+        "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117);",  # trailing separator
+        "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117);117+0=117(117)",  # one step too many
+        "",
+        "117",
+        "\\boxed{117}",
+        "10+8=18(9 7 18) ;18*7=126(9 126);126-9=117(117)",
+    ],
+)
 def test_countdown_invalid_derivations(response):
     assert countdown_correct(response, CD_PROMPT) is False
 

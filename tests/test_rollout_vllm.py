@@ -18,8 +18,10 @@ def comp(ids, finish="stop", lps=None, stop=None):
 
 def test_conversion_keeps_the_sampled_stop_token_and_flags_truncation():
     prompts = [[1, 5, 6], [1, 7]]
-    outs = [NS(outputs=[comp([10, 11, EOS], "stop", [-0.1, -0.2, -0.3], stop=EOS), comp([12, 13, 14, 15], "length")]),
-            NS(outputs=[comp([16, EOS, 9], "stop", stop=EOS), comp([17], "stop", stop=EOS)])]
+    outs = [
+        NS(outputs=[comp([10, 11, EOS], "stop", [-0.1, -0.2, -0.3], stop=EOS), comp([12, 13, 14, 15], "length")]),
+        NS(outputs=[comp([16, EOS, 9], "stop", stop=EOS), comp([17], "stop", stop=EOS)]),
+    ]
     ro, slp = rollouts_from_vllm(outs, prompts, 2, eos_id=EOS, pad_id=PAD, max_new_tokens=4)
     # row 0: EOS kept as vLLM returns it; row 1: budget hit -> truncated; row 2: cut after the first EOS;
     # row 3: an engine build that stripped the stop token: the token named by stop_reason comes back
@@ -36,7 +38,15 @@ def test_conversion_keeps_the_sampled_stop_token_and_flags_truncation():
 def test_conversion_never_appends_a_token_the_policy_did_not_sample():
     """A stop on another token (e.g. a generation-config EOS, id 3) keeps that token, not the tokenizer's EOS."""
     other = 3
-    outs = [NS(outputs=[comp([10, other], "stop", stop=other), comp([11], "stop", stop=other), comp([12], "stop", stop="\n")])]
+    outs = [
+        NS(
+            outputs=[
+                comp([10, other], "stop", stop=other),
+                comp([11], "stop", stop=other),
+                comp([12], "stop", stop="\n"),
+            ]
+        )
+    ]
     ro, _ = rollouts_from_vllm(outs, [[1]], 3, eos_id=EOS, pad_id=PAD, max_new_tokens=4)
     assert ro.response_ids.tolist() == [[10, other], [11, other], [12, PAD]]
     assert ro.response_mask.tolist() == [[1, 1], [1, 1], [1, 0]]
@@ -56,6 +66,7 @@ def test_vllm_backend_needs_vllm():
 
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vllm installed: covered by scripts/gpu_check.sh")
     except ImportError:
         pass
@@ -122,8 +133,16 @@ def test_vllm_backend_builds_an_in_process_engine_sized_to_the_run(fake_vllm):
     from engine.policy import load_policy
     from engine.rollout import make_backend
 
-    cfg = load_config(None, ["rollout.backend=vllm", "data.max_prompt_tokens=40", "rollout.max_new_tokens=30",
-                             "eval.max_new_tokens=50", "rollout.vllm_gpu_memory_utilization=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.backend=vllm",
+            "data.max_prompt_tokens=40",
+            "rollout.max_new_tokens=30",
+            "eval.max_new_tokens=50",
+            "rollout.vllm_gpu_memory_utilization=0.5",
+        ],
+    )
     model, tok, _ = load_policy("builtin:tiny-countdown")
     make_backend("vllm", model, tok, cfg)
     (llm,) = _FakeLLM.instances
@@ -163,7 +182,7 @@ def test_vllm_backend_sleeps_between_generations_and_repushes_weights(fake_vllm)
     ro = be.generate([[5, 6], [7]], SamplingParams(n=2, temperature=1.0, max_new_tokens=4))
     kinds = [e[0] for e in llm.log]
     assert kinds[0] == "wake" and llm.log[0][1] == ("weights",)
-    assert kinds[1:1 + n_params] == ["load"] * n_params
+    assert kinds[1 : 1 + n_params] == ["load"] * n_params
     assert llm.log[1 + n_params] == ("reset",) and llm.log[2 + n_params] == ("wake", ("kv_cache",))
     assert kinds[-2:] == ["generate", "sleep"]
     # the sampler stops on the tokenizer's EOS only, as the HF backend does

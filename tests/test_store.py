@@ -14,11 +14,23 @@ CONFIG = {"algorithm": {"name": "grpo"}, "train": {"steps": 10}}
 
 
 def tokens_table(run_id: str, step: int, n: int = 3) -> pa.Table:
-    rows = [{
-        "run_id": run_id, "step": step, "rollout_idx": i // 2, "position": i, "token_id": 100 * step + i,
-        "token_text": f"t{step}.{i}", "logprob": -0.5, "entropy": 1.0, "adv_raw": 1.0, "adv_shaped": 2.0,
-        "is_key": i == 0, "polarity": 1,
-    } for i in range(n)]
+    rows = [
+        {
+            "run_id": run_id,
+            "step": step,
+            "rollout_idx": i // 2,
+            "position": i,
+            "token_id": 100 * step + i,
+            "token_text": f"t{step}.{i}",
+            "logprob": -0.5,
+            "entropy": 1.0,
+            "adv_raw": 1.0,
+            "adv_shaped": 2.0,
+            "is_key": i == 0,
+            "polarity": 1,
+        }
+        for i in range(n)
+    ]
     return pa.Table.from_pylist(rows, schema=SCHEMAS["tokens"])
 
 
@@ -27,8 +39,9 @@ def steps_table(run_id: str, step: int) -> pa.Table:
 
 
 def evals_table(run_id: str, step: int) -> pa.Table:
-    return pa.Table.from_pylist([{"run_id": run_id, "step": step, "metric": "pass@k", "k": 1, "value": 0.5, "n": 4}],
-                                schema=SCHEMAS["evals"])
+    return pa.Table.from_pylist(
+        [{"run_id": run_id, "step": step, "metric": "pass@k", "k": 1, "value": 0.5, "n": 4}], schema=SCHEMAS["evals"]
+    )
 
 
 def write(store: Store, rid: str, step: int, n_tokens: int = 3) -> None:
@@ -337,7 +350,10 @@ def test_truncate_after_removes_later_segments(store):
     crashed.mkdir()
     assert store.truncate_after(rid, 3) == 2
     assert sorted(p.name for p in (store.root / rid / "segments").iterdir()) == [
-        "step_000001", "step_000002", "step_000003"]
+        "step_000001",
+        "step_000002",
+        "step_000003",
+    ]
     assert token_keys(store, rid) == expected_keys([1, 2, 3])
     # resume: steps 4.. are written again
     write(store, rid, 4, n_tokens=2)
@@ -606,12 +622,15 @@ def test_checkpoint_fallback_survives_clean_temp(store):
 
 
 # ------------------------------------------------------------------------------------ bad run.json
-@pytest.mark.parametrize("field, value, message", [
-    ("last_step", 99999999999, "run.json: last_step 99999999999 out of range"),
-    ("total_steps", "10", "run.json: total_steps '10' is not an integer"),
-    ("created", "yesterday", "run.json: created 'yesterday' is not a number"),
-    ("config", [1, 2], "run.json: config is a list, not an object"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("last_step", 99999999999, "run.json: last_step 99999999999 out of range"),
+        ("total_steps", "10", "run.json: total_steps '10' is not an integer"),
+        ("created", "yesterday", "run.json: created 'yesterday' is not a number"),
+        ("config", [1, 2], "run.json: config is a list, not an object"),
+    ],
+)
 def test_runs_table_lists_bad_values_as_invalid(store, field, value, message):
     good = store.create_run(CONFIG, name="good")
     write(store, good, 1)
@@ -691,7 +710,13 @@ def test_export_refuses_existing_files_unless_forced(store, tmp_path):
     write(store, rid, 2)
     out = tmp_path / "out"
     paths = store.export(rid, out)
-    assert [p.name for p in paths] == ["runs.parquet", "steps.parquet", "rollouts.parquet", "tokens.parquet", "evals.parquet"]
+    assert [p.name for p in paths] == [
+        "runs.parquet",
+        "steps.parquet",
+        "rollouts.parquet",
+        "tokens.parquet",
+        "evals.parquet",
+    ]
     assert pq.read_table(out / "tokens.parquet").num_rows == 6
     assert pq.read_table(out / "runs.parquet").num_rows == 1
     with pytest.raises(StoreError, match="runs.parquet exists — remove it"):

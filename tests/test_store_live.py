@@ -15,17 +15,27 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from engine.config import load_config
 from engine.store import StepSegment, Store
 from engine.trainer import Trainer, resume
 
 STEPS = 12
 PROMPTS, N = 2, 2
-LIVE = [f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"rollout.n={N}", "train.checkpoint_every=1",
-        "train.compact_every=1", "train.eval_every=4", "eval.n_prompts=4", "eval.k=[1]", "train.threads=1",
-        "train.save_final_model=false", "eval.at_start=false"]
+LIVE = [
+    f"train.steps={STEPS}",
+    f"train.prompts_per_step={PROMPTS}",
+    f"rollout.n={N}",
+    "train.checkpoint_every=1",
+    "train.compact_every=1",
+    "train.eval_every=4",
+    "eval.n_prompts=4",
+    "eval.k=[1]",
+    "train.threads=1",
+    "train.save_final_model=false",
+    "eval.at_start=false",
+]
 
 # Reads the store in a loop until told to stop and at least MIN queries ran; every query must
 # succeed and see each (step, rollout) at most once. Prints a JSON summary as its last line.
@@ -83,15 +93,37 @@ def test_readers_and_a_second_writer_during_a_live_run(tmp_path):
     root, stop = tmp_path / "store", tmp_path / "stop"
     # a short grace period so that merged segments are also deleted while the reader runs
     env = _env(A3PO_STORE_GRACE_S="3")
-    train = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", "--quiet", "--store", str(root), "name=live", *LIVE],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(root), str(stop), "500"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "train", "--quiet", "--store", str(root), "name=live", *LIVE],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(root), str(stop), "500"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         store = Store(root)
-        _wait(lambda: (root / "live" / "segments" / "step_000001").exists() or train.poll() is not None, 120, "the first step")
-        second = subprocess.run([sys.executable, "-m", "engine.cli", "train", "--quiet", "--resume", "live", "--store", str(root)],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        _wait(
+            lambda: (root / "live" / "segments" / "step_000001").exists() or train.poll() is not None,
+            120,
+            "the first step",
+        )
+        second = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "train", "--quiet", "--resume", "live", "--store", str(root)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         live_during_resume = train.poll() is None
         out, err = train.communicate(timeout=180)
     finally:
@@ -116,17 +148,31 @@ def test_readers_and_a_second_writer_during_a_live_run(tmp_path):
     assert store.writer("live") is None and not (root / "live" / "writer.lock").exists()
     steps = store.query("select step, count(*) c from steps group by step order by step")
     assert steps["step"].tolist() == list(range(1, STEPS + 1)) and set(steps["c"]) == {1}
-    per_step = store.query("select step, count(*) c, count(distinct rollout_idx) d from rollouts group by step order by step")
+    per_step = store.query(
+        "select step, count(*) c, count(distinct rollout_idx) d from rollouts group by step order by step"
+    )
     assert per_step["step"].tolist() == list(range(1, STEPS + 1))
     assert set(per_step["c"]) == {PROMPTS * N} and set(per_step["d"]) == {PROMPTS * N}
-    assert store.query("select count(*) c from tokens")["c"][0] == store.query("select sum(length) s from rollouts")["s"][0]
+    assert (
+        store.query("select count(*) c from tokens")["c"][0]
+        == store.query("select sum(length) s from rollouts")["s"][0]
+    )
     chunks = [p.name for p in (root / "live" / "chunks").iterdir() if p.name.startswith("steps-")]
     assert len(chunks) == STEPS  # it really compacted after every step
 
 
 # ------------------------------------------------------------------------------------ in-process runs
-BASE = ["train.prompts_per_step=2", "rollout.n=2", "eval.n_prompts=4", "eval.k=[1,2]", "train.eval_every=0",
-        "train.save_final_model=false", "train.steps=2", "train.threads=1", "train.checkpoint_every=1"]
+BASE = [
+    "train.prompts_per_step=2",
+    "rollout.n=2",
+    "eval.n_prompts=4",
+    "eval.k=[1,2]",
+    "train.eval_every=0",
+    "train.save_final_model=false",
+    "train.steps=2",
+    "train.threads=1",
+    "train.checkpoint_every=1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +203,9 @@ def test_resume_after_kill_past_final_checkpoint_sets_final_accuracy(tmp_path):
     res = resume("t", store, progress=False, log=lambda s: None)
     meta = store.read_run("t")
     assert meta["status"] == "finished" and meta["last_step"] == 2
-    assert meta["final_accuracy"] == pytest.approx(final[0]) and meta["final_greedy_accuracy"] == pytest.approx(greedy[0])
+    assert meta["final_accuracy"] == pytest.approx(final[0]) and meta["final_greedy_accuracy"] == pytest.approx(
+        greedy[0]
+    )
     assert res["final"]["sampled_acc"] == pytest.approx(final[0])
     assert not (d / "segments" / ".tmp-step_000003-77").exists() and not (d / ".run.json.77.tmp").exists()
     assert not (d / "writer.lock").exists()
@@ -186,7 +234,11 @@ def test_disk_error_marks_the_run_failed(tmp_path, monkeypatch, record_fails):
     def commit(self):
         if self.final.name == "step_000002":
             if record_fails:  # run.json cannot be written either
-                monkeypatch.setattr(Store, "update_run", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+                monkeypatch.setattr(
+                    Store,
+                    "update_run",
+                    lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")),
+                )
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self)
 

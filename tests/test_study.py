@@ -5,19 +5,46 @@ import math
 import shutil
 
 from conftest import a3po
+
 from engine.config import load_config
 from engine.store import Store
 from engine.study import CORE, PRESETS, SETTINGS, plan
 
 TINY = ["train.prompts_per_step=4", "rollout.n=4", "eval.n_prompts=6"]
-PART_KEYS = {"text", "setting", "reference", "metric", "kind", "n", "mean", "se", "ci_low", "ci_high", "min_effect",
-             "verdict"}
+PART_KEYS = {
+    "text",
+    "setting",
+    "reference",
+    "metric",
+    "kind",
+    "n",
+    "mean",
+    "se",
+    "ci_low",
+    "ci_high",
+    "min_effect",
+    "verdict",
+}
 
 
 def test_study_quick_reduced_budget_and_resume(tmp_path):
     store, out = tmp_path / "runs", tmp_path / "report"
-    args = ["study", "--preset", "quick", "--steps", "2", "--only", "grpo,psr,nsr,a3po", "--id", "t",
-            "--store", str(store), "--out", str(out), *TINY]
+    args = [
+        "study",
+        "--preset",
+        "quick",
+        "--steps",
+        "2",
+        "--only",
+        "grpo,psr,nsr,a3po",
+        "--id",
+        "t",
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        *TINY,
+    ]
     res = json.loads(a3po(*args, timeout=600).stdout.strip().splitlines()[-1])
     assert res["failed"] == []
     s = Store(store)
@@ -55,8 +82,21 @@ def test_study_rejects_unknown_setting(tmp_path):
 
 def test_grid_covers_the_issue():
     full = PRESETS["full"]
-    assert {"grpo", "psr", "nsr", "w_reinforce", "p2n1", "p1n2", "p1n0.5", "dapo", "fork_tokens", "a3po", "a3po-dapo",
-            "a3po-static", "dapo-clip-sym"} <= set(full.settings)
+    assert {
+        "grpo",
+        "psr",
+        "nsr",
+        "w_reinforce",
+        "p2n1",
+        "p1n2",
+        "p1n0.5",
+        "dapo",
+        "fork_tokens",
+        "a3po",
+        "a3po-dapo",
+        "a3po-static",
+        "dapo-clip-sym",
+    } <= set(full.settings)
     assert "p1n0.5-lr2x" not in SETTINGS  # the ratio claim is tested at the same learning rate
     assert SETTINGS["p1n0.5"].lr_scale == 1.0 and "algorithm.w_neg=0.5" in SETTINGS["p1n0.5"].overrides
     tok = [n for n in full.settings if SETTINGS[n].section == "token"]
@@ -80,17 +120,43 @@ def test_plan_gives_core_settings_more_seeds():
     assert len(jobs) == 10 * len(CORE) + full.secondary_seeds * (len(full.settings) - len(CORE))
     assert jobs[0].seed == 0 and jobs[-1].seed == 9  # seed-major: an interrupted study has whole seeds
     # fewer core seeds than the secondary default caps the secondary ones; an explicit secondary count wins
-    assert {j.seed for j in plan("s", full, seeds=2, steps=7, only=["p1n2"], extra=[], base_lr=1e-4, threads=1,
-                                 config=None)} == {0, 1}
-    assert len(plan("s", full, seeds=10, steps=7, only=["p1n2", "grpo"], extra=[], base_lr=1e-4, threads=1,
-                    config=None, secondary_seeds=3)) == 13
+    assert {
+        j.seed for j in plan("s", full, seeds=2, steps=7, only=["p1n2"], extra=[], base_lr=1e-4, threads=1, config=None)
+    } == {0, 1}
+    assert (
+        len(
+            plan(
+                "s",
+                full,
+                seeds=10,
+                steps=7,
+                only=["p1n2", "grpo"],
+                extra=[],
+                base_lr=1e-4,
+                threads=1,
+                config=None,
+                secondary_seeds=3,
+            )
+        )
+        == 13
+    )
     # the run arguments load as a config: A3PO on DAPO gets DAPO's sampling and overlong buffer
     j = next(j for j in jobs if j.run_id == "s.a3po-dapo.s3")
     cfg = load_config(None, [a for a in j.args if not a.startswith("--")])
     assert (cfg.algorithm.name, cfg.algorithm.dynamic_sampling, cfg.algorithm.overlong_buffer) == ("a3po", True, 12)
     assert (cfg.seed, cfg.train.steps, cfg.eval.n_prompts, cfg.train.eval_every, cfg.rollout.n) == (3, 7, 0, 0, 4)
-    long = plan("s", full, seeds=1, steps=7, only=["a3po-dapo"], extra=[], base_lr=1e-4, threads=1, config=None,
-                max_new_tokens=64)
+    long = plan(
+        "s",
+        full,
+        seeds=1,
+        steps=7,
+        only=["a3po-dapo"],
+        extra=[],
+        base_lr=1e-4,
+        threads=1,
+        config=None,
+        max_new_tokens=64,
+    )
     assert "algorithm.overlong_buffer=16" in long[0].args
     p = next(j for j in jobs if j.run_id == "s.p1n0.5.s0")
     assert not any(a.startswith("actor.lr=") for a in p.args)

@@ -10,8 +10,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.reward import is_correct, last_boxed
-from engine.tasks import (ARITH_DIR, TASKS, DatasetError, Problem, arith_problem, builtin_task, countdown_problem,
-                          load_problems, make_arith_splits, resolve_data_path, write_jsonl)
+from engine.tasks import (
+    ARITH_DIR,
+    TASKS,
+    DatasetError,
+    Problem,
+    arith_problem,
+    builtin_task,
+    countdown_problem,
+    load_problems,
+    make_arith_splits,
+    resolve_data_path,
+    write_jsonl,
+)
 
 PROMPT_RE = re.compile(r"^([1-9][0-9]?)([+-])([1-9][0-9]?)([+-])([1-9][0-9]?)=$")
 
@@ -98,14 +109,18 @@ def _one_line(e: DatasetError) -> str:
 
 def test_load_jsonl_custom_keys(tmp_path):
     path = tmp_path / "gsm.jsonl"
-    rows = [{"question": "What is 2+2?", "final": "4", "solution": "2+2=4 \\boxed{4}"},
-            {"question": "What is 10/4?", "final": 2.5},
-            {"question": "Ten minus three?", "final": 7, "solution": 123}]
+    rows = [
+        {"question": "What is 2+2?", "final": "4", "solution": "2+2=4 \\boxed{4}"},
+        {"question": "What is 10/4?", "final": 2.5},
+        {"question": "Ten minus three?", "final": 7, "solution": 123},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
     probs = load_problems(str(path), prompt_key="question", answer_key="final")
-    assert probs == [Problem("What is 2+2?", "4", "2+2=4 \\boxed{4}"),
-                     Problem("What is 10/4?", "2.5", None),
-                     Problem("Ten minus three?", "7", None)]  # non-string solution dropped
+    assert probs == [
+        Problem("What is 2+2?", "4", "2+2=4 \\boxed{4}"),
+        Problem("What is 10/4?", "2.5", None),
+        Problem("Ten minus three?", "7", None),
+    ]  # non-string solution dropped
 
 
 def test_load_jsonl_limit(tmp_path):
@@ -117,11 +132,15 @@ def test_load_jsonl_limit(tmp_path):
 
 def test_load_parquet_custom_keys(tmp_path):
     path = tmp_path / "math.parquet"
-    pq.write_table(pa.table({"problem": ["1+1", "2*3", "x?"], "gold": ["2", "6", "\\frac{1}{2}"],
-                             "extra": [1, 2, 3]}), path)
+    pq.write_table(
+        pa.table({"problem": ["1+1", "2*3", "x?"], "gold": ["2", "6", "\\frac{1}{2}"], "extra": [1, 2, 3]}), path
+    )
     probs = load_problems(str(path), prompt_key="problem", answer_key="gold")
-    assert [(p.prompt, p.answer, p.solution) for p in probs] == [("1+1", "2", None), ("2*3", "6", None),
-                                                               ("x?", "\\frac{1}{2}", None)]
+    assert [(p.prompt, p.answer, p.solution) for p in probs] == [
+        ("1+1", "2", None),
+        ("2*3", "6", None),
+        ("x?", "\\frac{1}{2}", None),
+    ]
 
 
 def test_write_jsonl_round_trip(tmp_path, splits):
@@ -178,7 +197,9 @@ def test_missing_custom_prompt_field(tmp_path):
 @pytest.mark.parametrize("prompt", ["", "   ", None, 5])
 def test_empty_or_non_string_prompt(tmp_path, prompt):
     path = tmp_path / "empty.jsonl"
-    path.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + json.dumps({"prompt": prompt, "answer": "2"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + json.dumps({"prompt": prompt, "answer": "2"}) + "\n"
+    )
     with pytest.raises(DatasetError) as ei:
         load_problems(str(path))
     msg = _one_line(ei.value)
@@ -302,10 +323,18 @@ def test_countdown_solutions_follow_the_rules(cd_splits):
 def test_countdown_solutions_vary_order(cd_splits):
     # operand order and step order are random: both orders of + and * occur, so the first token of a step forks
     train, _ = cd_splits
-    first_bigger = sum(int(CD_STEP.match(s).group(1)) > int(CD_STEP.match(s).group(3))
-                       for p in train for s in p.solution.split(";") if CD_STEP.match(s).group(2) in "+*")
-    first_smaller = sum(int(CD_STEP.match(s).group(1)) < int(CD_STEP.match(s).group(3))
-                        for p in train for s in p.solution.split(";") if CD_STEP.match(s).group(2) in "+*")
+    first_bigger = sum(
+        int(CD_STEP.match(s).group(1)) > int(CD_STEP.match(s).group(3))
+        for p in train
+        for s in p.solution.split(";")
+        if CD_STEP.match(s).group(2) in "+*"
+    )
+    first_smaller = sum(
+        int(CD_STEP.match(s).group(1)) < int(CD_STEP.match(s).group(3))
+        for p in train
+        for s in p.solution.split(";")
+        if CD_STEP.match(s).group(2) in "+*"
+    )
     assert first_bigger > 0.3 * (first_bigger + first_smaller) and first_smaller > 0.3 * (first_bigger + first_smaller)
     ops = [s.split("=")[0] for p in train for s in p.solution.split(";")]
     assert all(any(o in x for x in ops) for o in "+-*")

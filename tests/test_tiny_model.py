@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from engine.policy import BUILTIN
 from engine.tiny_model import MODEL_DIRS, build_tiny_model, build_tokenizer, rollout_stats
 

@@ -14,8 +14,16 @@ from engine.config import load_config
 from engine.store import Store
 from engine.trainer import Trainer
 
-BASE = ["train.prompts_per_step=2", "rollout.n=4", "eval.n_prompts=4", "eval.k=[1,2]", "train.eval_every=0",
-        "train.save_final_model=false", "train.steps=2", "train.threads=1"]
+BASE = [
+    "train.prompts_per_step=2",
+    "rollout.n=4",
+    "eval.n_prompts=4",
+    "eval.k=[1,2]",
+    "train.eval_every=0",
+    "train.save_final_model=false",
+    "train.steps=2",
+    "train.threads=1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -93,8 +101,10 @@ def test_dapo_dynamic_sampling_keeps_only_mixed_groups(tmp_path):
     max_rounds = load_config(None, []).algorithm.max_gen_batches
     st = store.query("select step, gen_rounds from steps order by step")
     assert ((st["gen_rounds"] >= 1) & (st["gen_rounds"] <= max_rounds)).all()
-    grp = store.query("select step, group_idx, count(*) n, count(distinct reward) nd from rollouts "
-                      "group by step, group_idx order by step, group_idx")
+    grp = store.query(
+        "select step, group_idx, count(*) n, count(distinct reward) nd from rollouts "
+        "group by step, group_idx order by step, group_idx"
+    )
     assert (grp["n"] == 4).all()
     for step, rounds in zip(st["step"], st["gen_rounds"]):
         g = grp[grp["step"] == step]
@@ -131,8 +141,10 @@ def test_logprobs_and_entropy_use_the_rollout_temperature(tmp_path):
 
     store = run(tmp_path, "algorithm.name=grpo", "rollout.temperature=0.7", "train.steps=1")
     ro = store.query("select rollout_idx, prompt from rollouts where step = 1 order by rollout_idx")
-    tk = store.query("select rollout_idx, position, token_id, logprob, entropy from tokens where step = 1 "
-                     "order by rollout_idx, position")
+    tk = store.query(
+        "select rollout_idx, position, token_id, logprob, entropy from tokens where step = 1 "
+        "order by rollout_idx, position"
+    )
     model, tok, _ = load_policy(load_config(None, []).model.path, device="cpu")
     model.eval()
     checked = 0
@@ -141,13 +153,14 @@ def test_logprobs_and_entropy_use_the_rollout_temperature(tmp_path):
         p_ids = encode_prompts(tok, [Problem(prompt, "0")])[0]
         ids = torch.tensor([p_ids + rows["token_id"].tolist()])
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1].double()
+            logits = model(input_ids=ids).logits[0, len(p_ids) - 1 : -1].double()
         for temp, expect_match in ((0.7, True), (1.0, False)):
             logp = torch.log_softmax(logits / temp, -1)
-            lp = logp.gather(1, ids[0, len(p_ids):].unsqueeze(1)).squeeze(1)
+            lp = logp.gather(1, ids[0, len(p_ids) :].unsqueeze(1)).squeeze(1)
             ent = -(logp.exp() * logp).sum(-1)
-            close = (torch.allclose(lp.float(), torch.tensor(rows["logprob"].to_numpy()), atol=2e-4)
-                     and torch.allclose(ent.float(), torch.tensor(rows["entropy"].to_numpy()), atol=2e-4))
+            close = torch.allclose(lp.float(), torch.tensor(rows["logprob"].to_numpy()), atol=2e-4) and torch.allclose(
+                ent.float(), torch.tensor(rows["entropy"].to_numpy()), atol=2e-4
+            )
             assert close == expect_match, (temp, rid)
         checked += 1
     assert checked == 8
@@ -163,8 +176,13 @@ def test_push_by_rule_is_stored(tmp_path):
 
 
 def test_arith_smoke_task_still_trains(tmp_path):
-    store = run(tmp_path, "model.path=builtin:tiny", "data.train=builtin:arith", "data.test=builtin:arith",
-                "algorithm.name=a3po")
+    store = run(
+        tmp_path,
+        "model.path=builtin:tiny",
+        "data.train=builtin:arith",
+        "data.test=builtin:arith",
+        "algorithm.name=a3po",
+    )
     ro = store.query("select prompt, response, correct from rollouts")
     assert ro["prompt"].str.match(r"^\d+[+-]\d+[+-]\d+=$").all()
     assert ro["response"].str.contains("boxed").any()

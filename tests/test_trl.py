@@ -10,10 +10,10 @@ import pytest
 trl = pytest.importorskip("trl")  # installed by the [test] extra, so CI runs this
 
 import torch  # noqa: E402
+from conftest import ROOT, free_port  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from conftest import ROOT, free_port  # noqa: E402
 from engine.advantage import decay_alpha  # noqa: E402
 from engine.config import ConfigError, config_from_dict  # noqa: E402
 from engine.integrations.trl import A3POGRPOTrainer  # noqa: E402
@@ -30,22 +30,48 @@ def reward(completions, answer, **kw):
 
 
 def arith(tok, n):
-    return Dataset.from_list([{"prompt": tok.bos_token + p.prompt, "answer": p.answer}
-                              for p in load_problems("builtin:arith", "train", limit=n)])
+    return Dataset.from_list(
+        [
+            {"prompt": tok.bos_token + p.prompt, "answer": p.answer}
+            for p in load_problems("builtin:arith", "train", limit=n)
+        ]
+    )
 
 
 def grpo_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
-                max_completion_length=48, max_steps=2, use_cpu=True, report_to=[], learning_rate=1e-5,
-                save_strategy="no", temperature=1.0, top_k=0, beta=0.0, seed=0, bf16=False)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=48,
+        max_steps=2,
+        use_cpu=True,
+        report_to=[],
+        learning_rate=1e-5,
+        save_strategy="no",
+        temperature=1.0,
+        top_k=0,
+        beta=0.0,
+        seed=0,
+        bf16=False,
+    )
     return trl.GRPOConfig(**{**base, **kw})
 
 
 def trainer(tmp_path, n=32, a3po=None, store=True, **kw):
     model, tok, _ = load_policy("builtin:tiny", device="cpu")
-    return A3POGRPOTrainer(model=model, reward_funcs=reward, args=grpo_args(tmp_path, **kw), train_dataset=arith(tok, n),
-                           processing_class=tok, a3po=a3po, store=str(tmp_path / "runs") if store else None,
-                           run_name="trl-a3po", data="builtin:arith", model_path="builtin:tiny")
+    return A3POGRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=grpo_args(tmp_path, **kw),
+        train_dataset=arith(tok, n),
+        processing_class=tok,
+        a3po=a3po,
+        store=str(tmp_path / "runs") if store else None,
+        run_name="trl-a3po",
+        data="builtin:arith",
+        model_path="builtin:tiny",
+    )
 
 
 def run_page(name, **state):
@@ -139,9 +165,13 @@ def test_old_policy_forward_is_chunked_like_trl(tmp_path, monkeypatch):
 
 def test_eval_batches_keep_trls_advantages_and_write_nothing(tmp_path, monkeypatch):
     tr = trainer(tmp_path)
-    fixed = {"prompt_ids": torch.ones(4, 2, dtype=torch.long), "prompt_mask": torch.ones(4, 2, dtype=torch.long),
-             "completion_ids": torch.ones(4, 3, dtype=torch.long), "completion_mask": torch.ones(4, 3, dtype=torch.long),
-             "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])}
+    fixed = {
+        "prompt_ids": torch.ones(4, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(4, 2, dtype=torch.long),
+        "completion_ids": torch.ones(4, 3, dtype=torch.long),
+        "completion_mask": torch.ones(4, 3, dtype=torch.long),
+        "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]),
+    }
     monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(fixed))
     tr.model.eval()
     out = tr._generate_and_score_completions([{"prompt": "1+1=", "answer": "2"}] * 4)
@@ -153,13 +183,19 @@ def test_eval_batches_keep_trls_advantages_and_write_nothing(tmp_path, monkeypat
     assert Store(tmp_path / "runs").run_ids() == ["trl-a3po"]
 
 
-@pytest.mark.parametrize("a3po, match", [
-    ({"alpha_p0s": 3}, r"unknown A3PO option\(s\) 'alpha_p0s' — use only ratio, alpha_pos, .*decay_rate, decay_steps"),
-    ({"rate": 3.0}, r"'rate' — use only .*decay_rate"),
-    ({"alpha_pos": -1.0}, r"algorithm.alpha_pos"),
-    ({"decay": "sideways"}, r"algorithm.decay"),
-    ({"decay_steps": 0}, r"algorithm.decay_steps"),
-])
+@pytest.mark.parametrize(
+    "a3po, match",
+    [
+        (
+            {"alpha_p0s": 3},
+            r"unknown A3PO option\(s\) 'alpha_p0s' — use only ratio, alpha_pos, .*decay_rate, decay_steps",
+        ),
+        ({"rate": 3.0}, r"'rate' — use only .*decay_rate"),
+        ({"alpha_pos": -1.0}, r"algorithm.alpha_pos"),
+        ({"decay": "sideways"}, r"algorithm.decay"),
+        ({"decay_steps": 0}, r"algorithm.decay_steps"),
+    ],
+)
 def test_bad_a3po_options_are_refused_in_one_line(tmp_path, a3po, match):
     with pytest.raises(ConfigError, match=match) as e:
         trainer(tmp_path, a3po=a3po)
@@ -176,11 +212,39 @@ def test_decay_steps_sets_the_horizon(tmp_path):
 def test_two_processes_both_shards_in_the_store(tmp_path):
     """`accelerate launch` with 2 CPU processes (torchrun + gloo): the main process writes both shards."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(ROOT / "examples" / "trl_a3po.py"),
-           "--steps", "2", "--batch", "4", "--generations", "4", "--max-tokens", "16", "--prompts", "16",
-           "--store", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--run-name", "two"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "examples" / "trl_a3po.py"),
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--generations",
+        "4",
+        "--max-tokens",
+        "16",
+        "--prompts",
+        "16",
+        "--store",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "out"),
+        "--run-name",
+        "two",
+    ]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     store = Store(tmp_path / "runs")

@@ -10,12 +10,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+
 from conftest import ROOT
 
 
 def test_wheel_carries_the_builtin_defaults(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     (wheel,) = tmp_path.glob("a3po_lab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -26,7 +31,10 @@ def test_wheel_carries_the_builtin_defaults(tmp_path):
         must |= {f"a3po_data/{task}/train.jsonl", f"a3po_data/{task}/test.jsonl"}
     must |= {f"app/pages/{p.name}" for p in (ROOT / "app" / "pages").glob("*.py")}
     must |= {f"a3po_data/store/{p.parent.name}/run.json" for p in (ROOT / "data" / "store").glob("*/run.json")}
-    must |= {f"a3po_data/store/{p.relative_to(ROOT / 'data' / 'store')}" for p in (ROOT / "data" / "store").rglob("*.parquet")}
+    must |= {
+        f"a3po_data/store/{p.relative_to(ROOT / 'data' / 'store')}"
+        for p in (ROOT / "data" / "store").rglob("*.parquet")
+    }
     assert len(must) > 20
     missing = sorted(must - names)
     assert not missing, f"the wheel lacks {missing}"

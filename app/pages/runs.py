@@ -37,7 +37,19 @@ def coeffs(cfg_json: str | None) -> str:
 
 
 table = df.assign(coefficients=df.config.map(coeffs), task=df.config.map(lambda c: task_label(task_of(c))))[
-    ["run_id", "task", "algorithm", "coefficients", "status", "last_step", "total_steps", "final_accuracy", "study", "error"]]
+    [
+        "run_id",
+        "task",
+        "algorithm",
+        "coefficients",
+        "status",
+        "last_step",
+        "total_steps",
+        "final_accuracy",
+        "study",
+        "error",
+    ]
+]
 st.dataframe(table, hide_index=True, width="stretch")
 
 ids = df.run_id.tolist()
@@ -45,13 +57,20 @@ default = [r for r in ids if r in st.session_state.get("runs_sel", [])] or [defa
 sel = st.multiselect("Overlay runs", ids, default=default, key="runs_sel")
 
 PANELS = [
-    ("reward", ["reward"]), ("test accuracy (sampled, from evals)", []), ("entropy", ["entropy", "entropy_pos", "entropy_neg"]),
-    ("response length", ["length", "length_pos", "length_neg"]), ("all-correct / all-wrong groups", ["frac_all_correct", "frac_all_wrong"]),
+    ("reward", ["reward"]),
+    ("test accuracy (sampled, from evals)", []),
+    ("entropy", ["entropy", "entropy_pos", "entropy_neg"]),
+    ("response length", ["length", "length_pos", "length_neg"]),
+    ("all-correct / all-wrong groups", ["frac_all_correct", "frac_all_wrong"]),
     ("clip fractions", ["clipfrac", "clipfrac_lower"]),
 ]
 PUSH_TITLE = "gradient push Σ|Δadv|·(1−p) by rule (log)"
-PUSH_NAMES = {"push_rule_pos": "rule, positive", "push_rule_neg": "rule, negative",
-              "push_raw_pos": "raw adv, positive", "push_raw_neg": "raw adv, negative"}
+PUSH_NAMES = {
+    "push_rule_pos": "rule, positive",
+    "push_rule_neg": "rule, negative",
+    "push_raw_pos": "raw adv, positive",
+    "push_raw_neg": "raw adv, negative",
+}
 PUSH_DASH = {"push_rule_pos": "solid", "push_rule_neg": "dot", "push_raw_pos": "dash", "push_raw_neg": "dashdot"}
 
 
@@ -64,9 +83,15 @@ def push_summary(push: pd.DataFrame, sel: list[str]) -> pd.DataFrame:
             rows.append({"run_id": rid, "source": "not recorded for this run"})
             continue
         m = p[list(PUSH_COLUMNS)].mean()
-        rows.append({"run_id": rid, "source": p.source.iloc[0], "steps": len(p),
-                     **{PUSH_NAMES[c]: float(m[c]) for c in PUSH_COLUMNS},
-                     "negative / positive rule": float(m.push_rule_neg / m.push_rule_pos) if m.push_rule_pos > 0 else None})
+        rows.append(
+            {
+                "run_id": rid,
+                "source": p.source.iloc[0],
+                "steps": len(p),
+                **{PUSH_NAMES[c]: float(m[c]) for c in PUSH_COLUMNS},
+                "negative / positive rule": float(m.push_rule_neg / m.push_rule_pos) if m.push_rule_pos > 0 else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -79,7 +104,7 @@ def curves(sel):
     push = guard(step_push, get_store(), sel, steps=steps)
     fig = make_subplots(rows=3, cols=3, subplot_titles=[p[0] for p in PANELS] + ["pass@k (last eval)", PUSH_TITLE, ""])
     dash = {0: "solid", 1: "dot", 2: "dash"}
-    for i, (title, cols) in enumerate(PANELS):
+    for i, (_title, cols) in enumerate(PANELS):
         r, c = divmod(i, 3)
         for rid in sel:
             s = steps[steps.run_id == rid]
@@ -87,11 +112,22 @@ def curves(sel):
                 if col not in s or s[col].isna().all():
                     continue
                 x = s[["step", col]].dropna()
-                fig.add_trace(go.Scatter(x=x.step, y=x[col], mode="lines+markers" if col == "test_acc" else "lines",
-                                         name=f"{rid}: {col}", line=dict(dash=dash.get(j, "solid"))), row=r + 1, col=c + 1)
+                fig.add_trace(
+                    go.Scatter(
+                        x=x.step,
+                        y=x[col],
+                        mode="lines+markers" if col == "test_acc" else "lines",
+                        name=f"{rid}: {col}",
+                        line=dict(dash=dash.get(j, "solid")),
+                    ),
+                    row=r + 1,
+                    col=c + 1,
+                )
     for rid in sel:
         acc = evals[(evals.run_id == rid) & (evals.metric == "sampled_acc")].sort_values("step")
-        fig.add_trace(go.Scatter(x=acc.step, y=acc.value, mode="lines+markers", name=f"{rid}: test accuracy"), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(x=acc.step, y=acc.value, mode="lines+markers", name=f"{rid}: test accuracy"), row=1, col=2
+        )
         e = evals[(evals.run_id == rid) & (evals.metric == "pass@k")]
         if len(e):
             last = e[e.step == e.step.max()].sort_values("k")
@@ -101,24 +137,42 @@ def curves(sel):
             x = p[p[c] > 0]  # a log axis cannot show 0 (e.g. GRPO's rule push)
             if len(x):
                 color = ("seagreen" if c.endswith("_pos") else "crimson") if len(sel) == 1 else None
-                fig.add_trace(go.Scatter(x=x.step, y=x[c], mode="lines", name=f"{rid}: push {PUSH_NAMES[c]}",
-                                         line=dict(dash=PUSH_DASH[c], color=color)), row=3, col=2)
+                fig.add_trace(
+                    go.Scatter(
+                        x=x.step,
+                        y=x[c],
+                        mode="lines",
+                        name=f"{rid}: push {PUSH_NAMES[c]}",
+                        line=dict(dash=PUSH_DASH[c], color=color),
+                    ),
+                    row=3,
+                    col=2,
+                )
     fig.update_xaxes(type="log", row=3, col=1)
     fig.update_yaxes(type="log", exponentformat="power", row=3, col=2)
     fig.update_layout(height=950, legend=dict(orientation="h"))
     st.plotly_chart(fig, width="stretch")
-    st.markdown("**Gradient push by rule** (mean per step). The push of a change of advantage is Σ|Δadv|·(1 − p) "
-                "over the tokens of correct (positive) or incorrect (negative) responses: the gradient of log p with "
-                "respect to a token's own logit is 1 − p, so a rule that only reweights near-certain tokens moves "
-                "almost nothing however large its coefficient. *rule* = shaped − raw advantage (what the token rule "
-                "and polarity weights add), *raw adv* = the unshaped advantage itself, for scale. Zero (e.g. GRPO's "
-                "rule push) does not show on the log axis.")
+    st.markdown(
+        "**Gradient push by rule** (mean per step). The push of a change of advantage is Σ|Δadv|·(1 − p) "
+        "over the tokens of correct (positive) or incorrect (negative) responses: the gradient of log p with "
+        "respect to a token's own logit is 1 − p, so a rule that only reweights near-certain tokens moves "
+        "almost nothing however large its coefficient. *rule* = shaped − raw advantage (what the token rule "
+        "and polarity weights add), *raw adv* = the unshaped advantage itself, for scale. Zero (e.g. GRPO's "
+        "rule push) does not show on the log axis."
+    )
     sci = st.column_config.NumberColumn(format="scientific")
-    st.dataframe(push_summary(push, sel), hide_index=True, width="stretch", key="runs_push_table",
-                 column_config={c: sci for c in [*PUSH_NAMES.values(), "negative / positive rule"]})
+    st.dataframe(
+        push_summary(push, sel),
+        hide_index=True,
+        width="stretch",
+        key="runs_push_table",
+        column_config={c: sci for c in [*PUSH_NAMES.values(), "negative / positive rule"]},
+    )
     rec = set(push.run_id[push.source == "from tokens"])
     if rec:
-        st.caption("Recomputed from the stored tokens (the run predates the recorded push columns): " + ", ".join(sorted(rec)))
+        st.caption(
+            "Recomputed from the stored tokens (the run predates the recorded push columns): " + ", ".join(sorted(rec))
+        )
     live = df[df.run_id.isin(sel) & (df.status == "running")]
     if len(live):
         st.caption(f"Refreshing every 2 s while {', '.join(live.run_id)} trains.")

@@ -45,11 +45,19 @@ from trl import GRPOTrainer
 from engine.advantage import a3po_rules, gradient_push, polarity_weighting, token_shaping
 from engine.config import MAX_STEPS, ConfigError, config_from_dict
 from engine.reward import resolve_verifier
-from engine.tasks import Problem
 from engine.store import Store, step_tables
+from engine.tasks import Problem
 
-A3PO_DEFAULTS = {"ratio": 0.2, "alpha_pos": 2.0, "alpha_neg": 2.0, "decay": "linear", "decay_rate": 5.0,
-                 "decay_steps": None, "w_pos": 1.0, "w_neg": 1.0}
+A3PO_DEFAULTS = {
+    "ratio": 0.2,
+    "alpha_pos": 2.0,
+    "alpha_neg": 2.0,
+    "decay": "linear",
+    "decay_rate": 5.0,
+    "decay_steps": None,
+    "w_pos": 1.0,
+    "w_neg": 1.0,
+}
 
 
 def a3po_options(a3po: dict | None) -> dict:
@@ -59,8 +67,9 @@ def a3po_options(a3po: dict | None) -> dict:
     (``engine.config.ConfigError``, a ValueError)."""
     unknown = sorted(set(a3po or {}) - set(A3PO_DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown A3PO option(s) {', '.join(map(repr, unknown))} — use only "
-                          f"{', '.join(A3PO_DEFAULTS)}")
+        raise ConfigError(
+            f"unknown A3PO option(s) {', '.join(map(repr, unknown))} — use only {', '.join(A3PO_DEFAULTS)}"
+        )
     opts = {**A3PO_DEFAULTS, **(a3po or {})}
     config_from_dict({"algorithm": {"name": "a3po", **opts}})
     return opts
@@ -74,8 +83,16 @@ def _model_path(model) -> str:
 class A3POGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with A3PO token shaping and the engine's store."""
 
-    def __init__(self, *args, a3po: dict | None = None, store: str | Store | None = None, run_name: str | None = None,
-                 data: str = "trl-dataset", model_path: str | None = None, **kw):
+    def __init__(
+        self,
+        *args,
+        a3po: dict | None = None,
+        store: str | Store | None = None,
+        run_name: str | None = None,
+        data: str = "trl-dataset",
+        model_path: str | None = None,
+        **kw,
+    ):
         self.a3po = a3po_options(a3po)  # before TRL's (slow) setup, so a typo fails at once
         super().__init__(*args, **kw)
         self.a3po_store = Store(store) if isinstance(store, str) else store
@@ -93,7 +110,7 @@ class A3POGRPOTrainer(GRPOTrainer):
     def _a3po_correct(self, text: str, row: dict) -> bool:
         prompt, bos = str(row.get("prompt", "")), getattr(self.processing_class, "bos_token", None) or ""
         if bos and prompt.startswith(bos):
-            prompt = prompt[len(bos):]
+            prompt = prompt[len(bos) :]
         return bool(self._a3po_verifier(text, Problem(prompt=prompt, answer=str(row["answer"]))))
 
     # ------------------------------------------------------------------ the run's config
@@ -103,16 +120,29 @@ class A3POGRPOTrainer(GRPOTrainer):
         steps = int(self.state.max_steps) if self.state.max_steps and self.state.max_steps > 0 else int(a.max_steps)
         G = int(self.num_generations)
         spec = {
-            "seed": int(a.seed), "name": self._a3po_run_name,
+            "seed": int(a.seed),
+            "name": self._a3po_run_name,
             "model": {"path": self._a3po_model_path},
             "data": {"train": self._a3po_data, "test": self._a3po_data},
-            "rollout": {"n": G, "temperature": float(a.temperature), "top_p": float(a.top_p),
-                        "top_k": int(a.top_k or 0), "max_new_tokens": int(a.max_completion_length)},
+            "rollout": {
+                "n": G,
+                "temperature": float(a.temperature),
+                "top_p": float(a.top_p),
+                "top_k": int(a.top_k or 0),
+                "max_new_tokens": int(a.max_completion_length),
+            },
             "algorithm": {"name": "a3po", **self.a3po},
             "actor": {"lr": float(a.learning_rate), "ppo_epochs": int(self.num_iterations), "kl_coef": float(a.beta)},
-            "train": {"steps": max(1, min(steps, MAX_STEPS)),
-                      "prompts_per_step": max(1, int(a.per_device_train_batch_size) * int(a.steps_per_generation)
-                                              * int(self.accelerator.num_processes) // G)},
+            "train": {
+                "steps": max(1, min(steps, MAX_STEPS)),
+                "prompts_per_step": max(
+                    1,
+                    int(a.per_device_train_batch_size)
+                    * int(a.steps_per_generation)
+                    * int(self.accelerator.num_processes)
+                    // G,
+                ),
+            },
         }
         return config_from_dict(spec).to_dict()
 
@@ -131,8 +161,13 @@ class A3POGRPOTrainer(GRPOTrainer):
         """Old-policy log-probs and entropies, in chunks of ``per_device_train_batch_size`` rows as TRL does."""
         with torch.no_grad():
             logps, ent, _ = self._get_per_token_logps_and_entropies(
-                self.model, full_ids, full_mask, n_completion, batch_size=self.args.per_device_train_batch_size,
-                compute_entropy=True)
+                self.model,
+                full_ids,
+                full_mask,
+                n_completion,
+                batch_size=self.args.per_device_train_batch_size,
+                compute_entropy=True,
+            )
         return logps, ent
 
     def _generate_and_score_completions(self, inputs):
@@ -154,14 +189,23 @@ class A3POGRPOTrainer(GRPOTrainer):
             polarity = torch.sign(adv).long()
         step = int(self.state.global_step)
         a = self.a3po
-        rules = a3po_rules(step, self.a3po_horizon(), ratio=a["ratio"], alpha_pos=a["alpha_pos"],
-                           alpha_neg=a["alpha_neg"], decay=a["decay"], rate=a["decay_rate"])
+        rules = a3po_rules(
+            step,
+            self.a3po_horizon(),
+            ratio=a["ratio"],
+            alpha_pos=a["alpha_pos"],
+            alpha_neg=a["alpha_neg"],
+            decay=a["decay"],
+            rate=a["decay_rate"],
+        )
         tok_raw = adv.unsqueeze(-1) * mask.to(adv.dtype)
         weighted = polarity_weighting(tok_raw, polarity, w_pos=a["w_pos"], w_neg=a["w_neg"])
         shaped, key = token_shaping(weighted, mask, polarity, rules, logprobs=logps, entropy=ent)
         out["advantages"] = shaped
         if self.a3po_store is not None:  # the same on every rank: the gather below is collective
-            self._a3po_log(step, rules, texts, local, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent)
+            self._a3po_log(
+                step, rules, texts, local, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent
+            )
         return out
 
     # ------------------------------------------------------------------ logging
@@ -172,23 +216,50 @@ class A3POGRPOTrainer(GRPOTrainer):
         tok = self.processing_class
 
         def token_text(tid):
-            return [tok.convert_tokens_to_string([t]) if t is not None else "" for t in tok.convert_ids_to_tokens(tid.tolist())]
+            return [
+                tok.convert_tokens_to_string([t]) if t is not None else ""
+                for t in tok.convert_ids_to_tokens(tid.tolist())
+            ]
 
         prompts = [x.get("prompt") if isinstance(x.get("prompt"), str) else str(x.get("prompt")) for x in inputs]
         prompts = (prompts + [""] * B)[:B]
         answers = ([str(x.get("answer", "")) for x in inputs] + [""] * B)[:B]
         tables = step_tables(
-            "pending", step + 1, mask=mask, token_ids=ids, logprob=logps, entropy=ent, adv_tokens_raw=tok_raw,
-            adv_shaped=shaped, is_key=key, polarity=polarity, token_text=token_text,
-            rollouts={"group_idx": (np.arange(B) // G).astype(np.int32), "prompt_idx": np.arange(B, dtype=np.int64) // G,
-                      "prompt": prompts, "response": texts, "answer": answers,
-                      "reward": np.array(correct, np.float32), "correct": [bool(c) for c in correct],
-                      "truncated": np.zeros(B, bool), "adv_raw": adv.float().cpu().numpy()})
+            "pending",
+            step + 1,
+            mask=mask,
+            token_ids=ids,
+            logprob=logps,
+            entropy=ent,
+            adv_tokens_raw=tok_raw,
+            adv_shaped=shaped,
+            is_key=key,
+            polarity=polarity,
+            token_text=token_text,
+            rollouts={
+                "group_idx": (np.arange(B) // G).astype(np.int32),
+                "prompt_idx": np.arange(B, dtype=np.int64) // G,
+                "prompt": prompts,
+                "response": texts,
+                "answer": answers,
+                "reward": np.array(correct, np.float32),
+                "correct": [bool(c) for c in correct],
+                "truncated": np.zeros(B, bool),
+                "adv_raw": adv.float().cpu().numpy(),
+            },
+        )
         push_rule = gradient_push(tok_raw, shaped, logps, mask, polarity)
         push_raw = gradient_push(torch.zeros_like(tok_raw), tok_raw, logps, mask, polarity)
-        return {"tables": tables, "n_groups": -(-B // G),
-                "push": {"push_rule_pos": push_rule["positive"], "push_rule_neg": push_rule["negative"],
-                         "push_raw_pos": push_raw["positive"], "push_raw_neg": push_raw["negative"]}}
+        return {
+            "tables": tables,
+            "n_groups": -(-B // G),
+            "push": {
+                "push_rule_pos": push_rule["positive"],
+                "push_rule_neg": push_rule["negative"],
+                "push_raw_pos": push_raw["positive"],
+                "push_raw_neg": push_raw["negative"],
+            },
+        }
 
     def _a3po_log(self, step, rules, *shard_args):
         """Gather every process's shard and write them as one store step (main process)."""
@@ -201,8 +272,13 @@ class A3POGRPOTrainer(GRPOTrainer):
         push = {k: float(sum(s["push"][k] for s in shards)) for k in shards[0]["push"]}
         scales = {r.polarity: r.scale for r in rules}
         steps = step_metrics(tables)
-        steps.update(push, alpha_pos=scales.get("positive", 1.0), alpha_neg=scales.get("negative", 1.0),
-                     n_rollouts=float(tables["rollouts"].num_rows), trl_global_step=float(step))
+        steps.update(
+            push,
+            alpha_pos=scales.get("positive", 1.0),
+            alpha_neg=scales.get("negative", 1.0),
+            n_rollouts=float(tables["rollouts"].num_rows),
+            trl_global_step=float(step),
+        )
         row = {"run_id": [rid], "step": pa.array([step + 1], pa.int32()), **{k: [float(v)] for k, v in steps.items()}}
         self.a3po_store.write_step(rid, step + 1, {**tables, "steps": pa.table(row)})
         self.a3po_store.update_run(rid, last_step=step + 1)
@@ -212,8 +288,11 @@ class A3POGRPOTrainer(GRPOTrainer):
             res = super().train(*args, **kw)
         except BaseException as e:
             if self.a3po_run is not None:
-                self.a3po_store.update_run(self.a3po_run, status="failed" if isinstance(e, Exception) else "killed",
-                                           error=f"{type(e).__name__}: {e}")
+                self.a3po_store.update_run(
+                    self.a3po_run,
+                    status="failed" if isinstance(e, Exception) else "killed",
+                    error=f"{type(e).__name__}: {e}",
+                )
             raise
         if self.a3po_run is not None:
             self.a3po_store.update_run(self.a3po_run, status="finished")
@@ -261,8 +340,16 @@ def step_metrics(tables: dict[str, pa.Table]) -> dict[str, float]:
 
     pos, neg = ro.polarity == 1, ro.polarity == -1
     groups = ro.groupby("group_idx").correct
-    return {"reward": float(ro.reward.mean()), "acc": float(ro.correct.mean()),
-            "entropy": wmean(ro.length >= 0), "entropy_pos": wmean(pos), "entropy_neg": wmean(neg),
-            "length": float(length.mean()), "length_pos": lmean(pos), "length_neg": lmean(neg),
-            "frac_all_correct": float(groups.all().mean()), "frac_all_wrong": float((~groups.any()).mean()),
-            "key_frac": float(ro.n_key.sum() / max(1, ro.length.sum()))}
+    return {
+        "reward": float(ro.reward.mean()),
+        "acc": float(ro.correct.mean()),
+        "entropy": wmean(ro.length >= 0),
+        "entropy_pos": wmean(pos),
+        "entropy_neg": wmean(neg),
+        "length": float(length.mean()),
+        "length_pos": lmean(pos),
+        "length_neg": lmean(neg),
+        "frac_all_correct": float(groups.all().mean()),
+        "frac_all_wrong": float((~groups.any()).mean()),
+        "key_frac": float(ro.n_key.sum() / max(1, ro.length.sum())),
+    }
