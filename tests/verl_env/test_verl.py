@@ -93,3 +93,125 @@ def test_log_verl_batch_writes_store_rows(tmp_path):
     r = store.query("select rollout_idx, group_idx, polarity, reward from rollouts order by rollout_idx")
     assert r.group_idx.tolist() == [0, 0, 1, 1] and r.polarity.tolist() == [1, -1, -1, 0] and r.reward.tolist()[0] == 1.0
     assert "".join(t[t.rollout_idx == 0].token_text) == "12+3=1"
+
+
+@pytest.fixture
+def fresh_step(monkeypatch):
+    """A worker that has not seen a step or a loss call yet; no A3PO_* from the outer environment."""
+    from engine.integrations import verl as ours
+
+    for k in list(__import__("os").environ):
+        if k.startswith("A3PO_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setattr(ours, "_state", {"global_step": None, "calls": 0, "warned": False})
+    return ours
+
+
+def _positive_key_scale(ours, old, adv, mask):
+    """The factor on row 0's (positive, adv 1.5) key tokens after shaping at the worker's current step."""
+    shaped, key = ours.shape_for_verl("a3po", old, adv, mask)
+    return float(shaped[0][key[0]][0] / adv[0, 0])
+
+
+def test_decay_follows_the_recorded_trainer_step(fresh_step, monkeypatch):
+    ours = fresh_step
+    monkeypatch.setenv("A3PO_ALPHA_POS", "3")
+    monkeypatch.setenv("A3PO_TOTAL_STEPS", "500")
+    old, new, adv, mask = _batch()
+    ours.record_global_step(250)  # linear: alpha = 1 + (3 - 1) * (1 - 250/500) = 2
+    assert _positive_key_scale(ours, old, adv, mask) == pytest.approx(2.0)
+    for _ in range(40):  # many micro-batches in one step do not move the schedule
+        get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
+    assert _positive_key_scale(ours, old, adv, mask) == pytest.approx(2.0)
+    ours.record_global_step(None)  # a sync without a step (verl's colocated reward path) changes nothing
+    assert ours.current_step(1) == 250
+    ours.record_global_step(500)
+    assert _positive_key_scale(ours, old, adv, mask) == pytest.approx(1.0)
+
+
+def test_fallback_counts_loss_calls_per_step(fresh_step, monkeypatch):
+    ours = fresh_step
+    monkeypatch.setenv("A3PO_CALLS_PER_STEP", "4")
+    old, new, adv, mask = _batch()
+    for _ in range(9):
+        get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
+    assert ours.current_step(4) == 2  # 9 calls // 4
+    ours.record_global_step(7)
+    assert ours.current_step(4) == 7  # the trainer's step wins as soon as it is known
+
+
+FAKE_WORKERS = '''
+from verl.single_controller.base.decorator import Dispatch, register
+
+
+class ActorRolloutRefWorker:
+    synced = []
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
+    async def update_weights(self, global_steps: int = None, mode: str = "auto"):
+        self.synced.append((global_steps, mode))
+        return {"synced": global_steps}
+'''
+
+
+def test_update_weights_wrapper_records_the_step_and_keeps_verls_dispatch(fresh_step, tmp_path, monkeypatch):
+    """The hook on a stand-in of verl's worker (same decorator and signature); imported after the hook is set."""
+    import asyncio
+    import inspect
+    import sys
+
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+
+    ours = fresh_step
+    (tmp_path / "a3po_fake_engine_workers.py").write_text(FAKE_WORKERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    ours.install_step_hook("a3po_fake_engine_workers")
+    import a3po_fake_engine_workers as fake
+
+    method = fake.ActorRolloutRefWorker.update_weights
+    assert method._a3po_records_step and inspect.iscoroutinefunction(method)
+    attrs = getattr(method, MAGIC_ATTR)  # what verl's worker group binds the method by
+    assert attrs["dispatch_mode"] == fake.Dispatch.ONE_TO_ALL and attrs["blocking"] is False
+    w = fake.ActorRolloutRefWorker()
+    # resume from global_step_300: the trainer syncs weights with the resumed step before training
+    assert asyncio.run(w.update_weights(global_steps=300, mode="naive")) == {"synced": 300}
+    assert ours.current_step(1) == 300
+    asyncio.run(w.update_weights(301))  # positional, as the step finishes
+    asyncio.run(w.update_weights())  # no step: ignored
+    assert ours.current_step(1) == 301 and w.synced == [(300, "naive"), (301, "auto"), (None, "auto")]
+    ours.install_step_hook("a3po_fake_engine_workers")  # already loaded: wraps at most once
+    assert fake.ActorRolloutRefWorker.update_weights is method
+    sys.modules.pop("a3po_fake_engine_workers")
+
+
+def test_verl_has_the_seam_the_hook_relies_on():
+    """verl 0.9.1's source: the worker method and both trainers' calls with the true step (read, not imported:
+    engine_workers needs the GPU stack)."""
+    import ast
+    from pathlib import Path
+
+    import verl
+
+    root = Path(verl.__file__).parent
+    tree = ast.parse((root / "workers" / "engine_workers.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ActorRolloutRefWorker")
+    fn = next(n for n in cls.body if getattr(n, "name", "") == "update_weights")
+    assert isinstance(fn, ast.AsyncFunctionDef) and [a.arg for a in fn.args.args][:2] == ["self", "global_steps"]
+    assert "self.checkpoint_manager.update_weights(self.global_steps)" in (root / "trainer" / "ppo" / "ray_trainer.py").read_text()
+    assert "self.checkpoint_manager.update_weights(self.global_steps)" in (root / "trainer" / "ppo" / "v1" / "trainer_sync.py").read_text()
+    assert "actor_wg.update_weights(global_steps=global_steps" in (root / "checkpoint_engine" / "base.py").read_text()
+
+
+def test_bad_env_value_is_one_config_error_line_naming_the_variable(fresh_step, monkeypatch):
+    from engine.config import ConfigError
+
+    old, new, adv, mask = _batch()
+    for name, value in (("A3PO_RATIO", "1.5"), ("A3PO_ALPHA_NEG", "lots"), ("A3PO_DECAY", "fast"), ("A3PO_ALPHA_PSO", "2")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError) as e:
+            get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
+        msg = str(e.value)
+        assert name in msg and " — " in msg and "\n" not in msg
+        monkeypatch.delenv(name)
+    assert "A3PO_ALPHA_POS" in str(e.value)  # the typo's message suggests the real name
