@@ -1,6 +1,5 @@
 """Unit tests for engine.loss: clipped surrogate, aggregation modes, KL penalties."""
 
-
 import pytest
 import torch
 

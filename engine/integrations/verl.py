@@ -62,16 +62,23 @@ import numpy as np
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_policy_loss
 
-from engine.algorithms import ALGORITHMS
 from engine.advantage import TokenRule, a3po_rules, polarity_weighting, token_shaping
+from engine.algorithms import ALGORITHMS
 from engine.config import ConfigError, config_from_dict
 from engine.store import step_tables
 
 log = logging.getLogger(__name__)
 
 # Environment variable -> engine config key (algorithm.<key>), checked by the engine's own rules.
-ENV_KEYS = {"A3PO_RATIO": "ratio", "A3PO_ALPHA_POS": "alpha_pos", "A3PO_ALPHA_NEG": "alpha_neg", "A3PO_DECAY": "decay",
-            "A3PO_DECAY_RATE": "decay_rate", "A3PO_TOTAL_STEPS": "decay_steps", "A3PO_TOKEN_RULES": "token_rules"}
+ENV_KEYS = {
+    "A3PO_RATIO": "ratio",
+    "A3PO_ALPHA_POS": "alpha_pos",
+    "A3PO_ALPHA_NEG": "alpha_neg",
+    "A3PO_DECAY": "decay",
+    "A3PO_DECAY_RATE": "decay_rate",
+    "A3PO_TOTAL_STEPS": "decay_steps",
+    "A3PO_TOKEN_RULES": "token_rules",
+}
 CALLS_PER_STEP = "A3PO_CALLS_PER_STEP"
 # Every variable the losses read: a launcher must forward all of these to the Ray workers.
 FORWARDED = (*ENV_KEYS, CALLS_PER_STEP)
@@ -107,23 +114,35 @@ def _check(raw: dict) -> dict:
         try:
             algo["token_rules"] = json.loads(raw["A3PO_TOKEN_RULES"])
         except json.JSONDecodeError:
-            raise ConfigError("A3PO_TOKEN_RULES is not JSON — write a list such as "
-                              '[{"polarity": "positive", "metric": "prob", "end": "low", "ratio": 0.2, "scale": 2}]') from None
+            raise ConfigError(
+                "A3PO_TOKEN_RULES is not JSON — write a list such as "
+                '[{"polarity": "positive", "metric": "prob", "end": "low", "ratio": 0.2, "scale": 2}]'
+            ) from None
     try:
         a = config_from_dict({"algorithm": algo}).algorithm
     except ConfigError as e:
         msg = str(e)
         for env, k in ENV_KEYS.items():
             msg = msg.replace(f"config key 'algorithm.{k}", f"environment variable '{env}").replace(
-                f"'algorithm.{k}'", env)
+                f"'algorithm.{k}'", env
+            )
         raise ConfigError(msg) from None
     calls = raw.get(CALLS_PER_STEP, "1")
     if not calls.strip().isdigit() or int(calls) < 1:
-        raise ConfigError(f"environment variable {CALLS_PER_STEP} must be a whole number >= 1, got {calls!r} — "
-                          "set it to ppo_epochs x micro-batches per worker and step")
-    return {"ratio": a.ratio, "alpha_pos": a.alpha_pos, "alpha_neg": a.alpha_neg, "decay": a.decay,
-            "rate": a.decay_rate, "total": a.decay_steps or DEFAULT_TOTAL_STEPS, "calls_per_step": int(calls),
-            "token_rules": [TokenRule(**r) for r in a.token_rules]}
+        raise ConfigError(
+            f"environment variable {CALLS_PER_STEP} must be a whole number >= 1, got {calls!r} — "
+            "set it to ppo_epochs x micro-batches per worker and step"
+        )
+    return {
+        "ratio": a.ratio,
+        "alpha_pos": a.alpha_pos,
+        "alpha_neg": a.alpha_neg,
+        "decay": a.decay,
+        "rate": a.decay_rate,
+        "total": a.decay_steps or DEFAULT_TOTAL_STEPS,
+        "calls_per_step": int(calls),
+        "token_rules": [TokenRule(**r) for r in a.token_rules],
+    }
 
 
 def record_global_step(global_steps) -> None:
@@ -138,8 +157,12 @@ def current_step(calls_per_step: int) -> int:
         return _state["global_step"]
     if not _state["warned"]:
         _state["warned"] = True
-        log.warning("A3PO: no trainer step recorded in this worker (update_weights not seen); the decay counts "
-                    "loss calls // %s=%d, which restarts on resume", CALLS_PER_STEP, calls_per_step)
+        log.warning(
+            "A3PO: no trainer step recorded in this worker (update_weights not seen); the decay counts "
+            "loss calls // %s=%d, which restarts on resume",
+            CALLS_PER_STEP,
+            calls_per_step,
+        )
     return _state["calls"] // calls_per_step
 
 
@@ -161,15 +184,18 @@ def wrap_update_weights(cls) -> bool:
             pass
 
     if inspect.iscoroutinefunction(orig):
+
         @functools.wraps(orig)
         async def update_weights(self, *args, **kwargs):
             _record(args, kwargs)
             return await orig(self, *args, **kwargs)
     else:
+
         @functools.wraps(orig)
         def update_weights(self, *args, **kwargs):
             _record(args, kwargs)
             return orig(self, *args, **kwargs)
+
     update_weights._a3po_records_step = True
     cls.update_weights = update_weights
     return True
@@ -178,8 +204,12 @@ def wrap_update_weights(cls) -> bool:
 def _patch_module(module) -> None:
     cls = getattr(module, WORKER_CLASS, None)
     if cls is None or not wrap_update_weights(cls):
-        log.warning("A3PO: %s.%s.update_weights not found; the decay falls back to %s", module.__name__, WORKER_CLASS,
-                    CALLS_PER_STEP)
+        log.warning(
+            "A3PO: %s.%s.update_weights not found; the decay falls back to %s",
+            module.__name__,
+            WORKER_CLASS,
+            CALLS_PER_STEP,
+        )
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -223,7 +253,9 @@ def polarity_from_advantages(advantages: torch.Tensor, response_mask: torch.Tens
     return torch.sign(seq).long()
 
 
-def shape_for_verl(mode: str, old_log_prob, advantages, response_mask, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shape_for_verl(
+    mode: str, old_log_prob, advantages, response_mask, step: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shaped ``(B, T)`` advantages and key mask for a registered mode (used by the losses and tests)."""
     s = settings()
     pol = polarity_from_advantages(advantages, response_mask)
@@ -232,8 +264,15 @@ def shape_for_verl(mode: str, old_log_prob, advantages, response_mask, step: int
     adv = advantages
     rules: list[TokenRule] = []
     if mode in ("a3po", "a3po_static"):
-        rules = a3po_rules(step, s["total"], ratio=s["ratio"], alpha_pos=s["alpha_pos"], alpha_neg=s["alpha_neg"],
-                           decay="constant" if mode == "a3po_static" else s["decay"], rate=s["rate"])
+        rules = a3po_rules(
+            step,
+            s["total"],
+            ratio=s["ratio"],
+            alpha_pos=s["alpha_pos"],
+            alpha_neg=s["alpha_neg"],
+            decay="constant" if mode == "a3po_static" else s["decay"],
+            rate=s["rate"],
+        )
     elif mode in ("psr", "nsr"):  # the engine registry's fixed polarity weights
         w_pos, w_neg = ALGORITHMS[mode].polarity_weights
         adv = polarity_weighting(adv, pol, w_pos=w_pos, w_neg=w_neg)
@@ -247,12 +286,20 @@ def shape_for_verl(mode: str, old_log_prob, advantages, response_mask, step: int
 
 
 def _make(mode: str):
-    def loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
-                rollout_is_weights=None):
+    def loss_fn(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode="token-mean",
+        config=None,
+        rollout_is_weights=None,
+    ):
         shaped, key = shape_for_verl(mode, old_log_prob, advantages, response_mask)
         _state["calls"] += 1
-        loss, metrics = get_policy_loss_fn("vanilla")(old_log_prob, log_prob, shaped, response_mask, loss_agg_mode, config,
-                                                      rollout_is_weights)
+        loss, metrics = get_policy_loss_fn("vanilla")(
+            old_log_prob, log_prob, shaped, response_mask, loss_agg_mode, config, rollout_is_weights
+        )
         m = response_mask.bool()
         metrics["a3po/key_frac"] = float(key[m].float().mean()) if m.any() else 0.0
         if _state["global_step"] is not None:
@@ -263,7 +310,10 @@ def _make(mode: str):
     return loss_fn
 
 
-LOSSES = {mode: register_policy_loss(mode)(_make(mode)) for mode in ("a3po", "a3po_static", "psr", "nsr", "p2n1", "token_weighted")}
+LOSSES = {
+    mode: register_policy_loss(mode)(_make(mode))
+    for mode in ("a3po", "a3po_static", "psr", "nsr", "p2n1", "token_weighted")
+}
 install_step_hook()
 
 
@@ -279,21 +329,39 @@ def log_verl_batch(store, run_id: str, step: int, batch, tokenizer, mode: str = 
     old, adv = t["old_log_probs"].float().cpu(), t["advantages"].float().cpu()
     shaped, key = shape_for_verl(mode, old, adv, mask.long(), step=step)
     ent = t["entropys"].float().cpu() if "entropys" in t.keys() else torch.full_like(old, float("nan"))
-    scores = t["token_level_scores"].float().cpu().sum(-1) if "token_level_scores" in t.keys() else torch.zeros(len(ids))
+    scores = (
+        t["token_level_scores"].float().cpu().sum(-1) if "token_level_scores" in t.keys() else torch.zeros(len(ids))
+    )
     pol = polarity_from_advantages(adv, mask.long())
     B = ids.shape[0]
     uid = batch.non_tensor_batch.get("uid", np.arange(B)) if hasattr(batch, "non_tensor_batch") else np.arange(B)
     groups = {u: i for i, u in enumerate(dict.fromkeys(list(uid)))}
     tables = step_tables(
-        run_id, step, mask=mask, token_ids=ids, logprob=old, entropy=ent, adv_tokens_raw=adv, adv_shaped=shaped, is_key=key,
-        polarity=pol, token_text=lambda tid: [tokenizer.decode([i]) for i in tid.tolist()],
-        rollouts={"group_idx": np.array([groups[u] for u in uid], np.int32), "prompt_idx": np.arange(B, dtype=np.int64),
-                  "prompt": [""] * B, "response": tokenizer.batch_decode([r[m] for r, m in zip(ids, mask)], skip_special_tokens=True),
-                  "answer": [""] * B, "reward": scores.numpy().astype(np.float32), "correct": (scores > 0).numpy(),
-                  "truncated": np.zeros(B, bool), "adv_raw": ((adv * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy().astype(np.float32)})
+        run_id,
+        step,
+        mask=mask,
+        token_ids=ids,
+        logprob=old,
+        entropy=ent,
+        adv_tokens_raw=adv,
+        adv_shaped=shaped,
+        is_key=key,
+        polarity=pol,
+        token_text=lambda tid: [tokenizer.decode([i]) for i in tid.tolist()],
+        rollouts={
+            "group_idx": np.array([groups[u] for u in uid], np.int32),
+            "prompt_idx": np.arange(B, dtype=np.int64),
+            "prompt": [""] * B,
+            "response": tokenizer.batch_decode([r[m] for r, m in zip(ids, mask)], skip_special_tokens=True),
+            "answer": [""] * B,
+            "reward": scores.numpy().astype(np.float32),
+            "correct": (scores > 0).numpy(),
+            "truncated": np.zeros(B, bool),
+            "adv_raw": ((adv * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy().astype(np.float32),
+        },
+    )
     store.write_step(run_id, step, tables)
     return tables["tokens"].num_rows
-
 
 
 def main() -> int:

@@ -27,8 +27,14 @@ def _batch():
 
 
 def _config():
-    return ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                       rollout_n=1)
+    return ActorConfig(
+        strategy="fsdp",
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=0.2,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        rollout_n=1,
+    )
 
 
 def test_registered_through_external_modules(monkeypatch):
@@ -50,7 +56,9 @@ def test_a3po_loss_equals_engine_shaped_loss(monkeypatch):
     old, new, adv, mask = _batch()
     loss, metrics = get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
     pol = torch.tensor([1, -1, -1, 0])
-    shaped, key = token_shaping(adv, mask, pol, a3po_rules(0, 10, alpha_pos=3.0, alpha_neg=2.0, decay="constant"), logprobs=old)
+    shaped, key = token_shaping(
+        adv, mask, pol, a3po_rules(0, 10, alpha_pos=3.0, alpha_neg=2.0, decay="constant"), logprobs=old
+    )
     ref, _ = policy_loss(new, old, shaped, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean")
     assert torch.allclose(loss, ref, atol=1e-6)
     assert metrics["a3po/key_frac"] > 0
@@ -69,10 +77,10 @@ def test_psr_drops_negative_rows():
 
 def test_log_verl_batch_writes_store_rows(tmp_path):
     import numpy as np
+    from conftest import ROOT
     from transformers import AutoTokenizer
     from verl import DataProto
 
-    from conftest import ROOT
     from engine.integrations.verl import log_verl_batch
     from engine.store import Store
 
@@ -81,17 +89,28 @@ def test_log_verl_batch_writes_store_rows(tmp_path):
     ids = torch.tensor([tok.encode("12+3=15", add_special_tokens=False)[:6]] * 4)
     scores = torch.zeros(4, 6)
     scores[0, 5] = 1.0
-    batch = DataProto.from_dict(tensors={"responses": ids, "response_mask": mask, "old_log_probs": old, "advantages": adv,
-                                         "token_level_scores": scores},
-                                non_tensors={"uid": np.array(["a", "a", "b", "b"], dtype=object)})
+    batch = DataProto.from_dict(
+        tensors={
+            "responses": ids,
+            "response_mask": mask,
+            "old_log_probs": old,
+            "advantages": adv,
+            "token_level_scores": scores,
+        },
+        non_tensors={"uid": np.array(["a", "a", "b", "b"], dtype=object)},
+    )
     store = Store(tmp_path)
     rid = store.create_run({"algorithm": {"name": "a3po"}, "integration": "verl"}, name="verl-run")
     n = log_verl_batch(store, rid, 1, batch, tok)
     assert n == int(mask.sum())
-    t = store.query("select rollout_idx, position, token_text, is_key, polarity from tokens order by rollout_idx, position")
+    t = store.query(
+        "select rollout_idx, position, token_text, is_key, polarity from tokens order by rollout_idx, position"
+    )
     assert len(t) == n and t.is_key.any()
     r = store.query("select rollout_idx, group_idx, polarity, reward from rollouts order by rollout_idx")
-    assert r.group_idx.tolist() == [0, 0, 1, 1] and r.polarity.tolist() == [1, -1, -1, 0] and r.reward.tolist()[0] == 1.0
+    assert (
+        r.group_idx.tolist() == [0, 0, 1, 1] and r.polarity.tolist() == [1, -1, -1, 0] and r.reward.tolist()[0] == 1.0
+    )
     assert "".join(t[t.rollout_idx == 0].token_text) == "12+3=1"
 
 
@@ -140,7 +159,7 @@ def test_fallback_counts_loss_calls_per_step(fresh_step, monkeypatch):
     assert ours.current_step(4) == 7  # the trainer's step wins as soon as it is known
 
 
-FAKE_WORKERS = '''
+FAKE_WORKERS = """
 from verl.single_controller.base.decorator import Dispatch, register
 
 
@@ -151,7 +170,7 @@ class ActorRolloutRefWorker:
     async def update_weights(self, global_steps: int = None, mode: str = "auto"):
         self.synced.append((global_steps, mode))
         return {"synced": global_steps}
-'''
+"""
 
 
 def test_update_weights_wrapper_records_the_step_and_keeps_verls_dispatch(fresh_step, tmp_path, monkeypatch):
@@ -198,8 +217,14 @@ def test_verl_has_the_seam_the_hook_relies_on():
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ActorRolloutRefWorker")
     fn = next(n for n in cls.body if getattr(n, "name", "") == "update_weights")
     assert isinstance(fn, ast.AsyncFunctionDef) and [a.arg for a in fn.args.args][:2] == ["self", "global_steps"]
-    assert "self.checkpoint_manager.update_weights(self.global_steps)" in (root / "trainer" / "ppo" / "ray_trainer.py").read_text()
-    assert "self.checkpoint_manager.update_weights(self.global_steps)" in (root / "trainer" / "ppo" / "v1" / "trainer_sync.py").read_text()
+    assert (
+        "self.checkpoint_manager.update_weights(self.global_steps)"
+        in (root / "trainer" / "ppo" / "ray_trainer.py").read_text()
+    )
+    assert (
+        "self.checkpoint_manager.update_weights(self.global_steps)"
+        in (root / "trainer" / "ppo" / "v1" / "trainer_sync.py").read_text()
+    )
     assert "actor_wg.update_weights(global_steps=global_steps" in (root / "checkpoint_engine" / "base.py").read_text()
 
 
@@ -207,7 +232,12 @@ def test_bad_env_value_is_one_config_error_line_naming_the_variable(fresh_step, 
     from engine.config import ConfigError
 
     old, new, adv, mask = _batch()
-    for name, value in (("A3PO_RATIO", "1.5"), ("A3PO_ALPHA_NEG", "lots"), ("A3PO_DECAY", "fast"), ("A3PO_ALPHA_PSO", "2")):
+    for name, value in (
+        ("A3PO_RATIO", "1.5"),
+        ("A3PO_ALPHA_NEG", "lots"),
+        ("A3PO_DECAY", "fast"),
+        ("A3PO_ALPHA_PSO", "2"),
+    ):
         monkeypatch.setenv(name, value)
         with pytest.raises(ConfigError) as e:
             get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())

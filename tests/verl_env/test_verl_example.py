@@ -38,9 +38,20 @@ def run_example(tmp_path: Path, extra_env: dict | None = None, args: tuple = ())
     stub = bindir / "python3"
     stub.write_text(STUB)
     stub.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("A3PO_") and k not in ("NNODES", "GPUS_PER_NODE", "STEPS")}
-    env.update(PATH=f"{bindir}:{env['PATH']}", REAL_PYTHON=sys.executable, RECORD_ARGS=str(tmp_path / "args"),
-               RECORD_ENV=str(tmp_path / "env"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("A3PO_") and k not in ("NNODES", "GPUS_PER_NODE", "STEPS")
+    }
+    env.update(
+        PATH=f"{bindir}:{env['PATH']}",
+        REAL_PYTHON=sys.executable,
+        RECORD_ARGS=str(tmp_path / "args"),
+        RECORD_ENV=str(tmp_path / "env"),
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        **(extra_env or {}),
+    )
     p = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     argv = (tmp_path / "args").read_bytes().decode().split("\0")[:-1]
@@ -50,9 +61,9 @@ def run_example(tmp_path: Path, extra_env: dict | None = None, args: tuple = ())
 
 
 def compose(overrides: list[str]):
+    import verl.trainer.main_ppo as main_ppo
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    import verl.trainer.main_ppo as main_ppo
 
     config_dir = Path(main_ppo.__file__).parent / "config"
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
@@ -123,7 +134,9 @@ def test_ray_accepts_the_runtime_env_and_every_a3po_variable_is_forwarded(shippe
 def test_unquoted_int_is_what_ray_rejects(shipped):
     """The check above can fail: the old example's unquoted value reaches Ray as an int."""
     overrides, _, _ = shipped
-    bad = [o for o in overrides if "A3PO_ALPHA_POS" not in o] + ["+ray_kwargs.ray_init.runtime_env.env_vars.A3PO_ALPHA_POS=2"]
+    bad = [o for o in overrides if "A3PO_ALPHA_POS" not in o] + [
+        "+ray_kwargs.ray_init.runtime_env.env_vars.A3PO_ALPHA_POS=2"
+    ]
     with pytest.raises(TypeError, match="Dict\\[str, str\\]"):
         ray_accepts(ray_runtime_env(compose(bad)))
 
@@ -133,7 +146,12 @@ def test_fallback_calls_per_step_matches_the_config(shipped):
     _, env, cfg = shipped
     a = cfg.actor_rollout_ref.actor
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    calls = a.ppo_epochs * cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n // (world * a.ppo_micro_batch_size_per_gpu)
+    calls = (
+        a.ppo_epochs
+        * cfg.data.train_batch_size
+        * cfg.actor_rollout_ref.rollout.n
+        // (world * a.ppo_micro_batch_size_per_gpu)
+    )
     assert int(env["A3PO_CALLS_PER_STEP"]) == calls == 512
 
 
@@ -141,8 +159,11 @@ def test_token_rules_json_reaches_ray_intact(tmp_path):
     from engine.integrations.verl import settings
 
     rules = '[{"polarity": "positive", "metric": "prob", "end": "low", "ratio": 0.2, "scale": 2}]'
-    overrides, env = run_example(tmp_path, {"A3PO_TOKEN_RULES": rules, "A3PO_ALPHA_POS": "3", "NNODES": "1"},
-                                 args=("actor_rollout_ref.actor.policy_loss.loss_mode=token_weighted",))
+    overrides, env = run_example(
+        tmp_path,
+        {"A3PO_TOKEN_RULES": rules, "A3PO_ALPHA_POS": "3", "NNODES": "1"},
+        args=("actor_rollout_ref.actor.policy_loss.loss_mode=token_weighted",),
+    )
     cfg = compose(overrides)
     validate(cfg)
     runtime_env = ray_runtime_env(cfg)
@@ -159,8 +180,15 @@ def test_bad_a3po_value_stops_the_launch_with_one_line(tmp_path):
     (bindir / "python3").write_text(STUB)
     (bindir / "python3").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("A3PO_")}
-    env.update(PATH=f"{bindir}:{env['PATH']}", REAL_PYTHON=sys.executable, RECORD_ARGS=str(tmp_path / "args"),
-               RECORD_ENV=str(tmp_path / "env"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", A3PO_RATIO="1.5")
+    env.update(
+        PATH=f"{bindir}:{env['PATH']}",
+        REAL_PYTHON=sys.executable,
+        RECORD_ARGS=str(tmp_path / "args"),
+        RECORD_ENV=str(tmp_path / "env"),
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        A3PO_RATIO="1.5",
+    )
     p = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     errors = [line for line in p.stderr.splitlines() if line.startswith("a3po: error:")]
