@@ -1,0 +1,145 @@
+"""A rollout engine of our own for the Hugging Face path (``rollout.backend=kv``).
+
+Why not ``model.generate``: it keeps stepping every row until the longest one ends, runs a stack of
+generic logits processors and stopping criteria per token, and throws away the distribution it
+sampled from, so the trainer has to run the whole batch through the model again to get the
+old-policy log-probs. This engine
+
+* prefills the left-padded prompts once into a KV cache, then runs one batched forward per new
+  token on the rows still running;
+* retires a row at its EOS: the active batch is compacted and the cache rows are gathered, so a
+  finished row costs nothing afterwards;
+* samples with the same semantics as transformers (temperature, then top-k, then top-p, with the
+  same tie and keep-at-least-one rules; temperature 0 is greedy argmax) from its own
+  ``torch.Generator``, so a seed reproduces a rollout whatever else touched the global RNG;
+* records, for each sampled token, its log-prob and the entropy of the full distribution it was
+  sampled from (``logits / temperature`` before top-k/top-p truncation), which is exactly what the
+  trainer recomputes with ``response_logits(..., temperature)`` + ``token_logprobs``/``token_entropy``.
+
+The cache is the model's own ``DynamicCache``: on the embedded model (4 layers, 48 new tokens) its
+per-step append costs less than the attention over a preallocated full-length buffer, and
+``batch_select_indices`` gathers the surviving rows in place (see bench/bench_step.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Scores to sample from, as transformers' sampling warpers build them.
+
+    Order and rules follow ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper``
+    with ``min_tokens_to_keep=1``: top-k keeps every token tied with the k-th score; top-p drops the
+    ascending-sorted tokens whose cumulative probability is ``<= 1 - top_p`` and always keeps the
+    most likely one. ``logits`` is ``(N, V)`` float; temperature must be > 0 here.
+    """
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_k and top_k > 0:
+        k = min(max(int(top_k), 1), scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop_sorted = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+    """One token per row from ``(N, V)`` logits; also its log-prob and the full-distribution entropy.
+
+    Returns ``(tokens, logprob, entropy)``, each ``(N,)``. Log-prob and entropy refer to
+    ``softmax(logits / T)`` (``softmax(logits)`` when greedy), before any truncation, in float32.
+    """
+    x = logits.float()
+    if params.temperature > 0:
+        full = x / params.temperature if params.temperature != 1.0 else x
+        probs = warp_logits(x, params.temperature, params.top_k, params.top_p).softmax(-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        full = x
+        tok = x.argmax(-1)
+    logp = torch.log_softmax(full, dim=-1)
+    picked = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    safe = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+    ent = -(logp.exp() * safe).sum(-1)
+    return tok, picked, ent
+
+
+class KVEngine:
+    """Rollouts on the policy itself with a KV cache, EOS retirement and recorded log-probs.
+
+    Same interface as ``HFBackend``; the returned ``Rollouts`` carry ``logprobs`` and ``entropy``.
+    """
+
+    records_logprobs = True  # the trainer may use them as the old policy's (same model, same weights)
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tok = tokenizer
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # the engine runs the policy itself: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
+        """``params.n`` responses per prompt, prompt-major, cut at the first EOS like ``cut_at_eos``."""
+        model = self.model
+        device = next(model.parameters()).device
+        rep = [p for p in prompts for _ in range(params.n)]
+        ids, mask = left_pad(rep, self.tok.pad_token_id, device)
+        was_training = model.training
+        model.eval()
+        try:
+            gen, lp, ent = self._decode(ids, mask, params, device)
+        finally:
+            if was_training:
+                model.train()
+        return self._pack(ids, mask, gen, lp, ent)
+
+    def _decode(self, ids, mask, params: SamplingParams, device):
+        """The token loop. Returns ``(B, T)`` tokens, log-probs and entropies (pad / 0 after a row's EOS)."""
+        from transformers import DynamicCache
+
+        B, T, eos = ids.shape[0], params.max_new_tokens, self.tok.eos_token_id
+        generator = torch.Generator(device=device).manual_seed(int(params.seed))
+        gen = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long, device=device)
+        lp = torch.zeros((B, T), dtype=torch.float32, device=device)
+        ent = torch.zeros((B, T), dtype=torch.float32, device=device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        rows = torch.arange(B, device=device)  # original row of each active row
+        att = mask
+        pos = mask.long().sum(1)  # next position id of each active row
+        for t in range(T):
+            tok, tlp, tent = sample_tokens(out.logits[:, -1], params, generator)
+            gen[rows, t], lp[rows, t], ent[rows, t] = tok, tlp, tent
+            done = tok == eos
+            if done.any():
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                rows, att, pos, tok = rows[keep], att[keep], pos[keep], tok[keep]
+            if t == T - 1:
+                break
+            att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
+            out = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1),
+                             past_key_values=cache, use_cache=True)
+            pos = pos + 1
+        return gen, lp, ent
+
+    def _pack(self, ids, mask, gen, lp, ent) -> Rollouts:
+        """Trim to the longest response; positions past a row's EOS are pad with mask 0 and log-prob 0."""
+        resp, rmask, trunc = cut_at_eos(gen, self.tok.eos_token_id, self.tok.pad_token_id)
+        keep = resp.shape[1]
+        valid = rmask.bool()
+        return Rollouts(ids, mask, resp, rmask, trunc,
+                        logprobs=torch.where(valid, lp[:, :keep], torch.zeros_like(lp[:, :keep])),
+                        entropy=torch.where(valid, ent[:, :keep], torch.zeros_like(ent[:, :keep])))
