@@ -71,6 +71,102 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     return tok, picked, ent
 
 
+def _slot_layer_class():
+    """A preallocated KV layer: one ``(B, H, capacity, D)`` buffer per keys/values, written in place.
+
+    The active rows are always the first ``k`` rows of the buffer. Retiring rows moves the last active
+    rows into the holes (``retire``), so only the moved rows are copied, never the whole batch, and
+    the attention sees ``buffer[:k, :, :length]`` (a view, no copy).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class _SlotLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+            self.active = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.device = key_states.device
+            B, H, _, D = key_states.shape
+            self.kbuf = key_states.new_empty((B, H, self.capacity, D))
+            self.vbuf = value_states.new_empty((B, value_states.shape[1], self.capacity, value_states.shape[3]))
+            self.active = B
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            k, n, s = self.active, self.length, key_states.shape[-2]
+            if n + s > self.capacity:
+                raise RuntimeError(f"KV cache overflow: {n + s} > {self.capacity} positions")
+            self.kbuf[:k, :, n:n + s] = key_states
+            self.vbuf[:k, :, n:n + s] = value_states
+            self.length = n + s
+            self.keys, self.values = self.kbuf[:k, :, :n + s], self.vbuf[:k, :, :n + s]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def retire(self, holes: torch.Tensor, sources: torch.Tensor, active: int) -> None:
+            """Copy rows ``sources`` into ``holes`` and keep the first ``active`` rows."""
+            n = self.length
+            if holes.numel():
+                self.kbuf[holes, :, :n] = self.kbuf[sources, :, :n]
+                self.vbuf[holes, :, :n] = self.vbuf[sources, :, :n]
+            self.active = active
+            self.keys, self.values = self.kbuf[:active, :, :n], self.vbuf[:active, :, :n]
+
+    return _SlotLayer
+
+
+def _plain_attention(config) -> bool:
+    """True when every layer is plain full attention (our slot cache does not model sliding windows)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return False
+    return getattr(config, "sliding_window", None) is None
+
+
+class _RowCache:
+    """The decode loop's view of the cache: build it, and drop finished rows from it.
+
+    ``slot``: our preallocated layers (plain full-attention models); otherwise the model's own
+    ``DynamicCache``, compacted with ``batch_select_indices``.
+    """
+
+    def __init__(self, config, capacity: int):
+        from transformers import DynamicCache
+        from transformers.cache_utils import Cache
+
+        self.slot = _plain_attention(config)
+        if self.slot:
+            layer = _slot_layer_class()
+            self.cache = Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
+        else:
+            self.cache = DynamicCache(config=config)
+
+    def drop(self, done: torch.Tensor) -> torch.Tensor:
+        """Remove the rows where ``done``; return the permutation to apply to per-row state.
+
+        The result ``order`` lists, for each surviving row in its new place, its old index.
+        """
+        keep = (~done).nonzero().squeeze(1)
+        if not self.slot:
+            self.cache.batch_select_indices(keep)
+            return keep
+        a = keep.numel()
+        order = torch.arange(a, device=done.device)
+        holes = done[:a].nonzero().squeeze(1)  # finished rows inside the new prefix
+        sources = keep[keep >= a]  # surviving rows beyond it, as many as there are holes
+        order[holes] = sources
+        for layer in self.cache.layers:
+            layer.retire(holes, sources, a)
+        return order
+
+
 class KVEngine:
     """Rollouts on the policy itself with a KV cache, EOS retirement and recorded log-probs.
 
@@ -104,15 +200,14 @@ class KVEngine:
 
     def _decode(self, ids, mask, params: SamplingParams, device):
         """The token loop. Returns ``(B, T)`` tokens, log-probs and entropies (pad / 0 after a row's EOS)."""
-        from transformers import DynamicCache
-
         B, T, eos = ids.shape[0], params.max_new_tokens, self.tok.eos_token_id
         generator = torch.Generator(device=device).manual_seed(int(params.seed))
         gen = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long, device=device)
         lp = torch.zeros((B, T), dtype=torch.float32, device=device)
         ent = torch.zeros((B, T), dtype=torch.float32, device=device)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache,
+        rc = _RowCache(self.model.config, ids.shape[1] + T)
+        cache = rc.cache
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), cache=cache,
                          use_cache=True, logits_to_keep=1)
         rows = torch.arange(B, device=device)  # original row of each active row
         att = mask
@@ -122,16 +217,15 @@ class KVEngine:
             gen[rows, t], lp[rows, t], ent[rows, t] = tok, tlp, tent
             done = tok == eos
             if done.any():
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
+                if done.all():
                     break
-                cache.batch_select_indices(keep)
-                rows, att, pos, tok = rows[keep], att[keep], pos[keep], tok[keep]
+                order = rc.drop(done)
+                rows, att, pos, tok = rows[order], att[order], pos[order], tok[order]
             if t == T - 1:
                 break
             att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
             out = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1),
-                             past_key_values=cache, use_cache=True)
+                             cache=cache, use_cache=True)
             pos = pos + 1
         return gen, lp, ent
 
