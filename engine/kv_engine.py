@@ -23,6 +23,8 @@ per-step append costs less than the attention over a preallocated full-length bu
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
@@ -122,6 +124,11 @@ def _slot_layer_class():
     return _SlotLayer
 
 
+def _cache_kwarg(model) -> str:
+    """transformers 5 names the forward's cache argument ``cache``; 4.x calls it ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _plain_attention(config) -> bool:
     """True when every layer is plain full attention (our slot cache does not model sliding windows)."""
     types = getattr(config, "layer_types", None)
@@ -143,9 +150,12 @@ class _RowCache:
 
         self.slot = _plain_attention(config)
         if self.slot:
-            layer = _slot_layer_class()
-            self.cache = Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
-        else:
+            try:
+                layer = _slot_layer_class()
+                self.cache = Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
+            except (ImportError, TypeError):  # transformers before the per-layer cache API (< 4.56)
+                self.slot = False
+        if not self.slot:
             self.cache = DynamicCache(config=config)
 
     def drop(self, done: torch.Tensor) -> torch.Tensor:
@@ -178,6 +188,7 @@ class KVEngine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tok = tokenizer
+        self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
 
     def sync_weights(self, model) -> None:
         self.model = model  # the engine runs the policy itself: nothing to copy
@@ -206,13 +217,14 @@ class KVEngine:
         lp = torch.zeros((B, T), dtype=torch.float32, device=device)
         ent = torch.zeros((B, T), dtype=torch.float32, device=device)
         rc = _RowCache(self.model.config, ids.shape[1] + T)
-        cache = rc.cache
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        kw = {_cache_kwarg(self.model): rc.cache, "use_cache": True}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
         rows = torch.arange(B, device=device)  # original row of each active row
         att = mask
         pos = mask.long().sum(1)  # next position id of each active row
         for t in range(T):
+            if self.trace is not None:
+                self.trace.append((rows.clone(), out.logits[:, -1].float().clone()))
             tok, tlp, tent = sample_tokens(out.logits[:, -1], params, generator)
             gen[rows, t], lp[rows, t], ent[rows, t] = tok, tlp, tent
             done = tok == eos
@@ -224,8 +236,7 @@ class KVEngine:
             if t == T - 1:
                 break
             att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
-            out = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1),
-                             cache=cache, use_cache=True)
+            out = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw)
             pos = pos + 1
         return gen, lp, ent
 
