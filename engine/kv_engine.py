@@ -5,8 +5,9 @@ generic logits processors and stopping criteria per token, and throws away the d
 sampled from, so the trainer has to run the whole batch through the model again to get the
 old-policy log-probs. This engine
 
-* prefills the left-padded prompts once into a KV cache, then runs one batched forward per new
-  token on the rows still running;
+* prefills each left-padded prompt once into a KV cache (its ``n`` samples share the prefill: the
+  cache rows are repeated, not recomputed), then runs one batched forward per new token on the rows
+  still running;
 * retires a row at its EOS: the active batch is compacted and the cache rows are gathered, so a
   finished row costs nothing afterwards;
 * samples with the same semantics as transformers (temperature, then top-k, then top-p, with the
@@ -16,9 +17,13 @@ old-policy log-probs. This engine
   sampled from (``logits / temperature`` before top-k/top-p truncation), which is exactly what the
   trainer recomputes with ``response_logits(..., temperature)`` + ``token_logprobs``/``token_entropy``.
 
-The cache is the model's own ``DynamicCache``: on the embedded model (4 layers, 48 new tokens) its
-per-step append costs less than the attention over a preallocated full-length buffer, and
-``batch_select_indices`` gathers the surviving rows in place (see bench/bench_step.py).
+The cache: for plain full-attention models (Llama, Qwen2, ...) our own preallocated buffers, one
+``(rows, heads, prompt + max_new_tokens, head_dim)`` tensor per layer for keys and values, written in
+place; retiring rows moves only the surviving tail rows into the holes. Models with sliding-window
+or hybrid layers fall back to the model's own ``DynamicCache`` compacted with ``batch_select_indices``.
+On the embedded model the two cost about the same per generate (the attention over a strided view
+eats what the avoided concatenations save, see bench/bench_step.py); the preallocated one does not
+copy the whole cache every token, which is what grows quadratically with longer responses.
 """
 
 from __future__ import annotations
@@ -112,6 +117,16 @@ def _slot_layer_class():
         def get_seq_length(self) -> int:
             return self.length
 
+        def expand(self, n: int) -> None:
+            """Each row becomes ``n`` consecutive rows (one prefill per prompt, ``n`` samples from it)."""
+            k, L = self.active, self.length
+            kbuf = self.kbuf.new_empty((k * n, *self.kbuf.shape[1:]))
+            vbuf = self.vbuf.new_empty((k * n, *self.vbuf.shape[1:]))
+            kbuf[:, :, :L] = self.kbuf[:k, :, :L].repeat_interleave(n, dim=0)
+            vbuf[:, :, :L] = self.vbuf[:k, :, :L].repeat_interleave(n, dim=0)
+            self.kbuf, self.vbuf, self.active = kbuf, vbuf, k * n
+            self.keys, self.values = kbuf[:, :, :L], vbuf[:, :, :L]
+
         def retire(self, holes: torch.Tensor, sources: torch.Tensor, active: int) -> None:
             """Copy rows ``sources`` into ``holes`` and keep the first ``active`` rows."""
             n = self.length
@@ -158,6 +173,16 @@ class _RowCache:
         if not self.slot:
             self.cache = DynamicCache(config=config)
 
+    def expand(self, n: int) -> None:
+        """Repeat every row ``n`` times, consecutively (prompt-major order)."""
+        if n == 1:
+            return
+        if self.slot:
+            for layer in self.cache.layers:
+                layer.expand(n)
+        else:
+            self.cache.batch_repeat_interleave(n)
+
     def drop(self, done: torch.Tensor) -> torch.Tensor:
         """Remove the rows where ``done``; return the permutation to apply to per-row state.
 
@@ -198,8 +223,7 @@ class KVEngine:
         """``params.n`` responses per prompt, prompt-major, cut at the first EOS like ``cut_at_eos``."""
         model = self.model
         device = next(model.parameters()).device
-        rep = [p for p in prompts for _ in range(params.n)]
-        ids, mask = left_pad(rep, self.tok.pad_token_id, device)
+        ids, mask = left_pad(prompts, self.tok.pad_token_id, device)  # one row per prompt: prefilled once
         was_training = model.training
         model.eval()
         try:
@@ -207,11 +231,12 @@ class KVEngine:
         finally:
             if was_training:
                 model.train()
-        return self._pack(ids, mask, gen, lp, ent)
+        n = params.n
+        return self._pack(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), gen, lp, ent)
 
     def _decode(self, ids, mask, params: SamplingParams, device):
         """The token loop. Returns ``(B, T)`` tokens, log-probs and entropies (pad / 0 after a row's EOS)."""
-        B, T, eos = ids.shape[0], params.max_new_tokens, self.tok.eos_token_id
+        B, T, eos = ids.shape[0] * params.n, params.max_new_tokens, self.tok.eos_token_id
         generator = torch.Generator(device=device).manual_seed(int(params.seed))
         gen = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long, device=device)
         lp = torch.zeros((B, T), dtype=torch.float32, device=device)
@@ -219,13 +244,16 @@ class KVEngine:
         rc = _RowCache(self.model.config, ids.shape[1] + T)
         kw = {_cache_kwarg(self.model): rc.cache, "use_cache": True}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
+        # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
+        rc.expand(params.n)
+        logits = out.logits[:, -1].repeat_interleave(params.n, 0)
+        att = mask.repeat_interleave(params.n, 0)
         rows = torch.arange(B, device=device)  # original row of each active row
-        att = mask
-        pos = mask.long().sum(1)  # next position id of each active row
+        pos = att.long().sum(1)  # next position id of each active row
         for t in range(T):
             if self.trace is not None:
-                self.trace.append((rows.clone(), out.logits[:, -1].float().clone()))
-            tok, tlp, tent = sample_tokens(out.logits[:, -1], params, generator)
+                self.trace.append((rows.clone(), logits.float().clone()))
+            tok, tlp, tent = sample_tokens(logits, params, generator)
             gen[rows, t], lp[rows, t], ent[rows, t] = tok, tlp, tent
             done = tok == eos
             if done.any():
@@ -236,7 +264,7 @@ class KVEngine:
             if t == T - 1:
                 break
             att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
-            out = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw)
+            logits = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw).logits[:, -1]
             pos = pos + 1
         return gen, lp, ent
 
