@@ -17,7 +17,7 @@ old-policy log-probs. This engine
   sampled from (``logits / temperature`` before top-k/top-p truncation), which is exactly what the
   trainer recomputes with ``response_logits(..., temperature)`` + ``token_logprobs``/``token_entropy``.
 
-The cache: for plain full-attention models (Llama, Qwen2, ...) our own preallocated buffers, one
+The cache: for plain full-attention models (the embedded Llama-style one) our own preallocated buffers, one
 ``(rows, heads, prompt + max_new_tokens, head_dim)`` tensor per layer for keys and values, written in
 place; retiring rows moves only the surviving tail rows into the holes. Models with sliding-window
 or hybrid layers fall back to the model's own ``DynamicCache`` compacted with ``batch_select_indices``.
@@ -147,8 +147,8 @@ def _cache_kwarg(model) -> str:
 def _plain_attention(config) -> bool:
     """True when every layer is plain full attention (our slot cache does not model sliding windows)."""
     types = getattr(config, "layer_types", None)
-    if types is not None and any(t != "full_attention" for t in types):
-        return False
+    if types is not None:
+        return all(t == "full_attention" for t in types)
     return getattr(config, "sliding_window", None) is None
 
 
