@@ -6,6 +6,7 @@ alternately in one process so that machine noise hits both alike.
 
     python bench/bench_step.py [--steps 20] [--prompts 16] [--n 8] [key=value ...]
     python bench/bench_step.py --backends [--steps 10] [key=value ...]   # HFBackend vs the kv engine
+    python bench/bench_step.py --caches [--steps 10]      # kv engine: preallocated cache vs DynamicCache
 
 A bare step = generate + score + group advantages + one forward/backward + optimiser step, nothing
 stored and no entropy. A full step = ``Trainer.step`` (A3PO shaping, entropy, all metrics) plus
@@ -112,6 +113,35 @@ def compare_backends(a) -> None:
         print(f"{b}: generated tokens/s {statistics.median(r['tokens'] / r['generate'] for r in rows[b]):.0f}")
 
 
+def compare_caches(a) -> None:
+    """kv engine generate only: our preallocated cache vs the model's DynamicCache, alternated."""
+    import engine.kv_engine as ke
+    from engine.kv_engine import KVEngine
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "demo.yaml", [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}",
+                                                      "rollout.max_new_tokens=48", "train.threads=2", *a.overrides])
+    plain = ke._plain_attention
+    times: dict[str, list[float]] = {"preallocated": [], "DynamicCache": []}
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, Store(d), log=lambda s: None)
+        eng = KVEngine(tr.model, tr.tok)
+        for i in range(1, a.warmup + a.steps + 1):
+            prompts = [tr.train_prompts[j] for j in tr.prompt_indices(i, a.prompts)]
+            for name in (list(times) if i % 2 else list(times)[::-1]):
+                ke._plain_attention = plain if name == "preallocated" else (lambda config: False)
+                t0 = time.perf_counter()
+                eng.generate(prompts, SamplingParams(n=a.n, temperature=1.0, max_new_tokens=48, seed=i))
+                if i > a.warmup:
+                    times[name].append(time.perf_counter() - t0)
+        ke._plain_attention = plain
+        tr.store.release_writer(tr.run_id)
+    print(f"kv engine generate, {a.prompts} prompts x {a.n}, 48 new tokens, threads {torch.get_num_threads()}, "
+          f"median of {a.steps}")
+    for name, v in times.items():
+        print(f"{name:14s} {statistics.median(v):.4f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
@@ -119,8 +149,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--backends", action="store_true", help="compare rollout.backend=hf with rollout.backend=kv")
+    ap.add_argument("--caches", action="store_true", help="kv engine: preallocated cache vs DynamicCache")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    if a.caches:
+        compare_caches(a)
+        return
     if a.backends:
         compare_backends(a)
         return
