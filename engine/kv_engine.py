@@ -168,7 +168,7 @@ class _RowCache:
             try:
                 layer = _slot_layer_class()
                 self.cache = Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
-            except (ImportError, TypeError):  # transformers before the per-layer cache API (< 4.56)
+            except (ImportError, TypeError, AttributeError):  # older transformers (no per-layer cache API)
                 self.slot = False
         if not self.slot:
             self.cache = DynamicCache(config=config)
