@@ -171,7 +171,10 @@ class _RowCache:
             except (ImportError, TypeError, AttributeError):  # older transformers (no per-layer cache API)
                 self.slot = False
         if not self.slot:
-            self.cache = DynamicCache(config=config)
+            try:
+                self.cache = DynamicCache(config=config)  # knows sliding-window layers
+            except TypeError:  # transformers 4.x: no config argument
+                self.cache = DynamicCache()
 
     def expand(self, n: int) -> None:
         """Repeat every row ``n`` times, consecutively (prompt-major order)."""
