@@ -109,8 +109,8 @@ def compare_backends(a) -> None:
                      ("total", "step")):
         h, v = med("hf", k), med("kv", k)
         print(f"{label:14s} {h:10.4f} {v:10.4f} {v / h if h else float('nan'):7.2f}")
-    for b in rows:
-        print(f"{b}: generated tokens/s {statistics.median(r['tokens'] / r['generate'] for r in rows[b]):.0f}")
+    for b, rs in rows.items():
+        print(f"{b}: generated tokens/s {statistics.median(r['tokens'] / r['generate'] for r in rs):.0f}")
 
 
 def compare_caches(a) -> None:

@@ -48,9 +48,7 @@ def cache_kind(request, monkeypatch):
 
 
 def p(**kw):
-    base = dict(n=1, temperature=0.0, max_new_tokens=40, seed=0)
-    base.update(kw)
-    return SamplingParams(**base)
+    return SamplingParams(**{"n": 1, "temperature": 0.0, "max_new_tokens": 40, "seed": 0, **kw})
 
 
 # ------------------------------------------------------------------ logits and greedy agreement
@@ -126,8 +124,6 @@ def test_all_rows_end_at_step_one(policy, prompts, cache_kind):
     try:
         same_end = [pr for pr in prompts if pr[-1] == prompts[0][-1]]
         ro = KVEngine(model, tok).generate(same_end, p(n=3, temperature=1.0, seed=1))
-        with torch.no_grad():
-            lp = token_logprobs(response_logits(model, ro, 1.0), ro.response_ids)
     finally:
         hook.handle.remove()
     B = 3 * len(same_end)
