@@ -69,8 +69,9 @@ def test_cached_logits_equal_full_forward(policy, prompts, cache_kind):
 
 def test_greedy_equals_hf_backend(policy, prompts, cache_kind):
     model, tok = policy
-    a = HFBackend(model, tok).generate(prompts, p())
-    b = KVEngine(model, tok).generate(prompts, p())
+    a = HFBackend(model, tok).generate(prompts, p(n=2))  # n=2: the shared prefill is repeated into both rows
+    b = KVEngine(model, tok).generate(prompts, p(n=2))
+    assert b.response_ids.shape[0] == 2 * len(prompts)
     assert torch.equal(a.response_ids, b.response_ids)
     assert torch.equal(a.response_mask, b.response_mask)
     assert torch.equal(a.truncated, b.truncated)
