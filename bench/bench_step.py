@@ -5,10 +5,17 @@ Why: shaping, per-token entropy and per-token storage must stay cheap (target: a
 alternately in one process so that machine noise hits both alike.
 
     python bench/bench_step.py [--steps 20] [--prompts 16] [--n 8] [key=value ...]
+    python bench/bench_step.py --backends [--steps 10] [key=value ...]   # HFBackend vs the kv engine
+    python bench/bench_step.py --caches [--steps 10]      # kv engine: preallocated cache vs DynamicCache
 
 A bare step = generate + score + group advantages + one forward/backward + optimiser step, nothing
 stored and no entropy. A full step = ``Trainer.step`` (A3PO shaping, entropy, all metrics) plus
 writing the step's rollouts and tokens to the store.
+
+``--backends`` instead runs full steps of two trainers that differ only in ``rollout.backend``
+(``hf``: transformers ``generate``; ``kv``: our engine, which also records the old-policy log-probs so
+the separate old-policy forward is skipped), alternating one step of each, on the issue's workload:
+16 prompts x 8 rollouts, <= 48 new tokens, T=1, 2 torch threads.
 """
 
 from __future__ import annotations
@@ -73,14 +80,85 @@ def full_step(tr: Trainer, step: int) -> dict:
     return out
 
 
+def compare_backends(a) -> None:
+    """Full steps, HFBackend vs the kv engine, alternated so machine noise hits both alike."""
+    root = Path(__file__).resolve().parent.parent
+    base = [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", "rollout.max_new_tokens=48",
+            "rollout.temperature=1.0", "train.threads=2", *a.overrides]
+    rows: dict[str, list[dict]] = {"hf": [], "kv": []}
+    with tempfile.TemporaryDirectory() as d:
+        trs = {b: Trainer(load_config(root / "configs" / "demo.yaml", [*base, f"rollout.backend={b}", f"name={b}"]),
+                          Store(Path(d) / b), log=lambda s: None) for b in rows}
+        for i in range(1, a.warmup + a.steps + 1):
+            order = ("hf", "kv") if i % 2 else ("kv", "hf")
+            for b in order:  # same step index: same prompts for both
+                f = full_step(trs[b], i)
+                if i > a.warmup:
+                    rows[b].append(f)
+        for tr in trs.values():
+            tr.store.release_writer(tr.run_id)
+
+    def med(b, k):
+        return statistics.median(r.get(k, 0.0) for r in rows[b])
+
+    cfg = trs["hf"].cfg
+    print(f"model {cfg.model.path}, {a.prompts} prompts x {a.n} rollouts, max_new_tokens {cfg.rollout.max_new_tokens}, "
+          f"T={cfg.rollout.temperature}, mini_batches {cfg.actor.mini_batches}, {a.steps} alternating steps after "
+          f"{a.warmup} warm-up, torch threads {torch.get_num_threads()}")
+    print(f"{'phase':14s} {'hf (s)':>10s} {'kv (s)':>10s} {'kv/hf':>7s}")
+    for k, label in (("generate", "generate"), ("forward", "old-forward"), ("update", "update"), ("store", "store"),
+                     ("total", "step")):
+        h, v = med("hf", k), med("kv", k)
+        print(f"{label:14s} {h:10.4f} {v:10.4f} {v / h if h else float('nan'):7.2f}")
+    for b, rs in rows.items():
+        print(f"{b}: generated tokens/s {statistics.median(r['tokens'] / r['generate'] for r in rs):.0f}")
+
+
+def compare_caches(a) -> None:
+    """kv engine generate only: our preallocated cache vs the model's DynamicCache, alternated."""
+    import engine.kv_engine as ke
+    from engine.kv_engine import KVEngine
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "demo.yaml", [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}",
+                                                      "rollout.max_new_tokens=48", "train.threads=2", *a.overrides])
+    plain = ke._plain_attention
+    times: dict[str, list[float]] = {"preallocated": [], "DynamicCache": []}
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, Store(d), log=lambda s: None)
+        eng = KVEngine(tr.model, tr.tok)
+        for i in range(1, a.warmup + a.steps + 1):
+            prompts = [tr.train_prompts[j] for j in tr.prompt_indices(i, a.prompts)]
+            for name in (list(times) if i % 2 else list(times)[::-1]):
+                ke._plain_attention = plain if name == "preallocated" else (lambda config: False)
+                t0 = time.perf_counter()
+                eng.generate(prompts, SamplingParams(n=a.n, temperature=1.0, max_new_tokens=48, seed=i))
+                if i > a.warmup:
+                    times[name].append(time.perf_counter() - t0)
+        ke._plain_attention = plain
+        tr.store.release_writer(tr.run_id)
+    print(f"kv engine generate, {a.prompts} prompts x {a.n}, 48 new tokens, threads {torch.get_num_threads()}, "
+          f"median of {a.steps}")
+    for name, v in times.items():
+        print(f"{name:14s} {statistics.median(v):.4f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--backends", action="store_true", help="compare rollout.backend=hf with rollout.backend=kv")
+    ap.add_argument("--caches", action="store_true", help="kv engine: preallocated cache vs DynamicCache")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    if a.caches:
+        compare_caches(a)
+        return
+    if a.backends:
+        compare_backends(a)
+        return
     cfg = load_config(demo_config(),
                       [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", *a.overrides])
     with tempfile.TemporaryDirectory() as d:

@@ -83,8 +83,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "Rollout backend: 'hf' (transformers generate with KV cache) or 'vllm' (GPU, [gpu] extra).",
-                      choices=["hf", "vllm"])
+    backend: str = _f("hf", "Rollout backend: 'hf' (transformers generate with KV cache), 'kv' (our own KV-cache "
+                            "engine: rows retire at EOS, records the old-policy log-probs so the trainer can skip "
+                            "that forward) or 'vllm' (GPU, [gpu] extra).", choices=["hf", "kv", "vllm"])
     n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1,
                 max=MAX_GROUP)
     temperature: float = _f(1.0, "Sampling temperature for training rollouts. Log-probs, entropies, key tokens and "
@@ -149,6 +150,8 @@ class ActorConfig:
                                    choices=list(AGG_MODES) + [None])
     kl_coef: float = _f(0.0, "KL-to-reference penalty coefficient (verl kl_loss_coef); 0 skips the reference model.", min=0.0)
     kl_type: str = _f("low_var_kl", "KL estimator: k1, k2, low_var_kl (k3).", choices=["k1", "k2", "low_var_kl"])
+    recompute_old_logprobs: bool = _f(False, "Recompute the old-policy log-probs with a forward pass even when the "
+                                             "rollout backend recorded them (rollout.backend=kv); verl always recomputes.")
 
 
 @dataclass

@@ -29,6 +29,9 @@ class Rollouts:
     prompt_ids: ``(B, Lp)`` left-padded prompt tokens; prompt_mask ``(B, Lp)``.
     response_ids: ``(B, T)`` right-padded response tokens up to and including the first EOS.
     response_mask: ``(B, T)`` 1 on valid response tokens. truncated: ``(B,)`` no EOS within budget.
+    logprobs, entropy: ``(B, T)`` float32, recorded while sampling by backends that can (the ``kv``
+    engine): log-prob of each sampled token and entropy of the full distribution it was sampled from
+    (``logits / temperature``), 0 on masked positions; None for backends that do not record them.
     """
 
     prompt_ids: torch.Tensor
@@ -36,6 +39,8 @@ class Rollouts:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     truncated: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -119,6 +124,10 @@ class HFBackend:
 def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
     if name == "hf":
         return HFBackend(model, tokenizer)
+    if name == "kv":
+        from engine.kv_engine import KVEngine
+
+        return KVEngine(model, tokenizer)
     if name == "vllm":
         try:
             import vllm  # noqa: F401

@@ -256,6 +256,9 @@ class Trainer:
         ro = Rollouts(torch.cat([padl(p, Lp, pad) for p in parts_p]), torch.cat([padl(p, Lp, 0) for p in parts_pm]),
                       torch.cat([padr(p, T, pad) for p in parts_r]), torch.cat([padr(p, T, 0) for p in parts_rm]),
                       torch.cat(trunc))
+        if all(g["ro"].logprobs is not None and g["ro"].entropy is not None for g in groups):  # recorded by the kv engine
+            ro.logprobs = torch.cat([padr(g["ro"].logprobs[torch.tensor(g["rows"])], T, 0.0) for g in groups])
+            ro.entropy = torch.cat([padr(g["ro"].entropy[torch.tensor(g["rows"])], T, 0.0) for g in groups])
         n = self.cfg.rollout.n
         return {
             "ro": ro,
@@ -272,22 +275,35 @@ class Trainer:
         batch, rounds = self.sample(step, timer)
         ro: Rollouts = batch["ro"]
         dev = self.device
-        ro = Rollouts(*(x.to(dev) for x in (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, ro.truncated)))
+        ro = Rollouts(*(x.to(dev) if x is not None else None for x in
+                        (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, ro.truncated, ro.logprobs, ro.entropy)))
         scores = torch.tensor(batch["rewards"], dtype=torch.float32, device=dev)
         correct = torch.tensor(batch["correct"], dtype=torch.bool, device=dev)
         polarity = torch.where(correct, 1, -1).to(torch.int8)
         single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
         chunk, temp = cfg.model.logit_chunk, cfg.rollout.temperature
+        # The rollout engine ran this very policy (same weights, same dtype) and recorded the sampled
+        # tokens' log-probs and entropies of logits / temperature: those are the old policy's, so the
+        # separate no-grad forward is redundant. actor.recompute_old_logprobs forces it (verl's way).
+        recorded = ro.logprobs is not None and ro.entropy is not None and not cfg.actor.recompute_old_logprobs
+        dtype = next(self.model.parameters()).dtype
 
         # --- old policy log-probs and entropy (one pass; reused for the update when on-policy)
         with timer("forward"):
-            ctx = nullcontext() if single_pass else torch.no_grad()
-            with ctx:
-                logits = response_logits(self.model, ro, temp)
-                lp = token_logprobs(logits, ro.response_ids, chunk_size=chunk)
-            with torch.no_grad():
-                ent = token_entropy(logits.detach(), chunk_size=chunk)
-            old_lp = lp.detach()
+            if single_pass or not recorded:
+                ctx = nullcontext() if single_pass else torch.no_grad()
+                with ctx:
+                    logits = response_logits(self.model, ro, temp)
+                    lp = token_logprobs(logits, ro.response_ids, chunk_size=chunk)
+                old_lp = lp.detach()  # on-policy single pass: exactly the loss's own log-probs (ratio 1)
+            else:
+                logits = lp = None
+                old_lp = ro.logprobs.to(dtype)
+            if recorded:
+                ent = ro.entropy.to(dtype)
+            else:
+                with torch.no_grad():
+                    ent = token_entropy(logits.detach(), chunk_size=chunk)
             ref_lp = None
             if self.ref is not None:
                 with torch.no_grad():

@@ -1,0 +1,281 @@
+"""A rollout engine of our own for the Hugging Face path (``rollout.backend=kv``).
+
+Why not ``model.generate``: it keeps stepping every row until the longest one ends, runs a stack of
+generic logits processors and stopping criteria per token, and throws away the distribution it
+sampled from, so the trainer has to run the whole batch through the model again to get the
+old-policy log-probs. This engine
+
+* prefills each left-padded prompt once into a KV cache (its ``n`` samples share the prefill: the
+  cache rows are repeated, not recomputed), then runs one batched forward per new token on the rows
+  still running;
+* retires a row at its EOS: the active batch is compacted and the cache rows are gathered, so a
+  finished row costs nothing afterwards;
+* samples with the same semantics as transformers (temperature, then top-k, then top-p, with the
+  same tie and keep-at-least-one rules; temperature 0 is greedy argmax) from its own
+  ``torch.Generator``, so a seed reproduces a rollout whatever else touched the global RNG;
+* records, for each sampled token, its log-prob and the entropy of the full distribution it was
+  sampled from (``logits / temperature`` before top-k/top-p truncation), which is exactly what the
+  trainer recomputes with ``response_logits(..., temperature)`` + ``token_logprobs``/``token_entropy``.
+
+The cache: for plain full-attention models (the embedded Llama-style one) our own preallocated buffers, one
+``(rows, heads, prompt + max_new_tokens, head_dim)`` tensor per layer for keys and values, written in
+place; retiring rows moves only the surviving tail rows into the holes. Models with sliding-window
+or hybrid layers fall back to the model's own ``DynamicCache`` compacted with ``batch_select_indices``.
+On the embedded model the two cost about the same per generate (the attention over a strided view
+eats what the avoided concatenations save, see bench/bench_step.py); the preallocated one does not
+copy the whole cache every token, which is what grows quadratically with longer responses.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Scores to sample from, as transformers' sampling warpers build them.
+
+    Order and rules follow ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and ``TopPLogitsWarper``
+    with ``min_tokens_to_keep=1``: top-k keeps every token tied with the k-th score; top-p drops the
+    ascending-sorted tokens whose cumulative probability is ``<= 1 - top_p`` and always keeps the
+    most likely one. ``logits`` is ``(N, V)`` float; temperature must be > 0 here.
+    """
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_k and top_k > 0:
+        k = min(max(int(top_k), 1), scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop_sorted = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+    """One token per row from ``(N, V)`` logits; also its log-prob and the full-distribution entropy.
+
+    Returns ``(tokens, logprob, entropy)``, each ``(N,)``. Log-prob and entropy refer to
+    ``softmax(logits / T)`` (``softmax(logits)`` when greedy), before any truncation, in float32.
+    """
+    x = logits.float()
+    if params.temperature > 0:
+        full = x / params.temperature if params.temperature != 1.0 else x
+        probs = warp_logits(x, params.temperature, params.top_k, params.top_p).softmax(-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        full = x
+        tok = x.argmax(-1)
+    logp = torch.log_softmax(full, dim=-1)
+    picked = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    safe = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+    ent = -(logp.exp() * safe).sum(-1)
+    return tok, picked, ent
+
+
+def _slot_layer_class():
+    """A preallocated KV layer: one ``(B, H, capacity, D)`` buffer per keys/values, written in place.
+
+    The active rows are always the first ``k`` rows of the buffer. Retiring rows moves the last active
+    rows into the holes (``retire``), so only the moved rows are copied, never the whole batch, and
+    the attention sees ``buffer[:k, :, :length]`` (a view, no copy).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class _SlotLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+            self.active = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            self.device = key_states.device
+            B, H, _, D = key_states.shape
+            self.kbuf = key_states.new_empty((B, H, self.capacity, D))
+            self.vbuf = value_states.new_empty((B, value_states.shape[1], self.capacity, value_states.shape[3]))
+            self.active = B
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            k, n, s = self.active, self.length, key_states.shape[-2]
+            if n + s > self.capacity:
+                raise RuntimeError(f"KV cache overflow: {n + s} > {self.capacity} positions")
+            self.kbuf[:k, :, n:n + s] = key_states
+            self.vbuf[:k, :, n:n + s] = value_states
+            self.length = n + s
+            self.keys, self.values = self.kbuf[:k, :, :n + s], self.vbuf[:k, :, :n + s]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def expand(self, n: int) -> None:
+            """Each row becomes ``n`` consecutive rows (one prefill per prompt, ``n`` samples from it)."""
+            k, L = self.active, self.length
+            kbuf = self.kbuf.new_empty((k * n, *self.kbuf.shape[1:]))
+            vbuf = self.vbuf.new_empty((k * n, *self.vbuf.shape[1:]))
+            kbuf[:, :, :L] = self.kbuf[:k, :, :L].repeat_interleave(n, dim=0)
+            vbuf[:, :, :L] = self.vbuf[:k, :, :L].repeat_interleave(n, dim=0)
+            self.kbuf, self.vbuf, self.active = kbuf, vbuf, k * n
+            self.keys, self.values = kbuf[:, :, :L], vbuf[:, :, :L]
+
+        def retire(self, holes: torch.Tensor, sources: torch.Tensor, active: int) -> None:
+            """Copy rows ``sources`` into ``holes`` and keep the first ``active`` rows."""
+            n = self.length
+            if holes.numel():
+                self.kbuf[holes, :, :n] = self.kbuf[sources, :, :n]
+                self.vbuf[holes, :, :n] = self.vbuf[sources, :, :n]
+            self.active = active
+            self.keys, self.values = self.kbuf[:active, :, :n], self.vbuf[:active, :, :n]
+
+    return _SlotLayer
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5 names the forward's cache argument ``cache``; 4.x calls it ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _plain_attention(config) -> bool:
+    """True when every layer is plain full attention (our slot cache does not model sliding windows)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return getattr(config, "sliding_window", None) is None
+
+
+class _RowCache:
+    """The decode loop's view of the cache: build it, and drop finished rows from it.
+
+    ``slot``: our preallocated layers (plain full-attention models); otherwise the model's own
+    ``DynamicCache``, compacted with ``batch_select_indices``.
+    """
+
+    def __init__(self, config, capacity: int):
+        from transformers import DynamicCache
+        from transformers.cache_utils import Cache
+
+        self.slot = _plain_attention(config)
+        if self.slot:
+            try:
+                layer = _slot_layer_class()
+                self.cache = Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
+            except (ImportError, TypeError, AttributeError):  # older transformers (no per-layer cache API)
+                self.slot = False
+        if not self.slot:
+            try:
+                self.cache = DynamicCache(config=config)  # knows sliding-window layers
+            except TypeError:  # transformers 4.x: no config argument
+                self.cache = DynamicCache()
+
+    def expand(self, n: int) -> None:
+        """Repeat every row ``n`` times, consecutively (prompt-major order)."""
+        if n == 1:
+            return
+        if self.slot:
+            for layer in self.cache.layers:
+                layer.expand(n)
+        else:
+            self.cache.batch_repeat_interleave(n)
+
+    def drop(self, done: torch.Tensor) -> torch.Tensor:
+        """Remove the rows where ``done``; return the permutation to apply to per-row state.
+
+        The result ``order`` lists, for each surviving row in its new place, its old index.
+        """
+        keep = (~done).nonzero().squeeze(1)
+        if not self.slot:
+            self.cache.batch_select_indices(keep)
+            return keep
+        a = keep.numel()
+        order = torch.arange(a, device=done.device)
+        holes = done[:a].nonzero().squeeze(1)  # finished rows inside the new prefix
+        sources = keep[keep >= a]  # surviving rows beyond it, as many as there are holes
+        order[holes] = sources
+        for layer in self.cache.layers:
+            layer.retire(holes, sources, a)
+        return order
+
+
+class KVEngine:
+    """Rollouts on the policy itself with a KV cache, EOS retirement and recorded log-probs.
+
+    Same interface as ``HFBackend``; the returned ``Rollouts`` carry ``logprobs`` and ``entropy``.
+    """
+
+    records_logprobs = True  # the trainer may use them as the old policy's (same model, same weights)
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tok = tokenizer
+        self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # the engine runs the policy itself: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
+        """``params.n`` responses per prompt, prompt-major, cut at the first EOS like ``cut_at_eos``."""
+        model = self.model
+        device = next(model.parameters()).device
+        ids, mask = left_pad(prompts, self.tok.pad_token_id, device)  # one row per prompt: prefilled once
+        was_training = model.training
+        model.eval()
+        try:
+            gen, lp, ent = self._decode(ids, mask, params, device)
+        finally:
+            if was_training:
+                model.train()
+        n = params.n
+        return self._pack(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), gen, lp, ent)
+
+    def _decode(self, ids, mask, params: SamplingParams, device):
+        """The token loop. Returns ``(B, T)`` tokens, log-probs and entropies (pad / 0 after a row's EOS)."""
+        B, T, eos = ids.shape[0] * params.n, params.max_new_tokens, self.tok.eos_token_id
+        generator = torch.Generator(device=device).manual_seed(int(params.seed))
+        gen = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long, device=device)
+        lp = torch.zeros((B, T), dtype=torch.float32, device=device)
+        ent = torch.zeros((B, T), dtype=torch.float32, device=device)
+        rc = _RowCache(self.model.config, ids.shape[1] + T)
+        kw = {_cache_kwarg(self.model): rc.cache, "use_cache": True}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
+        # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
+        rc.expand(params.n)
+        logits = out.logits[:, -1].repeat_interleave(params.n, 0)
+        att = mask.repeat_interleave(params.n, 0)
+        rows = torch.arange(B, device=device)  # original row of each active row
+        pos = att.long().sum(1)  # next position id of each active row
+        for t in range(T):
+            if self.trace is not None:
+                self.trace.append((rows.clone(), logits.float().clone()))
+            tok, tlp, tent = sample_tokens(logits, params, generator)
+            gen[rows, t], lp[rows, t], ent[rows, t] = tok, tlp, tent
+            done = tok == eos
+            if done.any():
+                if done.all():
+                    break
+                order = rc.drop(done)
+                rows, att, pos, tok = rows[order], att[order], pos[order], tok[order]
+            if t == T - 1:
+                break
+            att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
+            logits = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw).logits[:, -1]
+            pos = pos + 1
+        return gen, lp, ent
+
+    def _pack(self, ids, mask, gen, lp, ent) -> Rollouts:
+        """Trim to the longest response; positions past a row's EOS are pad with mask 0 and log-prob 0."""
+        resp, rmask, trunc = cut_at_eos(gen, self.tok.eos_token_id, self.tok.pad_token_id)
+        keep = resp.shape[1]
+        valid = rmask.bool()
+        return Rollouts(ids, mask, resp, rmask, trunc,
+                        logprobs=torch.where(valid, lp[:, :keep], torch.zeros_like(lp[:, :keep])),
+                        entropy=torch.where(valid, ent[:, :keep], torch.zeros_like(ent[:, :keep])))
