@@ -1,13 +1,13 @@
 # A3PO Lab: every command creates the environment on first use.
 #   make demo    install, train A3PO on the embedded Countdown-lite model, then open the app
-#   make test    install if needed, run the test suite (what CI runs): main env, then verl's env
+#   make test    install if needed, lint (ruff), run the test suite (what CI runs): main env, verl's env, the wheel
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
 VERL_VENV ?= .venv-verl
 
-.PHONY: install install-verl demo train-demo test test-main test-verl test-wheel bench build-tiny-model clean
+.PHONY: install install-verl demo train-demo lint test test-main test-verl test-wheel bench build-tiny-model clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,7 +36,12 @@ $(VERL_VENV)/.installed: pyproject.toml
 
 install-verl: $(VERL_VENV)/.installed
 
-test: test-main test-verl test-wheel
+test: lint test-main test-verl test-wheel
+
+# ruff: the lint rules and the 120-column format in pyproject.toml hold over the whole tree.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-main: install
 	$(PY) -m pytest

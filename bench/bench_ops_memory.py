@@ -31,11 +31,13 @@ def child(kind: str, tokens: int, vocab: int) -> None:
         lp, ent = token_logprobs(logits, labels, chunk_size=256), token_entropy(logits, chunk_size=256)
     else:
         logp = torch.log_softmax(logits.float(), -1)
-        lp = logp.gather(-1, labels[:, None]).squeeze(-1)
+        lp = logp.gather(-1, labels[:, None]).squeeze(-1)  # noqa: F841  (timed, not used)
         ent = -(logp.exp() * logp).sum(-1)
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{kind:8s} extra peak {(peak - base) / 2**20:7.2f} GiB  time {dt:6.2f} s  mean entropy {float(ent.float().mean()):.4f}")
+    print(
+        f"{kind:8s} extra peak {(peak - base) / 2**20:7.2f} GiB  time {dt:6.2f} s  mean entropy {float(ent.float().mean()):.4f}"
+    )
 
 
 def main():
@@ -48,7 +50,9 @@ def main():
         return child(a.child, a.tokens, a.vocab)
     print(f"{a.tokens} tokens x {a.vocab} vocabulary, bf16 logits = {a.tokens * a.vocab * 2 / 2**30:.2f} GiB")
     for kind in ("chunked", "full"):
-        subprocess.run([sys.executable, __file__, "--child", kind, "--tokens", str(a.tokens), "--vocab", str(a.vocab)], check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--child", kind, "--tokens", str(a.tokens), "--vocab", str(a.vocab)], check=True
+        )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ import torch  # noqa: E402
 
 from engine.advantage import group_advantages  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.resources import demo_config  # noqa: E402
 from engine.evaluate import decode_responses  # noqa: E402
 from engine.loss import policy_loss  # noqa: E402
 from engine.ops import token_logprobs  # noqa: E402
+from engine.resources import demo_config  # noqa: E402
 from engine.rollout import SamplingParams  # noqa: E402
 from engine.store import Store  # noqa: E402
 from engine.trainer import Trainer, response_logits  # noqa: E402
@@ -47,9 +47,10 @@ def bare_step(tr: Trainer, step: int) -> dict:
     t = {}
     t0 = time.perf_counter()
     idx = tr.prompt_indices(step, cfg.train.prompts_per_step)
-    ro = tr.backend.generate([tr.train_prompts[i] for i in idx],
-                             SamplingParams(n=cfg.rollout.n, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
-                                            seed=step))
+    ro = tr.backend.generate(
+        [tr.train_prompts[i] for i in idx],
+        SamplingParams(n=cfg.rollout.n, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens, seed=step),
+    )
     t["generate"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     texts = decode_responses(tr.tok, ro.response_ids, ro.response_mask)
@@ -82,13 +83,25 @@ def full_step(tr: Trainer, step: int) -> dict:
 
 def compare_backends(a) -> None:
     """Full steps, HFBackend vs the kv engine, alternated so machine noise hits both alike."""
-    root = Path(__file__).resolve().parent.parent
-    base = [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", "rollout.max_new_tokens=48",
-            "rollout.temperature=1.0", "train.threads=2", *a.overrides]
+    base = [
+        f"train.prompts_per_step={a.prompts}",
+        f"rollout.n={a.n}",
+        "train.steps=1000",
+        "rollout.max_new_tokens=48",
+        "rollout.temperature=1.0",
+        "train.threads=2",
+        *a.overrides,
+    ]
     rows: dict[str, list[dict]] = {"hf": [], "kv": []}
     with tempfile.TemporaryDirectory() as d:
-        trs = {b: Trainer(load_config(root / "configs" / "demo.yaml", [*base, f"rollout.backend={b}", f"name={b}"]),
-                          Store(Path(d) / b), log=lambda s: None) for b in rows}
+        trs = {
+            b: Trainer(
+                load_config(demo_config(), [*base, f"rollout.backend={b}", f"name={b}"]),
+                Store(Path(d) / b),
+                log=lambda s: None,
+            )
+            for b in rows
+        }
         for i in range(1, a.warmup + a.steps + 1):
             order = ("hf", "kv") if i % 2 else ("kv", "hf")
             for b in order:  # same step index: same prompts for both
@@ -102,12 +115,19 @@ def compare_backends(a) -> None:
         return statistics.median(r.get(k, 0.0) for r in rows[b])
 
     cfg = trs["hf"].cfg
-    print(f"model {cfg.model.path}, {a.prompts} prompts x {a.n} rollouts, max_new_tokens {cfg.rollout.max_new_tokens}, "
-          f"T={cfg.rollout.temperature}, mini_batches {cfg.actor.mini_batches}, {a.steps} alternating steps after "
-          f"{a.warmup} warm-up, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {cfg.model.path}, {a.prompts} prompts x {a.n} rollouts, max_new_tokens {cfg.rollout.max_new_tokens}, "
+        f"T={cfg.rollout.temperature}, mini_batches {cfg.actor.mini_batches}, {a.steps} alternating steps after "
+        f"{a.warmup} warm-up, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'phase':14s} {'hf (s)':>10s} {'kv (s)':>10s} {'kv/hf':>7s}")
-    for k, label in (("generate", "generate"), ("forward", "old-forward"), ("update", "update"), ("store", "store"),
-                     ("total", "step")):
+    for k, label in (
+        ("generate", "generate"),
+        ("forward", "old-forward"),
+        ("update", "update"),
+        ("store", "store"),
+        ("total", "step"),
+    ):
         h, v = med("hf", k), med("kv", k)
         print(f"{label:14s} {h:10.4f} {v:10.4f} {v / h if h else float('nan'):7.2f}")
     for b, rs in rows.items():
@@ -119,9 +139,16 @@ def compare_caches(a) -> None:
     import engine.kv_engine as ke
     from engine.kv_engine import KVEngine
 
-    root = Path(__file__).resolve().parent.parent
-    cfg = load_config(root / "configs" / "demo.yaml", [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}",
-                                                      "rollout.max_new_tokens=48", "train.threads=2", *a.overrides])
+    cfg = load_config(
+        demo_config(),
+        [
+            f"train.prompts_per_step={a.prompts}",
+            f"rollout.n={a.n}",
+            "rollout.max_new_tokens=48",
+            "train.threads=2",
+            *a.overrides,
+        ],
+    )
     plain = ke._plain_attention
     times: dict[str, list[float]] = {"preallocated": [], "DynamicCache": []}
     with tempfile.TemporaryDirectory() as d:
@@ -129,7 +156,7 @@ def compare_caches(a) -> None:
         eng = KVEngine(tr.model, tr.tok)
         for i in range(1, a.warmup + a.steps + 1):
             prompts = [tr.train_prompts[j] for j in tr.prompt_indices(i, a.prompts)]
-            for name in (list(times) if i % 2 else list(times)[::-1]):
+            for name in list(times) if i % 2 else list(times)[::-1]:
                 ke._plain_attention = plain if name == "preallocated" else (lambda config: False)
                 t0 = time.perf_counter()
                 eng.generate(prompts, SamplingParams(n=a.n, temperature=1.0, max_new_tokens=48, seed=i))
@@ -137,8 +164,10 @@ def compare_caches(a) -> None:
                     times[name].append(time.perf_counter() - t0)
         ke._plain_attention = plain
         tr.store.release_writer(tr.run_id)
-    print(f"kv engine generate, {a.prompts} prompts x {a.n}, 48 new tokens, threads {torch.get_num_threads()}, "
-          f"median of {a.steps}")
+    print(
+        f"kv engine generate, {a.prompts} prompts x {a.n}, 48 new tokens, threads {torch.get_num_threads()}, "
+        f"median of {a.steps}"
+    )
     for name, v in times.items():
         print(f"{name:14s} {statistics.median(v):.4f} s")
 
@@ -159,8 +188,9 @@ def main() -> None:
     if a.backends:
         compare_backends(a)
         return
-    cfg = load_config(demo_config(),
-                      [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", *a.overrides])
+    cfg = load_config(
+        demo_config(), [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", *a.overrides]
+    )
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, Store(d), log=lambda s: None)
         bare, full = [], []
@@ -174,8 +204,10 @@ def main() -> None:
     def med(rows, k):
         return statistics.median(r.get(k, 0.0) for r in rows)
 
-    print(f"model {cfg.model.path}, {a.prompts} prompts x {a.n} rollouts, max_new_tokens {cfg.rollout.max_new_tokens}, "
-          f"{a.steps} alternating pairs after {a.warmup} warm-up, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {cfg.model.path}, {a.prompts} prompts x {a.n} rollouts, max_new_tokens {cfg.rollout.max_new_tokens}, "
+        f"{a.steps} alternating pairs after {a.warmup} warm-up, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'phase':12s} {'bare (s)':>10s} {'full (s)':>10s}")
     for k in ("generate", "score", "forward", "shaping", "update", "store", "rest"):
         b = med(bare, k) if k in ("generate", "rest") else None

@@ -30,7 +30,9 @@ def trl_steps(a, d) -> tuple[list[float], list[float]]:
     from engine.tasks import load_problems
 
     model, tok, _ = load_policy("builtin:tiny", device="cpu")
-    ds = Dataset.from_list([{"prompt": tok.bos_token + p.prompt, "answer": p.answer} for p in load_problems("builtin:arith", "train")])
+    ds = Dataset.from_list(
+        [{"prompt": tok.bos_token + p.prompt, "answer": p.answer} for p in load_problems("builtin:arith", "train")]
+    )
 
     def reward(completions, answer, **kw):
         return [float(is_correct(c, x)) for c, x in zip(completions, answer)]
@@ -48,13 +50,29 @@ def trl_steps(a, d) -> tuple[list[float], list[float]]:
             if logs and "completions/mean_length" in logs:
                 toks.append(float(logs["completions/mean_length"]) * a.prompts * a.n)
 
-    args = GRPOConfig(output_dir=str(Path(d) / "trl"), per_device_train_batch_size=a.prompts * a.n, num_generations=a.n,
-                      max_completion_length=48, max_steps=a.steps + a.warmup, use_cpu=True, report_to=[], logging_steps=1,
-                      learning_rate=1e-4, save_strategy="no", temperature=1.0, top_k=0, top_p=1.0, beta=0.0, seed=0,
-                      bf16=False, disable_tqdm=True)
-    GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                callbacks=[Clock()]).train()
-    return times[a.warmup:], toks[a.warmup:]
+    args = GRPOConfig(
+        output_dir=str(Path(d) / "trl"),
+        per_device_train_batch_size=a.prompts * a.n,
+        num_generations=a.n,
+        max_completion_length=48,
+        max_steps=a.steps + a.warmup,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        learning_rate=1e-4,
+        save_strategy="no",
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.0,
+        seed=0,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
+    ).train()
+    return times[a.warmup :], toks[a.warmup :]
 
 
 def our_steps(a, d) -> tuple[list[float], list[float]]:
@@ -63,8 +81,10 @@ def our_steps(a, d) -> tuple[list[float], list[float]]:
     from engine.store import Store
     from engine.trainer import Trainer
 
-    cfg = load_config(demo_config(),
-                      [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", f"train.threads={a.threads}"])
+    cfg = load_config(
+        demo_config(),
+        [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", f"train.threads={a.threads}"],
+    )
     tr = Trainer(cfg, Store(Path(d) / "ours"), log=lambda s: None)
     times, toks = [], []
     for s in range(1, a.steps + a.warmup + 1):
@@ -92,7 +112,9 @@ def main():
         t_our, k_our = our_steps(a, d)
     s_trl, s_our = statistics.median(t_trl), statistics.median(t_our)
     g_trl, g_our = sum(k_trl) / sum(t_trl), sum(k_our) / sum(t_our)
-    print(f"{a.prompts} prompts x {a.n} rollouts, max 48 new tokens, {a.threads} threads, {a.steps} steps after {a.warmup} warm-up")
+    print(
+        f"{a.prompts} prompts x {a.n} rollouts, max 48 new tokens, {a.threads} threads, {a.steps} steps after {a.warmup} warm-up"
+    )
     print(f"{'':26s} {'TRL GRPOTrainer':>16s} {'A3PO Lab (A3PO, all tokens stored)':>36s}")
     print(f"{'seconds per step (median)':26s} {s_trl:16.3f} {s_our:36.3f}")
     print(f"{'generated tokens / s':26s} {g_trl:16.0f} {g_our:36.0f}")

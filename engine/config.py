@@ -33,13 +33,13 @@ class ConfigError(ValueError):
 # columns (and run.json's last_step/total_steps in the runs table's int32); every bound below sits
 # far inside that, at what one run can sensibly do, so a typo such as train.steps=99999999999 is
 # refused before anything is written instead of poisoning the store.
-MAX_STEPS = 1_000_000           # train.steps and every "every N steps" key
-MAX_BATCH = 65_536              # prompts per step, mini-batches, responses per step
-MAX_GROUP = 1_024               # rollout.n
-MAX_TOKENS = 131_072            # response / prompt lengths, logit chunk
-MAX_K = 1_024                   # pass@k: n = max(k) samples for every test prompt
-MAX_PROMPTS = 10_000_000        # eval.n_prompts
-MAX_SEED = 2**31 - 1            # seeds: int32 like the app's seed field; numpy and torch accept it
+MAX_STEPS = 1_000_000  # train.steps and every "every N steps" key
+MAX_BATCH = 65_536  # prompts per step, mini-batches, responses per step
+MAX_GROUP = 1_024  # rollout.n
+MAX_TOKENS = 131_072  # response / prompt lengths, logit chunk
+MAX_K = 1_024  # pass@k: n = max(k) samples for every test prompt
+MAX_PROMPTS = 10_000_000  # eval.n_prompts
+MAX_SEED = 2**31 - 1  # seeds: int32 like the app's seed field; numpy and torch accept it
 MAX_TEMPERATURE = 100.0
 DEVICE_RE = r"^(auto|cpu|mps|cuda(:\d{1,3})?)$"
 FIX = "`a3po config` lists every key with its type and range"
@@ -53,141 +53,248 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
-    path: str = _f("builtin:tiny-countdown", "Policy: 'builtin:tiny-countdown' (the embedded Countdown-lite model, "
-                   "data/tiny-countdown), 'builtin:tiny' (the arith model, data/tiny-model), a local HF folder, "
-                   "or a Hugging Face model id (needs network or a local HF cache).")
-    dtype: str = _f("auto", "Parameter dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.",
-                    choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = _f("auto", "auto (cuda when available), cpu, cuda, cuda:N, mps.", pattern=DEVICE_RE,
-                     fix="use auto, cpu, cuda, cuda:N or mps")
+    path: str = _f(
+        "builtin:tiny-countdown",
+        "Policy: 'builtin:tiny-countdown' (the embedded Countdown-lite model, "
+        "data/tiny-countdown), 'builtin:tiny' (the arith model, data/tiny-model), a local HF folder, "
+        "or a Hugging Face model id (needs network or a local HF cache).",
+    )
+    dtype: str = _f(
+        "auto",
+        "Parameter dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    device: str = _f(
+        "auto",
+        "auto (cuda when available), cpu, cuda, cuda:N, mps.",
+        pattern=DEVICE_RE,
+        fix="use auto, cpu, cuda, cuda:N or mps",
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (large models on GPU).")
-    logit_chunk: int = _f(1024, "Rows per chunk for log-prob/entropy, bounds the float32 softmax to chunk x vocab.",
-                          min=1, max=MAX_TOKENS)
+    logit_chunk: int = _f(
+        1024, "Rows per chunk for log-prob/entropy, bounds the float32 softmax to chunk x vocab.", min=1, max=MAX_TOKENS
+    )
 
 
 @dataclass
 class DataConfig:
-    train: str = _f("builtin:countdown", "Training prompts: 'builtin:countdown', 'builtin:arith' or a local "
-                    ".jsonl/.parquet file.")
-    test: str = _f("builtin:countdown", "Held-out prompts for evaluation: 'builtin:countdown', 'builtin:arith' or a "
-                   "local file.")
-    verifier: str | None = _f(None, "Reward: 'math' (math-verify on the last \\boxed{}) or 'countdown' (the "
-                              "Countdown-lite step verifier). null = the built-in task's own, 'math' for files.",
-                              choices=[*VERIFIERS, None])
+    train: str = _f(
+        "builtin:countdown", "Training prompts: 'builtin:countdown', 'builtin:arith' or a local .jsonl/.parquet file."
+    )
+    test: str = _f(
+        "builtin:countdown", "Held-out prompts for evaluation: 'builtin:countdown', 'builtin:arith' or a local file."
+    )
+    verifier: str | None = _f(
+        None,
+        "Reward: 'math' (math-verify on the last \\boxed{}) or 'countdown' (the "
+        "Countdown-lite step verifier). null = the built-in task's own, 'math' for files.",
+        choices=[*VERIFIERS, None],
+    )
     prompt_key: str = _f("prompt", "Column holding the prompt text (GSM8K/MATH exports: 'question'/'problem').")
     answer_key: str = _f("answer", "Column holding the gold answer checked by the verifier.")
-    prompt_template: str = _f("{prompt}", "Python format string applied to each prompt, e.g. '{prompt}\\nAnswer in \\\\boxed{{}}.'")
+    prompt_template: str = _f(
+        "{prompt}", "Python format string applied to each prompt, e.g. '{prompt}\\nAnswer in \\\\boxed{{}}.'"
+    )
     chat_template: bool = _f(False, "Wrap prompts with the tokenizer's chat template (instruct models).")
     max_prompt_tokens: int = _f(256, "Prompts longer than this are left-truncated.", min=1, max=MAX_TOKENS)
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "Rollout backend: 'hf' (transformers generate with KV cache), 'kv' (our own KV-cache "
-                            "engine: rows retire at EOS, records the old-policy log-probs so the trainer can skip "
-                            "that forward) or 'vllm' (GPU, [gpu] extra).", choices=["hf", "kv", "vllm"])
-    n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1,
-                max=MAX_GROUP)
-    temperature: float = _f(1.0, "Sampling temperature for training rollouts. Log-probs, entropies, key tokens and "
-                                 "the PPO ratio are computed on logits / temperature, the distribution actually "
-                                 "sampled (as verl does).", min=0.0, max=MAX_TEMPERATURE)
+    backend: str = _f(
+        "hf",
+        "Rollout backend: 'hf' (transformers generate with KV cache), 'kv' (our own KV-cache "
+        "engine: rows retire at EOS, records the old-policy log-probs so the trainer can skip "
+        "that forward) or 'vllm' (GPU, [gpu] extra).",
+        choices=["hf", "kv", "vllm"],
+    )
+    n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1, max=MAX_GROUP)
+    temperature: float = _f(
+        1.0,
+        "Sampling temperature for training rollouts. Log-probs, entropies, key tokens and "
+        "the PPO ratio are computed on logits / temperature, the distribution actually "
+        "sampled (as verl does).",
+        min=0.0,
+        max=MAX_TEMPERATURE,
+    )
     top_p: float = _f(1.0, "Nucleus sampling; 1.0 disables it.", min=0.0, max=1.0)
-    top_k: int = _f(0, "Top-k sampling; 0 disables it (transformers defaults to 50 otherwise).", min=0,
-                 max=MAX_TOKENS)
+    top_k: int = _f(0, "Top-k sampling; 0 disables it (transformers defaults to 50 otherwise).", min=0, max=MAX_TOKENS)
     max_new_tokens: int = _f(64, "Maximum response length in tokens (DAPO's L_max).", min=1, max=MAX_TOKENS)
-    vllm_gpu_memory_utilization: float = _f(0.35, "backend=vllm: share of GPU memory the colocated engine may take "
-                                                  "(weights + KV cache); the policy and optimiser need the rest "
-                                                  "(TRL vllm_gpu_memory_utilization).", min=0.0, max=1.0, open_min=True)
-    vllm_sleep: bool = _f(False, "backend=vllm: release the engine's weights and KV cache while the policy trains "
-                                 "(vLLM sleep level 2) and wake it for each generation (TRL vllm_enable_sleep_mode).")
+    vllm_gpu_memory_utilization: float = _f(
+        0.35,
+        "backend=vllm: share of GPU memory the colocated engine may take "
+        "(weights + KV cache); the policy and optimiser need the rest "
+        "(TRL vllm_gpu_memory_utilization).",
+        min=0.0,
+        max=1.0,
+        open_min=True,
+    )
+    vllm_sleep: bool = _f(
+        False,
+        "backend=vllm: release the engine's weights and KV cache while the policy trains "
+        "(vLLM sleep level 2) and wake it for each generation (TRL vllm_enable_sleep_mode).",
+    )
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = _f("a3po", "Algorithm: grpo, dr_grpo, dapo, psr, nsr, w_reinforce, polarity_weighted, "
-                            "token_weighted, fork_tokens, a3po (see engine/algorithms.py).")
-    w_pos: float = _f(1.0, "Sample-level weight on positive (correct) responses. Tang et al. 2025: only the ratio "
-                           "w_pos/w_neg changes the update direction; P2N1 = (2, 1). Combines with every estimator.", min=0.0)
+    name: str = _f(
+        "a3po",
+        "Algorithm: grpo, dr_grpo, dapo, psr, nsr, w_reinforce, polarity_weighted, "
+        "token_weighted, fork_tokens, a3po (see engine/algorithms.py).",
+    )
+    w_pos: float = _f(
+        1.0,
+        "Sample-level weight on positive (correct) responses. Tang et al. 2025: only the ratio "
+        "w_pos/w_neg changes the update direction; P2N1 = (2, 1). Combines with every estimator.",
+        min=0.0,
+    )
     w_neg: float = _f(1.0, "Sample-level weight on negative (incorrect) responses (see w_pos).", min=0.0)
     lam: float = _f(0.1, "W-REINFORCE reward for correct responses (Zhu et al. 2025; recommended 0.1).", min=0.0)
-    std_normalize: bool | None = _f(None, "Divide group advantages by the group std (GRPO). null = the algorithm's "
-                                          "default (false for dr_grpo).")
-    ratio: float = _f(0.2, "A3PO: share of each response's tokens that are key tokens (paper: 0.2).", min=0.0, max=1.0, open_min=True)
-    alpha_pos: float = _f(2.0, "A3PO: initial scale alpha+_0 on the lowest-probability tokens of correct responses. "
-                               "Chosen by the polarity study on the embedded task (README); the authors' code uses 0.5-5.", min=0.0)
-    alpha_neg: float = _f(2.0, "A3PO: initial scale alpha-_0 on the highest-probability tokens of incorrect responses.", min=0.0)
-    decay: str = _f("linear", "A3PO schedule d(s/S) in alpha(s) = 1 + (alpha0 - 1) d(s/S): constant, linear, cosine, exponential.",
-                    choices=sorted(DECAYS))
+    std_normalize: bool | None = _f(
+        None, "Divide group advantages by the group std (GRPO). null = the algorithm's default (false for dr_grpo)."
+    )
+    ratio: float = _f(
+        0.2, "A3PO: share of each response's tokens that are key tokens (paper: 0.2).", min=0.0, max=1.0, open_min=True
+    )
+    alpha_pos: float = _f(
+        2.0,
+        "A3PO: initial scale alpha+_0 on the lowest-probability tokens of correct responses. "
+        "Chosen by the polarity study on the embedded task (README); the authors' code uses 0.5-5.",
+        min=0.0,
+    )
+    alpha_neg: float = _f(
+        2.0, "A3PO: initial scale alpha-_0 on the highest-probability tokens of incorrect responses.", min=0.0
+    )
+    decay: str = _f(
+        "linear",
+        "A3PO schedule d(s/S) in alpha(s) = 1 + (alpha0 - 1) d(s/S): constant, linear, cosine, exponential.",
+        choices=sorted(DECAYS),
+    )
     decay_rate: float = _f(5.0, "Rate of the exponential decay exp(-rate * s/S).", min=0.0)
-    decay_steps: int | None = _f(None, "Horizon S of the decay; null = the run's train.steps.", min=1,
-                                  max=MAX_STEPS)
-    token_rules: list = _f([], "token_weighted: list of rules {polarity, metric, end, ratio, scale}; also added on top "
-                               "of any other algorithm. Example: [{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}].")
-    fork_quantile: float = _f(0.2, "fork_tokens: train only on this top share of batch entropy (Wang et al. 2025; TRL "
-                                   "top_entropy_quantile).", min=0.0, max=1.0, open_min=True)
-    dynamic_sampling: bool | None = _f(None, "DAPO: drop groups whose rewards are all equal and sample more prompts to refill. "
-                                            "null = the algorithm's default (on for dapo, fork_tokens).")
+    decay_steps: int | None = _f(None, "Horizon S of the decay; null = the run's train.steps.", min=1, max=MAX_STEPS)
+    token_rules: list = _f(
+        [],
+        "token_weighted: list of rules {polarity, metric, end, ratio, scale}; also added on top "
+        "of any other algorithm. Example: [{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}].",
+    )
+    fork_quantile: float = _f(
+        0.2,
+        "fork_tokens: train only on this top share of batch entropy (Wang et al. 2025; TRL top_entropy_quantile).",
+        min=0.0,
+        max=1.0,
+        open_min=True,
+    )
+    dynamic_sampling: bool | None = _f(
+        None,
+        "DAPO: drop groups whose rewards are all equal and sample more prompts to refill. "
+        "null = the algorithm's default (on for dapo, fork_tokens).",
+    )
     max_gen_batches: int = _f(4, "Dynamic sampling: at most this many generation rounds per step.", min=1, max=1000)
-    overlong_buffer: int | None = _f(None, "DAPO soft overlong penalty length L_cache (0 disables); null = algorithm default "
-                                          "(dapo: max_new_tokens // 4).", min=0, max=MAX_TOKENS)
+    overlong_buffer: int | None = _f(
+        None,
+        "DAPO soft overlong penalty length L_cache (0 disables); null = algorithm default (dapo: max_new_tokens // 4).",
+        min=0,
+        max=MAX_TOKENS,
+    )
 
 
 @dataclass
 class ActorConfig:
-    lr: float = _f(1e-4, "AdamW learning rate. On the tiny model 3e-5..1e-4 learns; 3e-4 degrades; 1e-3 collapses.", min=0.0, open_min=True)
+    lr: float = _f(
+        1e-4,
+        "AdamW learning rate. On the tiny model 3e-5..1e-4 learns; 3e-4 degrades; 1e-3 collapses.",
+        min=0.0,
+        open_min=True,
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
     betas: list = _f([0.9, 0.999], "AdamW betas.")
     grad_clip: float = _f(1.0, "Max global grad norm (verl actor.grad_clip).", min=0.0)
     ppo_epochs: int = _f(1, "Passes over each batch (verl ppo_epochs, TRL num_iterations).", min=1, max=100)
-    mini_batches: int = _f(1, "Optimizer steps per epoch: the batch is split into this many mini-batches.", min=1,
-                           max=MAX_BATCH)
+    mini_batches: int = _f(
+        1, "Optimizer steps per epoch: the batch is split into this many mini-batches.", min=1, max=MAX_BATCH
+    )
     clip_ratio_low: float | None = _f(None, "PPO epsilon_low (TRL epsilon). null = algorithm default (0.2).", min=0.0)
-    clip_ratio_high: float | None = _f(None, "PPO epsilon_high, DAPO clip-higher (TRL epsilon_high). null = algorithm "
-                                             "default (0.28 for dapo/a3po, 0.2 for grpo).", min=0.0)
-    clip_ratio_c: float | None = _f(3.0, "Dual-clip bound for negative advantages (Ye et al. 2020; verl clip_ratio_c); null disables.", min=1.0)
-    loss_agg_mode: str | None = _f(None, "token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm. "
-                                         "null = algorithm default (dr_grpo: seq-mean-token-sum-norm, else token-mean).",
-                                   choices=list(AGG_MODES) + [None])
-    kl_coef: float = _f(0.0, "KL-to-reference penalty coefficient (verl kl_loss_coef); 0 skips the reference model.", min=0.0)
+    clip_ratio_high: float | None = _f(
+        None,
+        "PPO epsilon_high, DAPO clip-higher (TRL epsilon_high). null = algorithm "
+        "default (0.28 for dapo/a3po, 0.2 for grpo).",
+        min=0.0,
+    )
+    clip_ratio_c: float | None = _f(
+        3.0, "Dual-clip bound for negative advantages (Ye et al. 2020; verl clip_ratio_c); null disables.", min=1.0
+    )
+    loss_agg_mode: str | None = _f(
+        None,
+        "token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm. "
+        "null = algorithm default (dr_grpo: seq-mean-token-sum-norm, else token-mean).",
+        choices=list(AGG_MODES) + [None],
+    )
+    kl_coef: float = _f(
+        0.0, "KL-to-reference penalty coefficient (verl kl_loss_coef); 0 skips the reference model.", min=0.0
+    )
     kl_type: str = _f("low_var_kl", "KL estimator: k1, k2, low_var_kl (k3).", choices=["k1", "k2", "low_var_kl"])
-    recompute_old_logprobs: bool = _f(False, "Recompute the old-policy log-probs with a forward pass even when the "
-                                             "rollout backend recorded them (rollout.backend=kv); verl always recomputes.")
+    recompute_old_logprobs: bool = _f(
+        False,
+        "Recompute the old-policy log-probs with a forward pass even when the "
+        "rollout backend recorded them (rollout.backend=kv); verl always recomputes.",
+    )
 
 
 @dataclass
 class TrainConfig:
     steps: int = _f(200, "Training steps (one batch of prompts each).", min=1, max=MAX_STEPS)
-    prompts_per_step: int = _f(16, "Prompts per step; the batch has prompts_per_step x rollout.n responses.", min=1,
-                              max=MAX_BATCH)
-    eval_every: int = _f(25, "Evaluate on the test split every N steps (0 = only at start and end).", min=0,
-                         max=MAX_STEPS)
-    checkpoint_every: int = _f(25, "Save a resumable checkpoint every N steps (0 = only at the end).", min=0,
-                              max=MAX_STEPS)
-    compact_every: int = _f(100, "Merge per-step store files every N steps (at the next checkpoint).", min=1,
-                           max=MAX_STEPS)
+    prompts_per_step: int = _f(
+        16, "Prompts per step; the batch has prompts_per_step x rollout.n responses.", min=1, max=MAX_BATCH
+    )
+    eval_every: int = _f(
+        25, "Evaluate on the test split every N steps (0 = only at start and end).", min=0, max=MAX_STEPS
+    )
+    checkpoint_every: int = _f(
+        25, "Save a resumable checkpoint every N steps (0 = only at the end).", min=0, max=MAX_STEPS
+    )
+    compact_every: int = _f(
+        100, "Merge per-step store files every N steps (at the next checkpoint).", min=1, max=MAX_STEPS
+    )
     threads: int = _f(2, "torch CPU threads (fixed so a seed reproduces the same run).", min=1, max=1024)
-    store_tokens: bool = _f(True, "Store every token row (id, text, log-prob, entropy, raw/shaped advantage, key flag).")
+    store_tokens: bool = _f(
+        True, "Store every token row (id, text, log-prob, entropy, raw/shaped advantage, key flag)."
+    )
     save_final_model: bool = _f(True, "Save the final policy in HF format under the run folder.")
 
 
 @dataclass
 class EvalConfig:
     n_prompts: int = _f(200, "Test prompts used per evaluation (0 = all).", min=0, max=MAX_PROMPTS)
-    k: list = _f([1, 4, 8], "pass@k values (unbiased estimator, Chen et al. 2021); n = max(k) samples per prompt.",
-                 item_min=1, item_max=MAX_K)
-    final_k: list = _f([], "pass@k values for the final evaluation only (e.g. [1, 2, 4, ..., 64] for the reasoning-"
-                           "boundary curve); empty = eval.k.", item_min=1, item_max=MAX_K)
-    temperature: float = _f(1.0, "Temperature of the pass@k samples (greedy accuracy is also reported).", min=0.0,
-                              max=MAX_TEMPERATURE)
+    k: list = _f(
+        [1, 4, 8],
+        "pass@k values (unbiased estimator, Chen et al. 2021); n = max(k) samples per prompt.",
+        item_min=1,
+        item_max=MAX_K,
+    )
+    final_k: list = _f(
+        [],
+        "pass@k values for the final evaluation only (e.g. [1, 2, 4, ..., 64] for the reasoning-"
+        "boundary curve); empty = eval.k.",
+        item_min=1,
+        item_max=MAX_K,
+    )
+    temperature: float = _f(
+        1.0, "Temperature of the pass@k samples (greedy accuracy is also reported).", min=0.0, max=MAX_TEMPERATURE
+    )
     max_new_tokens: int | None = _f(None, "null = rollout.max_new_tokens.", min=1, max=MAX_TOKENS)
-    at_start: bool = _f(True, "Also evaluate the initial policy (step 0). A study whose claims compare final "
-                              "accuracies turns it off: the start is the same model in every run.")
+    at_start: bool = _f(
+        True,
+        "Also evaluate the initial policy (step 0). A study whose claims compare final "
+        "accuracies turns it off: the start is the same model in every run.",
+    )
 
 
 @dataclass
 class Config:
-    seed: int = _f(0, "Seed for prompt order, sampling and init; the same seed gives the same run on CPU.",
-                   min=0, max=MAX_SEED)
+    seed: int = _f(
+        0, "Seed for prompt order, sampling and init; the same seed gives the same run on CPU.", min=0, max=MAX_SEED
+    )
     name: str | None = _f(None, "Run id in the store (letters, digits, . _ -); null = timestamp-algorithm.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,7 +319,11 @@ def _coerce(value: Any, typ, key: str):
 
     args = typing.get_args(typ)
     optional = type(None) in args
-    base = [a for a in args if a is not type(None)][0] if args and (typing.get_origin(typ) in (typing.Union, types.UnionType)) else typ
+    base = (
+        [a for a in args if a is not type(None)][0]
+        if args and (typing.get_origin(typ) in (typing.Union, types.UnionType))
+        else typ
+    )
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and optional):
         if optional:
             return None
@@ -243,15 +354,19 @@ def _coerce(value: Any, typ, key: str):
                 try:
                     value = yaml.safe_load(value)
                 except yaml.YAMLError as e:
-                    raise ConfigError(f"config key {key!r}: {value!r} is not a YAML list ({_yaml_problem(e)}) — "
-                                      "write it like [1, 4, 8]") from None
+                    raise ConfigError(
+                        f"config key {key!r}: {value!r} is not a YAML list ({_yaml_problem(e)}) — "
+                        "write it like [1, 4, 8]"
+                    ) from None
             if not isinstance(value, list):
                 raise ValueError
             return value
     except ConfigError:
         raise
     except (ValueError, TypeError, OverflowError):
-        raise ConfigError(f"config key {key!r}: expected {getattr(base, '__name__', base)}, got {_short(value)} — {FIX}") from None
+        raise ConfigError(
+            f"config key {key!r}: expected {getattr(base, '__name__', base)}, got {_short(value)} — {FIX}"
+        ) from None
     return value
 
 
@@ -269,7 +384,10 @@ def _range(md: dict) -> str:
     lo, hi = md.get("min"), md.get("max")
     if lo is not None and hi is not None and not md.get("open_min"):
         return f"between {lo} and {hi}"
-    parts = [f"{'>' if md.get('open_min') else '>='} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
+    parts = [
+        f"{'>' if md.get('open_min') else '>='} {lo}" if lo is not None else "",
+        f"<= {hi}" if hi is not None else "",
+    ]
     return " and ".join(p for p in parts if p)
 
 
@@ -281,8 +399,10 @@ def _check(f: dataclasses.Field, value, key: str):
     if value is None:
         return
     if "choices" in md and value not in md["choices"]:
-        raise ConfigError(f"config key {key!r}: {_short(value)} is not one of {[c for c in md['choices'] if c is not None]} "
-                          f"— pick one of those")
+        raise ConfigError(
+            f"config key {key!r}: {_short(value)} is not one of {[c for c in md['choices'] if c is not None]} "
+            f"— pick one of those"
+        )
     if isinstance(value, str) and "pattern" in md and not re.match(md["pattern"], value):
         raise ConfigError(f"config key {key!r}: {_short(value)} is not valid — {md.get('fix', md['help'])}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -294,17 +414,25 @@ def _check(f: dataclasses.Field, value, key: str):
     if isinstance(value, list) and ("item_min" in md or "item_max" in md):
         lo, hi = md.get("item_min"), md.get("item_max")
         for v in value:
-            if (not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo)
-                    or (hi is not None and v > hi)):
-                raise ConfigError(f"config key {key!r} must list integers between {lo} and {hi}, got {_short(value)} — {FIX}")
+            if (
+                not isinstance(v, int)
+                or isinstance(v, bool)
+                or (lo is not None and v < lo)
+                or (hi is not None and v > hi)
+            ):
+                raise ConfigError(
+                    f"config key {key!r} must list integers between {lo} and {hi}, got {_short(value)} — {FIX}"
+                )
 
 
 def _apply(obj, data: dict, prefix: str = ""):
     hints = get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping of keys, got {_short(data)} "
-                          f"— write it as 'key: value' lines ({FIX})")
+        raise ConfigError(
+            f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping of keys, got {_short(data)} "
+            f"— write it as 'key: value' lines ({FIX})"
+        )
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in fields:
@@ -350,7 +478,9 @@ def read_config_file(p: Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p} is not valid YAML{where}: {_yaml_problem(e)} — fix the YAML syntax") from None
+        raise ConfigError(
+            f"config file {p} is not valid YAML{where}: {_yaml_problem(e)} — fix the YAML syntax"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -385,29 +515,38 @@ def validate(cfg: Config) -> None:
     from engine.algorithms import ALGORITHMS
 
     if cfg.algorithm.name not in ALGORITHMS:
-        raise ConfigError(f"config key 'algorithm.name': unknown algorithm {_short(cfg.algorithm.name)} — "
-                          f"choose one of {', '.join(sorted(ALGORITHMS))}")
+        raise ConfigError(
+            f"config key 'algorithm.name': unknown algorithm {_short(cfg.algorithm.name)} — "
+            f"choose one of {', '.join(sorted(ALGORITHMS))}"
+        )
     for i, r in enumerate(cfg.algorithm.token_rules):
         if not isinstance(r, dict):
-            raise ConfigError(f"config key 'algorithm.token_rules[{i}]' must be a mapping — write it as "
-                              "{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}")
+            raise ConfigError(
+                f"config key 'algorithm.token_rules[{i}]' must be a mapping — write it as "
+                "{polarity: positive, metric: prob, end: low, ratio: 0.2, scale: 2}"
+            )
         try:
             TokenRule(**r)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config key 'algorithm.token_rules[{i}]': {str(e).splitlines()[0]} — {FIX}") from None
-    if len(cfg.actor.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                            for b in cfg.actor.betas):
-        raise ConfigError(f"config key 'actor.betas' must be two numbers in [0, 1), got {_short(cfg.actor.betas)} — "
-                          "e.g. [0.9, 0.999]")
+    if len(cfg.actor.betas) != 2 or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in cfg.actor.betas
+    ):
+        raise ConfigError(
+            f"config key 'actor.betas' must be two numbers in [0, 1), got {_short(cfg.actor.betas)} — e.g. [0.9, 0.999]"
+        )
     if not cfg.eval.k:
         raise ConfigError("config key 'eval.k' is empty — give at least one k, e.g. [1, 4, 8]")
     batch = cfg.train.prompts_per_step * cfg.rollout.n
     if batch > MAX_BATCH:
-        raise ConfigError(f"train.prompts_per_step x rollout.n = {batch} responses per step exceeds {MAX_BATCH} — "
-                          "lower one of them")
+        raise ConfigError(
+            f"train.prompts_per_step x rollout.n = {batch} responses per step exceeds {MAX_BATCH} — lower one of them"
+        )
     if cfg.actor.mini_batches > batch:
-        raise ConfigError(f"config key 'actor.mini_batches' ({cfg.actor.mini_batches}) exceeds the batch size ({batch}) "
-                          "— use at most train.prompts_per_step x rollout.n")
+        raise ConfigError(
+            f"config key 'actor.mini_batches' ({cfg.actor.mini_batches}) exceeds the batch size ({batch}) "
+            "— use at most train.prompts_per_step x rollout.n"
+        )
     if cfg.name is not None:
         from engine.store import StoreError, check_name
 
@@ -437,7 +576,9 @@ def check_value(key: str, value, flag: str | None = None):
     except ConfigError as e:
         if flag is None:
             raise
-        raise ConfigError(str(e).replace(f"config key {key!r}", flag, 1).replace(FIX, "pick a value in that range")) from None
+        raise ConfigError(
+            str(e).replace(f"config key {key!r}", flag, 1).replace(FIX, "pick a value in that range")
+        ) from None
     return value
 
 
@@ -448,14 +589,18 @@ def check_template(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise ConfigError(f"config key 'data.prompt_template' is not a valid format string ({e}) — "
-                          "double literal braces: '{{' and '}}'") from None
+        raise ConfigError(
+            f"config key 'data.prompt_template' is not a valid format string ({e}) — "
+            "double literal braces: '{{' and '}}'"
+        ) from None
     if "prompt" not in fields:
         raise ConfigError("config key 'data.prompt_template' must contain '{prompt}' — e.g. '{prompt}\\nAnswer:'")
     bad = sorted({f for f in fields if f != "prompt"})
     if bad:
-        raise ConfigError(f"config key 'data.prompt_template' has unknown field(s) {', '.join('{' + b + '}' for b in bad)} "
-                          "— only {prompt} is filled in; write literal braces as '{{' and '}}'")
+        raise ConfigError(
+            f"config key 'data.prompt_template' has unknown field(s) {', '.join('{' + b + '}' for b in bad)} "
+            "— only {prompt} is filled in; write literal braces as '{{' and '}}'"
+        )
 
 
 def describe() -> str:

@@ -108,10 +108,10 @@ def _slot_layer_class():
             k, n, s = self.active, self.length, key_states.shape[-2]
             if n + s > self.capacity:
                 raise RuntimeError(f"KV cache overflow: {n + s} > {self.capacity} positions")
-            self.kbuf[:k, :, n:n + s] = key_states
-            self.vbuf[:k, :, n:n + s] = value_states
+            self.kbuf[:k, :, n : n + s] = key_states
+            self.vbuf[:k, :, n : n + s] = value_states
             self.length = n + s
-            self.keys, self.values = self.kbuf[:k, :, :n + s], self.vbuf[:k, :, :n + s]
+            self.keys, self.values = self.kbuf[:k, :, : n + s], self.vbuf[:k, :, : n + s]
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -267,7 +267,9 @@ class KVEngine:
             if t == T - 1:
                 break
             att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
-            logits = self.model(input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw).logits[:, -1]
+            logits = self.model(
+                input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw
+            ).logits[:, -1]
             pos = pos + 1
         return gen, lp, ent
 
@@ -276,6 +278,12 @@ class KVEngine:
         resp, rmask, trunc = cut_at_eos(gen, self.tok.eos_token_id, self.tok.pad_token_id)
         keep = resp.shape[1]
         valid = rmask.bool()
-        return Rollouts(ids, mask, resp, rmask, trunc,
-                        logprobs=torch.where(valid, lp[:, :keep], torch.zeros_like(lp[:, :keep])),
-                        entropy=torch.where(valid, ent[:, :keep], torch.zeros_like(ent[:, :keep])))
+        return Rollouts(
+            ids,
+            mask,
+            resp,
+            rmask,
+            trunc,
+            logprobs=torch.where(valid, lp[:, :keep], torch.zeros_like(lp[:, :keep])),
+            entropy=torch.where(valid, ent[:, :keep], torch.zeros_like(ent[:, :keep])),
+        )

@@ -64,8 +64,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, L - len(s):] = 1
+            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -108,8 +108,12 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         torch.manual_seed(params.seed)
-        kw = dict(do_sample=params.temperature > 0, max_new_tokens=params.max_new_tokens,
-                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        kw = dict(
+            do_sample=params.temperature > 0,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+        )
         if params.temperature > 0:
             kw.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
         else:
@@ -117,7 +121,7 @@ class HFBackend:
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
         if was_training:
             self.model.train()
-        resp, rmask, trunc = cut_at_eos(out[:, ids.shape[1]:], self.tok.eos_token_id, self.tok.pad_token_id)
+        resp, rmask, trunc = cut_at_eos(out[:, ids.shape[1] :], self.tok.eos_token_id, self.tok.pad_token_id)
         return Rollouts(ids, mask, resp, rmask, trunc)
 
 
@@ -132,13 +136,21 @@ def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise RuntimeError("rollout.backend=vllm needs vLLM (pip install 'a3po-lab[gpu]' on a CUDA machine)") from None
+            raise RuntimeError(
+                "rollout.backend=vllm needs vLLM (pip install 'a3po-lab[gpu]' on a CUDA machine)"
+            ) from None
         from engine.policy import resolve_model_path
         from engine.rollout_vllm import VLLMBackend, engine_max_len
 
         new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
-        return VLLMBackend(model, tokenizer, model_path=resolve_model_path(cfg.model.path), seed=cfg.seed,
-                           dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
-                           gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, sleep=cfg.rollout.vllm_sleep,
-                           max_model_len=engine_max_len(model.config, cfg.data.max_prompt_tokens, new_tokens))
+        return VLLMBackend(
+            model,
+            tokenizer,
+            model_path=resolve_model_path(cfg.model.path),
+            seed=cfg.seed,
+            dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            sleep=cfg.rollout.vllm_sleep,
+            max_model_len=engine_max_len(model.config, cfg.data.max_prompt_tokens, new_tokens),
+        )
     raise ValueError(f"unknown rollout backend {name!r}")

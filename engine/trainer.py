@@ -69,7 +69,9 @@ def response_logits(model, ro: Rollouts, temperature: float = 1.0):
     long prompts cost no vocabulary-sized activations."""
     ids, att = ro.input_ids, ro.attention_mask
     T = ro.response_ids.shape[1]
-    out = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False)
+    out = model(
+        input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False
+    )
     logits = out.logits[:, :-1, :]  # position t predicts token t+1: keep the T predictions of response tokens
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
@@ -91,23 +93,33 @@ class Trainer:
         self.resolved = r = resolve(cfg)  # every "null = algorithm default" filled in once; stored in run.json
         self.clip_low, self.clip_high, self.agg = r.clip_ratio_low, r.clip_ratio_high, r.loss_agg_mode
         self.dynamic, self.overlong_buffer = r.dynamic_sampling, r.overlong_buffer
-        self.train_set = load_problems(cfg.data.train, "train", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
-        self.test_set = load_problems(cfg.data.test, "test", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+        self.train_set = load_problems(
+            cfg.data.train, "train", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key
+        )
+        self.test_set = load_problems(
+            cfg.data.test, "test", prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key
+        )
         self.verify = resolve_verifier(cfg.data.train, cfg.data.verifier)
         self.verify_test = resolve_verifier(cfg.data.test, cfg.data.verifier)
         if cfg.eval.n_prompts:
             self.test_set = self.test_set[: cfg.eval.n_prompts]
-        self.model, self.tok, self.device = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
-                                                        gradient_checkpointing=cfg.model.gradient_checkpointing)
+        self.model, self.tok, self.device = load_policy(
+            cfg.model.path,
+            device=cfg.model.device,
+            dtype=cfg.model.dtype,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+        )
         self.ref = None
         if cfg.actor.kl_coef > 0:
             self.ref, _, _ = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
             self.ref.eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.actor.lr, betas=tuple(cfg.actor.betas),
-                                     weight_decay=cfg.actor.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.actor.lr, betas=tuple(cfg.actor.betas), weight_decay=cfg.actor.weight_decay
+        )
         self.backend = make_backend(cfg.rollout.backend, self.model, self.tok, cfg)
-        self.train_prompts = encode_prompts(self.tok, self.train_set, cfg.data.prompt_template, cfg.data.chat_template,
-                                            cfg.data.max_prompt_tokens)
+        self.train_prompts = encode_prompts(
+            self.tok, self.train_set, cfg.data.prompt_template, cfg.data.chat_template, cfg.data.max_prompt_tokens
+        )
         self.vocab_text = self._vocab_text()
         self.start_step = 0
         if run_id is None:
@@ -143,7 +155,11 @@ class Trainer:
         """Deterministic prompt order: epoch-wise permutations seeded by (seed, epoch)."""
         N = len(self.train_set)
         per_step = self.cfg.train.prompts_per_step
-        start = ((step - 1) * per_step * self.cfg.algorithm.max_gen_batches + round_ * per_step) if self.dynamic else (step - 1) * per_step
+        start = (
+            ((step - 1) * per_step * self.cfg.algorithm.max_gen_batches + round_ * per_step)
+            if self.dynamic
+            else (step - 1) * per_step
+        )
         out = []
         for j in range(start, start + count):
             epoch, pos = divmod(j, N)
@@ -196,13 +212,17 @@ class Trainer:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             bad = [k for k in missing if "lm_head" not in k]
             if bad or unexpected:
-                raise RuntimeError(f"checkpoint {d} does not match the model ({len(bad)} missing, {len(unexpected)} unexpected keys)")
+                raise RuntimeError(
+                    f"checkpoint {d} does not match the model ({len(bad)} missing, {len(unexpected)} unexpected keys)"
+                )
             self.model.tie_weights()
             ts = torch.load(d / "trainer_state.pt", map_location=self.device, weights_only=False)
             self.opt.load_state_dict(ts["optimizer"])
             step = int(ts["step"])
         removed = self.store.truncate_after(self.run_id, step)
-        self.log(f"resuming {self.run_id} from step {step} (dropped {removed} uncheckpointed steps; they are recomputed)")
+        self.log(
+            f"resuming {self.run_id} from step {step} (dropped {removed} uncheckpointed steps; they are recomputed)"
+        )
         return step
 
     # ------------------------------------------------------------------ one step
@@ -214,19 +234,36 @@ class Trainer:
         rounds = 0
         while True:
             idx = self.prompt_indices(step, P, rounds)
-            params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                                    max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed * 1_000_003 + step * 101 + rounds)
+            params = SamplingParams(
+                n=n,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=cfg.seed * 1_000_003 + step * 101 + rounds,
+            )
             with timer("generate"):
                 ro = self.backend.generate([self.train_prompts[i] for i in idx], params)
             with timer("score"):
                 texts = decode_responses(self.tok, ro.response_ids, ro.response_mask)
                 correct = [self.verify(t, self.train_set[idx[b // n]]) for b, t in enumerate(texts)]
                 lengths = ro.response_mask.sum(1).tolist()
-                rewards = [float(c) + overlong_penalty(int(L), cfg.rollout.max_new_tokens, self.overlong_buffer)
-                           for c, L in zip(correct, lengths)]
+                rewards = [
+                    float(c) + overlong_penalty(int(L), cfg.rollout.max_new_tokens, self.overlong_buffer)
+                    for c, L in zip(correct, lengths)
+                ]
             rounds += 1
-            groups = [{"prompt_idx": pi, "ro": ro, "rows": list(range(g * n, (g + 1) * n)), "texts": texts[g * n:(g + 1) * n],
-                       "correct": correct[g * n:(g + 1) * n], "rewards": rewards[g * n:(g + 1) * n]} for g, pi in enumerate(idx)]
+            groups = [
+                {
+                    "prompt_idx": pi,
+                    "ro": ro,
+                    "rows": list(range(g * n, (g + 1) * n)),
+                    "texts": texts[g * n : (g + 1) * n],
+                    "correct": correct[g * n : (g + 1) * n],
+                    "rewards": rewards[g * n : (g + 1) * n],
+                }
+                for g, pi in enumerate(idx)
+            ]
             kept += [grp for grp in groups if not (self.dynamic and len(set(grp["rewards"])) == 1)]
             if not self.dynamic or len(kept) >= P or rounds >= cfg.algorithm.max_gen_batches:
                 break
@@ -242,8 +279,11 @@ class Trainer:
         for g in groups:
             ro: Rollouts = g["ro"]
             r = torch.tensor(g["rows"], device=ro.prompt_ids.device)
-            parts_p.append(ro.prompt_ids[r]); parts_pm.append(ro.prompt_mask[r])
-            parts_r.append(ro.response_ids[r]); parts_rm.append(ro.response_mask[r]); trunc.append(ro.truncated[r])
+            parts_p.append(ro.prompt_ids[r])
+            parts_pm.append(ro.prompt_mask[r])
+            parts_r.append(ro.response_ids[r])
+            parts_rm.append(ro.response_mask[r])
+            trunc.append(ro.truncated[r])
         Lp = max(p.shape[1] for p in parts_p)
         T = max(p.shape[1] for p in parts_r)
 
@@ -253,10 +293,16 @@ class Trainer:
         def padr(x, L, v):
             return torch.nn.functional.pad(x, (0, L - x.shape[1]), value=v)
 
-        ro = Rollouts(torch.cat([padl(p, Lp, pad) for p in parts_p]), torch.cat([padl(p, Lp, 0) for p in parts_pm]),
-                      torch.cat([padr(p, T, pad) for p in parts_r]), torch.cat([padr(p, T, 0) for p in parts_rm]),
-                      torch.cat(trunc))
-        if all(g["ro"].logprobs is not None and g["ro"].entropy is not None for g in groups):  # recorded by the kv engine
+        ro = Rollouts(
+            torch.cat([padl(p, Lp, pad) for p in parts_p]),
+            torch.cat([padl(p, Lp, 0) for p in parts_pm]),
+            torch.cat([padr(p, T, pad) for p in parts_r]),
+            torch.cat([padr(p, T, 0) for p in parts_rm]),
+            torch.cat(trunc),
+        )
+        if all(
+            g["ro"].logprobs is not None and g["ro"].entropy is not None for g in groups
+        ):  # recorded by the kv engine
             ro.logprobs = torch.cat([padr(g["ro"].logprobs[torch.tensor(g["rows"])], T, 0.0) for g in groups])
             ro.entropy = torch.cat([padr(g["ro"].entropy[torch.tensor(g["rows"])], T, 0.0) for g in groups])
         n = self.cfg.rollout.n
@@ -275,8 +321,20 @@ class Trainer:
         batch, rounds = self.sample(step, timer)
         ro: Rollouts = batch["ro"]
         dev = self.device
-        ro = Rollouts(*(x.to(dev) if x is not None else None for x in
-                        (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, ro.truncated, ro.logprobs, ro.entropy)))
+        ro = Rollouts(
+            *(
+                x.to(dev) if x is not None else None
+                for x in (
+                    ro.prompt_ids,
+                    ro.prompt_mask,
+                    ro.response_ids,
+                    ro.response_mask,
+                    ro.truncated,
+                    ro.logprobs,
+                    ro.entropy,
+                )
+            )
+        )
         scores = torch.tensor(batch["rewards"], dtype=torch.float32, device=dev)
         correct = torch.tensor(batch["correct"], dtype=torch.bool, device=dev)
         polarity = torch.where(correct, 1, -1).to(torch.int8)
@@ -312,9 +370,18 @@ class Trainer:
                 del logits, lp
         # --- advantages
         with timer("shaping"):
-            shaped = shape_advantages(self.algo, cfg.algorithm, scores=scores, group_ids=batch["group"], polarity=polarity,
-                                      response_mask=ro.response_mask, logprobs=old_lp, entropy=ent,
-                                      step=step - 1, total_steps=cfg.train.steps)
+            shaped = shape_advantages(
+                self.algo,
+                cfg.algorithm,
+                scores=scores,
+                group_ids=batch["group"],
+                polarity=polarity,
+                response_mask=ro.response_mask,
+                logprobs=old_lp,
+                entropy=ent,
+                step=step - 1,
+                total_steps=cfg.train.steps,
+            )
         # --- update
         with timer("update"):
             upd = self._update(ro, old_lp, shaped.adv, ref_lp, lp if single_pass else None)
@@ -333,29 +400,50 @@ class Trainer:
         mask = ro.response_mask
         stats = {"clipfrac": [], "clipfrac_lower": [], "approx_kl": [], "kl_ref": [], "loss": [], "grad_norm": []}
         mbs = torch.arange(B).chunk(cfg.actor.mini_batches)
-        for epoch in range(cfg.actor.ppo_epochs):
+        for _epoch in range(cfg.actor.ppo_epochs):
             for mb in mbs:
                 if lp_live is not None:
                     lp = lp_live
                 else:
-                    sub = Rollouts(ro.prompt_ids[mb], ro.prompt_mask[mb], ro.response_ids[mb], ro.response_mask[mb], ro.truncated[mb])
-                    lp = token_logprobs(response_logits(self.model, sub, cfg.rollout.temperature), sub.response_ids,
-                                        chunk_size=cfg.model.logit_chunk)
+                    sub = Rollouts(
+                        ro.prompt_ids[mb],
+                        ro.prompt_mask[mb],
+                        ro.response_ids[mb],
+                        ro.response_mask[mb],
+                        ro.truncated[mb],
+                    )
+                    lp = token_logprobs(
+                        response_logits(self.model, sub, cfg.rollout.temperature),
+                        sub.response_ids,
+                        chunk_size=cfg.model.logit_chunk,
+                    )
                 m = mask[mb]
-                loss, met = policy_loss(lp, old_lp[mb], adv[mb], m, clip_low=self.clip_low, clip_high=self.clip_high,
-                                        dual_clip=cfg.actor.clip_ratio_c, agg=self.agg, norm_len=None)
+                loss, met = policy_loss(
+                    lp,
+                    old_lp[mb],
+                    adv[mb],
+                    m,
+                    clip_low=self.clip_low,
+                    clip_high=self.clip_high,
+                    dual_clip=cfg.actor.clip_ratio_c,
+                    agg=self.agg,
+                    norm_len=None,
+                )
                 if ref_lp is not None:
                     kl = masked_mean(kl_penalty(lp, ref_lp[mb], cfg.actor.kl_type), m)
                     loss = loss + cfg.actor.kl_coef * kl
                     stats["kl_ref"].append(float(kl.detach()))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.actor.grad_clip if cfg.actor.grad_clip > 0 else float("inf"))
+                gn = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), cfg.actor.grad_clip if cfg.actor.grad_clip > 0 else float("inf")
+                )
                 if torch.isfinite(gn):
                     self.opt.step()
                 else:
                     self.log("non-finite grad norm: update skipped")
-                stats["loss"].append(float(loss.detach())); stats["grad_norm"].append(float(gn))
+                stats["loss"].append(float(loss.detach()))
+                stats["grad_norm"].append(float(gn))
                 for k in ("clipfrac", "clipfrac_lower", "approx_kl"):
                     stats[k].append(met[k])
                 lp_live = None
@@ -379,50 +467,92 @@ class Trainer:
         rules = {f"{r.polarity}": r.scale for r in shaped.rules}
         # Effective push (Σ|Δadv|·(1−p)): what the token rules add, and what the raw advantage gives.
         push_rule = gradient_push(shaped.adv_tokens_raw, shaped.adv, old_lp, ro.response_mask, polarity)
-        push_raw = gradient_push(torch.zeros_like(shaped.adv_tokens_raw), shaped.adv_tokens_raw, old_lp, ro.response_mask,
-                                 polarity)
+        push_raw = gradient_push(
+            torch.zeros_like(shaped.adv_tokens_raw), shaped.adv_tokens_raw, old_lp, ro.response_mask, polarity
+        )
         return {
-            "reward": float(scores.mean()), "acc": float(corr.mean()),
-            "entropy": mm(ent, mask), "entropy_pos": mm(ent, pos), "entropy_neg": mm(ent, neg),
-            "length": float(lengths.mean()), "length_pos": ml(polarity == 1), "length_neg": ml(polarity == -1),
+            "reward": float(scores.mean()),
+            "acc": float(corr.mean()),
+            "entropy": mm(ent, mask),
+            "entropy_pos": mm(ent, pos),
+            "entropy_neg": mm(ent, neg),
+            "length": float(lengths.mean()),
+            "length_pos": ml(polarity == 1),
+            "length_neg": ml(polarity == -1),
             "frac_all_correct": float((corr.min(1).values == 1).float().mean()),
             "frac_all_wrong": float((corr.max(1).values == 0).float().mean()),
             "truncated_frac": float(ro.truncated.float().mean()),
-            "push_pos": float((a_abs * pos).sum()), "push_neg": float((a_abs * neg).sum()),
-            "push_rule_pos": push_rule["positive"], "push_rule_neg": push_rule["negative"],
-            "push_raw_pos": push_raw["positive"], "push_raw_neg": push_raw["negative"],
+            "push_pos": float((a_abs * pos).sum()),
+            "push_neg": float((a_abs * neg).sum()),
+            "push_rule_pos": push_rule["positive"],
+            "push_rule_neg": push_rule["negative"],
+            "push_raw_pos": push_raw["positive"],
+            "push_raw_neg": push_raw["negative"],
             "key_frac": float(shaped.key_mask[mask].float().mean()) if mask.any() else 0.0,
-            "alpha_pos": rules.get("positive", 1.0), "alpha_neg": rules.get("negative", 1.0),
-            "n_rollouts": float(mask.shape[0]), "gen_rounds": float(rounds),
+            "alpha_pos": rules.get("positive", 1.0),
+            "alpha_neg": rules.get("negative", 1.0),
+            "n_rollouts": float(mask.shape[0]),
+            "gen_rounds": float(rounds),
             **upd,
         }
 
     def _tables(self, step, batch, ro, old_lp, ent, shaped, polarity) -> dict:
         return step_tables(
-            self.run_id, step, mask=ro.response_mask, token_ids=ro.response_ids, logprob=old_lp, entropy=ent,
-            adv_tokens_raw=shaped.adv_tokens_raw, adv_shaped=shaped.adv, is_key=shaped.key_mask, polarity=polarity,
-            token_text=lambda ids: self.vocab_text.take(pa.array(ids)), with_tokens=self.cfg.train.store_tokens,
-            rollouts={"group_idx": np.array(batch["group"], np.int32), "prompt_idx": np.array(batch["prompt_idx"], np.int64),
-                      "prompt": [self.train_set[i].prompt for i in batch["prompt_idx"]], "response": batch["texts"],
-                      "answer": [self.train_set[i].answer for i in batch["prompt_idx"]],
-                      "reward": np.array(batch["rewards"], np.float32), "correct": batch["correct"],
-                      "truncated": ro.truncated.cpu().numpy(), "adv_raw": shaped.adv_raw.float().cpu().numpy()})
+            self.run_id,
+            step,
+            mask=ro.response_mask,
+            token_ids=ro.response_ids,
+            logprob=old_lp,
+            entropy=ent,
+            adv_tokens_raw=shaped.adv_tokens_raw,
+            adv_shaped=shaped.adv,
+            is_key=shaped.key_mask,
+            polarity=polarity,
+            token_text=lambda ids: self.vocab_text.take(pa.array(ids)),
+            with_tokens=self.cfg.train.store_tokens,
+            rollouts={
+                "group_idx": np.array(batch["group"], np.int32),
+                "prompt_idx": np.array(batch["prompt_idx"], np.int64),
+                "prompt": [self.train_set[i].prompt for i in batch["prompt_idx"]],
+                "response": batch["texts"],
+                "answer": [self.train_set[i].answer for i in batch["prompt_idx"]],
+                "reward": np.array(batch["rewards"], np.float32),
+                "correct": batch["correct"],
+                "truncated": ro.truncated.cpu().numpy(),
+                "adv_raw": shaped.adv_raw.float().cpu().numpy(),
+            },
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> tuple[dict, pa.Table]:
         cfg = self.cfg
         self.model.eval()
         ks = cfg.eval.final_k if (step == cfg.train.steps and cfg.eval.final_k) else cfg.eval.k
-        res = evaluate(self.backend, self.tok, self.test_set, ks=ks, temperature=cfg.eval.temperature,
-                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, seed=cfg.seed + 7919,
-                       template=cfg.data.prompt_template, chat=cfg.data.chat_template, verify=self.verify_test)
+        res = evaluate(
+            self.backend,
+            self.tok,
+            self.test_set,
+            ks=ks,
+            temperature=cfg.eval.temperature,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            seed=cfg.seed + 7919,
+            template=cfg.data.prompt_template,
+            chat=cfg.data.chat_template,
+            verify=self.verify_test,
+        )
         self.model.train()
         rows = [("greedy_acc", None, res["greedy_acc"]), ("sampled_acc", None, res["sampled_acc"])]
         rows += [("pass@k", k, v) for k, v in res["pass@k"].items()]
-        t = pa.table({"run_id": [self.run_id] * len(rows), "step": pa.array([step] * len(rows), pa.int32()),
-                      "metric": [r[0] for r in rows], "k": pa.array([r[1] for r in rows], pa.int32()),
-                      "value": pa.array([float(r[2]) for r in rows], pa.float64()),
-                      "n": pa.array([res["n_prompts"]] * len(rows), pa.int32())})
+        t = pa.table(
+            {
+                "run_id": [self.run_id] * len(rows),
+                "step": pa.array([step] * len(rows), pa.int32()),
+                "metric": [r[0] for r in rows],
+                "k": pa.array([r[1] for r in rows], pa.int32()),
+                "value": pa.array([float(r[2]) for r in rows], pa.float64()),
+                "n": pa.array([res["n_prompts"]] * len(rows), pa.int32()),
+            }
+        )
         return res, t
 
     # ------------------------------------------------------------------ loop
@@ -447,8 +577,16 @@ class Trainer:
         cfg = self.cfg
         S = cfg.train.steps
         store, rid = self.store, self.run_id
-        store.update_run(rid, status="running", pid=os.getpid(), host=socket.gethostname(), writer_lease=True, error=None,
-                         last_step=self.start_step, resolved=self.resolved.to_dict())
+        store.update_run(
+            rid,
+            status="running",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            writer_lease=True,
+            error=None,
+            last_step=self.start_step,
+            resolved=self.resolved.to_dict(),
+        )
         self.log(f"run {rid}: {cfg.algorithm.name}, {S} steps, store {store.root}")
         last_eval = None
         try:
@@ -476,8 +614,16 @@ class Trainer:
                 metrics["t_store"] = metrics.get("t_store", 0.0) + dt
                 metrics["t_step"] += dt
                 metrics["time"] = time.time()
-                seg.write("steps", pa.table({"run_id": [rid], "step": pa.array([step], pa.int32()),
-                                             **{k: pa.array([float(v)], pa.float64()) for k, v in metrics.items()}}))
+                seg.write(
+                    "steps",
+                    pa.table(
+                        {
+                            "run_id": [rid],
+                            "step": pa.array([step], pa.int32()),
+                            **{k: pa.array([float(v)], pa.float64()) for k, v in metrics.items()},
+                        }
+                    ),
+                )
                 seg.commit()
                 if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == S:
                     self.save_checkpoint(step)
@@ -485,8 +631,14 @@ class Trainer:
                         store.compact(rid, step)
                 store.update_run(rid, last_step=step)
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['acc']:.2f}", ent=f"{metrics['entropy']:.3f}",
-                                    len=f"{metrics['length']:.1f}", s_per_step=f"{metrics['t_step']:.2f}", refresh=False)
+                    bar.set_postfix(
+                        reward=f"{metrics['reward']:.2f}",
+                        acc=f"{metrics['acc']:.2f}",
+                        ent=f"{metrics['entropy']:.3f}",
+                        len=f"{metrics['length']:.1f}",
+                        s_per_step=f"{metrics['t_step']:.2f}",
+                        refresh=False,
+                    )
             if self.start_step >= S:  # resumed after the final checkpoint: finish what the kill interrupted
                 store.compact(rid, S)
                 if last_eval is None:
@@ -496,8 +648,13 @@ class Trainer:
                 out = store.run_dir(rid) / "final"
                 self.model.save_pretrained(out, safe_serialization=True)
                 self.tok.save_pretrained(out)
-            store.update_run(rid, status="finished", last_step=S, final_accuracy=final_acc,
-                             final_greedy_accuracy=last_eval["greedy_acc"] if last_eval else None)
+            store.update_run(
+                rid,
+                status="finished",
+                last_step=S,
+                final_accuracy=final_acc,
+                final_greedy_accuracy=last_eval["greedy_acc"] if last_eval else None,
+            )
             return {"run_id": rid, "final": last_eval}
         except KeyboardInterrupt:
             self._record(status="killed", error="interrupted")
@@ -516,8 +673,11 @@ class Trainer:
 
     def _stored_eval(self, step: int) -> dict | None:
         """The eval the store holds for ``step``, in ``evaluate``'s result shape; None when absent."""
-        df = self.store.query("select metric, k, value, n from evals where run_id = ? and step = ?", [self.run_id, step],
-                              run_ids=[self.run_id])
+        df = self.store.query(
+            "select metric, k, value, n from evals where run_id = ? and step = ?",
+            [self.run_id, step],
+            run_ids=[self.run_id],
+        )
         if df.empty:
             return None
         res = {"greedy_acc": None, "sampled_acc": None, "pass@k": {}, "n_prompts": int(df["n"].iloc[0])}
@@ -550,7 +710,9 @@ def resume(run_id: str, store: Store, *, progress: bool = True, log=None) -> dic
     fails at once with a one-line StoreError naming its writer."""
     meta = store.read_run(run_id)
     if meta.get("status") == "finished":
-        raise StoreError(f"run {run_id!r} already finished (step {meta.get('last_step')}) — start a new run instead of resuming it")
+        raise StoreError(
+            f"run {run_id!r} already finished (step {meta.get('last_step')}) — start a new run instead of resuming it"
+        )
     store.acquire_writer(run_id)
     try:
         cfg = config_from_dict(meta["config"])

@@ -160,14 +160,16 @@ def test_sampled_layout_follows_cut_at_eos(policy, prompts, cache_kind):
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ro = KVEngine(model, tok).generate(prompts, p(n=4, temperature=1.0, max_new_tokens=36, seed=3))
     ids, mask, trunc = cut_at_eos(ro.response_ids, eos, pad)  # already cut: cutting again changes nothing
-    assert torch.equal(ids, ro.response_ids) and torch.equal(mask, ro.response_mask) and torch.equal(trunc, ro.truncated)
+    assert (
+        torch.equal(ids, ro.response_ids) and torch.equal(mask, ro.response_mask) and torch.equal(trunc, ro.truncated)
+    )
     lengths = ro.response_mask.sum(1)
     assert ro.response_ids.shape[1] == int(lengths.max())
     for b in range(ro.response_ids.shape[0]):
         row, L = ro.response_ids[b].tolist(), int(lengths[b])
         assert ro.response_mask[b].tolist() == [1] * L + [0] * (len(row) - L)  # a prefix
         assert row[L:] == [pad] * (len(row) - L)
-        assert eos not in row[:L - 1]  # nothing after the first EOS is kept
+        assert eos not in row[: L - 1]  # nothing after the first EOS is kept
         if ro.truncated[b]:
             assert L == 36 and row[L - 1] != eos
         else:
@@ -199,14 +201,19 @@ def test_restores_train_mode(policy, prompts):
 
 # ------------------------------------------------------------------ sampling semantics
 def hf_warp(scores, temperature, top_k, top_p):
-    for w in ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
-             ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []):
+    for w in (
+        ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+        + ([TopKLogitsWarper(top_k)] if top_k else [])
+        + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    ):
         scores = w(None, scores)
     return scores
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 3, 1.0), (0.5, 0, 0.6), (2.0, 5, 0.3), (1.0, 0, 0.01),
-                                                     (0.8, 100, 0.95), (1.0, 1, 1.0)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 3, 1.0), (0.5, 0, 0.6), (2.0, 5, 0.3), (1.0, 0, 0.01), (0.8, 100, 0.95), (1.0, 1, 1.0)],
+)
 def test_warp_equals_transformers_warpers_with_ties(temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 20, generator=g)
@@ -237,11 +244,14 @@ def chi2_pvalue(counts, probs, n):
     exp_c = torch.cat([exp[big], exp[~big].sum().reshape(1)])
     if exp_c[-1] < 5:  # pooled rest still too small: merge it into the smallest big cell
         i = int(exp_c[:-1].argmin())
-        obs_c[i] += obs_c[-1]; exp_c[i] += exp_c[-1]
+        obs_c[i] += obs_c[-1]
+        exp_c[i] += exp_c[-1]
         obs_c, exp_c = obs_c[:-1], exp_c[:-1]
     stat = float(((obs_c - exp_c) ** 2 / exp_c).sum())
     df = obs_c.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
 
 
 def test_sampled_distribution_passes_chi_square(policy, prompts):
@@ -264,7 +274,9 @@ def test_sampled_distribution_passes_chi_square(policy, prompts):
     counts = torch.zeros_like(probs)
     n = 0
     for seed in range(4):  # 4 x 5000 identical prompts, one step each
-        ro = eng.generate([prompt], SamplingParams(n=5000, temperature=T, top_k=k, top_p=top_p, max_new_tokens=1, seed=seed))
+        ro = eng.generate(
+            [prompt], SamplingParams(n=5000, temperature=T, top_k=k, top_p=top_p, max_new_tokens=1, seed=seed)
+        )
         counts += torch.bincount(ro.response_ids[:, 0], minlength=probs.numel()).double()
         n += 5000
     assert counts[probs == 0].sum() == 0  # nothing outside the kept set is ever drawn

@@ -13,11 +13,13 @@ EOS, PAD = 2, 0
 
 # ------------------------------------------------------------------ cut_at_eos
 def test_cut_at_eos_keeps_first_eos_and_pads_the_rest():
-    gen = torch.tensor([
-        [5, 6, EOS, 7, EOS],  # first EOS at 2 -> keep 3 tokens; the 7 and the 2nd EOS become pad
-        [8, 9, 10, 11, 12],  # no EOS -> truncated, all 5 kept
-        [EOS, 4, 4, 4, 4],  # EOS first -> keep 1 token
-    ])
+    gen = torch.tensor(
+        [
+            [5, 6, EOS, 7, EOS],  # first EOS at 2 -> keep 3 tokens; the 7 and the 2nd EOS become pad
+            [8, 9, 10, 11, 12],  # no EOS -> truncated, all 5 kept
+            [EOS, 4, 4, 4, 4],  # EOS first -> keep 1 token
+        ]
+    )
     ids, mask, trunc = cut_at_eos(gen, EOS, PAD)
     assert ids.tolist() == [[5, 6, EOS, PAD, PAD], [8, 9, 10, 11, 12], [EOS, PAD, PAD, PAD, PAD]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
@@ -25,10 +27,12 @@ def test_cut_at_eos_keeps_first_eos_and_pads_the_rest():
 
 
 def test_cut_at_eos_trims_to_longest_kept_row():
-    gen = torch.tensor([
-        [5, EOS, 7, 7, 7, 7],  # kept length 2
-        [6, 6, EOS, 9, 9, 9],  # kept length 3 -> result has 3 columns
-    ])
+    gen = torch.tensor(
+        [
+            [5, EOS, 7, 7, 7, 7],  # kept length 2
+            [6, 6, EOS, 9, 9, 9],  # kept length 3 -> result has 3 columns
+        ]
+    )
     ids, mask, trunc = cut_at_eos(gen, EOS, PAD)
     assert ids.tolist() == [[5, EOS, PAD], [6, 6, EOS]]
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
@@ -99,8 +103,10 @@ def test_encode_prompts_prepends_bos(policy):
 def test_hf_generate_sampling_is_deterministic_in_seed(policy):
     _, a = _generate(policy, n=3, temperature=1.0, seed=5, max_new_tokens=40)
     _, b = _generate(policy, n=3, temperature=1.0, seed=5, max_new_tokens=40)
-    for x, y in zip((a.prompt_ids, a.prompt_mask, a.response_ids, a.response_mask, a.truncated),
-                    (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.truncated)):
+    for x, y in zip(
+        (a.prompt_ids, a.prompt_mask, a.response_ids, a.response_mask, a.truncated),
+        (b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.truncated),
+    ):
         assert torch.equal(x, y)
 
 
@@ -110,7 +116,7 @@ def test_hf_generate_greedy_is_deterministic_and_equal_across_samples(policy):
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
     # greedy: the 3 samples of one prompt are the same sequence
     for p in range(2):
-        rows = a.response_ids[3 * p:3 * p + 3]
+        rows = a.response_ids[3 * p : 3 * p + 3]
         assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[2])
 
 

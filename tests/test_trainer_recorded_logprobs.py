@@ -16,11 +16,33 @@ from engine.config import load_config
 from engine.store import Store
 from engine.trainer import Trainer
 
-BASE = ["train.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=24", "eval.n_prompts=4",
-        "train.eval_every=0", "train.save_final_model=false", "train.steps=2", "train.threads=1",
-        "rollout.backend=kv"]
-COMPARED = ["loss", "grad_norm", "clipfrac", "approx_kl", "entropy", "entropy_pos", "entropy_neg", "key_frac",
-            "push_pos", "push_neg", "push_rule_pos", "push_rule_neg", "reward", "length"]
+BASE = [
+    "train.prompts_per_step=2",
+    "rollout.n=4",
+    "rollout.max_new_tokens=24",
+    "eval.n_prompts=4",
+    "train.eval_every=0",
+    "train.save_final_model=false",
+    "train.steps=2",
+    "train.threads=1",
+    "rollout.backend=kv",
+]
+COMPARED = [
+    "loss",
+    "grad_norm",
+    "clipfrac",
+    "approx_kl",
+    "entropy",
+    "entropy_pos",
+    "entropy_neg",
+    "key_frac",
+    "push_pos",
+    "push_neg",
+    "push_rule_pos",
+    "push_rule_neg",
+    "reward",
+    "length",
+]
 
 
 @pytest.fixture(autouse=True)
