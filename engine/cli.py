@@ -81,8 +81,7 @@ def _check_store(path: str, write: bool):
 
     store = Store(path)
     root = store.root
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"store path {root} is a file, not a folder — pass a folder with --store")
+    store._check_root_readable()  # the store's own "a file, not a folder" check
     if write:
         # the store folder, or the nearest folder above it that exists, must take a new file (a probe
         # file is created and removed at once: os.access says yes to root on a read-only mount)

@@ -364,8 +364,7 @@ class Store:
             run_id = f"{base}-{i}"
 
     def _make_root(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store path {self.root} is a file, not a folder — pass a folder with --store")
+        self._check_root_readable()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
