@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from engine.ops import token_entropy, token_logprobs
+from engine.ops import token_entropy, token_logprobs, token_logprobs_entropy
 
 LOG2 = 0.6931472
 LOG4 = 1.3862944
@@ -139,3 +139,72 @@ def test_gradients_flow_through_chunks_and_bf16():
     token_logprobs(xb, torch.tensor([0, 1])).sum().backward()
     assert xb.grad is not None and xb.grad.dtype == torch.bfloat16
     close(xb.grad.float(), [[0.75, -0.25, -0.25, -0.25], [-0.25, 0.75, -0.25, -0.25]], atol=1e-2)
+
+
+# ------------------------------------------------------------------ fused pass and response-only mask
+def test_fused_pass_equals_the_two_functions():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 11, generator=g) * 4
+    logits[0, 1, :5] = -math.inf  # a row with masked vocabulary entries
+    labels = torch.randint(5, 11, (3, 5), generator=g)
+    for chunk in (1, 4, 1024):
+        lp, ent = token_logprobs_entropy(logits, labels, chunk_size=chunk)
+        close(lp, token_logprobs(logits, labels), atol=1e-6)
+        close(ent, token_entropy(logits), atol=1e-6)
+    # hand values: p = [0.1, 0.2, 0.3, 0.4] -> log p of token 3 = log 0.4, H = 1.2798542
+    lp, ent = token_logprobs_entropy(torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]])), torch.tensor([3]))
+    close(lp, [-0.9162907])
+    close(ent, [1.2798542])
+    lb, eb = token_logprobs_entropy(logits.bfloat16(), labels)
+    assert lb.dtype == eb.dtype == torch.bfloat16
+
+
+def test_fused_pass_gradients_equal_the_two_functions():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 9, generator=g) * 3
+    labels = torch.randint(0, 9, (4,), generator=g)
+    w = torch.randn(4, generator=g)  # weights so that the two outputs' gradients do not cancel
+    x1 = base.clone().requires_grad_(True)
+    lp, ent = token_logprobs_entropy(x1, labels, chunk_size=3)
+    (lp.sum() + (w * ent).sum()).backward()
+    x2 = base.clone().requires_grad_(True)
+    (token_logprobs(x2, labels).sum() + (w * token_entropy(x2)).sum()).backward()
+    close(x1.grad, x2.grad, atol=1e-6)
+
+
+def test_mask_computes_response_positions_only():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 6, generator=g) * 3
+    labels = torch.randint(0, 6, (2, 4), generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    full_lp, full_ent = token_logprobs(logits, labels), token_entropy(logits)
+    for chunk in (1, 2, 1024):
+        lp = token_logprobs(logits, labels, chunk_size=chunk, mask=mask)
+        ent = token_entropy(logits, chunk_size=chunk, mask=mask)
+        lp2, ent2 = token_logprobs_entropy(logits, labels, chunk_size=chunk, mask=mask)
+        for got, full in ((lp, full_lp), (ent, full_ent), (lp2, full_lp), (ent2, full_ent)):
+            assert got.shape == (2, 4)
+            close(got[mask.bool()], full[mask.bool()], atol=1e-6)  # response tokens: the same numbers
+            assert torch.equal(got[~mask.bool()], torch.zeros(4))  # padding: exactly 0, never computed
+    # hand values on uniform logits: -log 4 / log 4 where the mask is set, 0 elsewhere
+    u = token_logprobs(torch.zeros(1, 3, 4), torch.tensor([[0, 1, 2]]), mask=torch.tensor([[1, 0, 1]]))
+    close(u, [[-LOG4, 0.0, -LOG4]])
+    # an empty mask gives all zeros of the right shape
+    assert torch.equal(token_entropy(logits, mask=torch.zeros(2, 4)), torch.zeros(2, 4))
+
+
+def test_mask_padding_gets_no_gradient():
+    x = torch.zeros(1, 3, 4, requires_grad=True)
+    token_logprobs(x, torch.tensor([[2, 2, 2]]), mask=torch.tensor([[1, 1, 0]])).sum().backward()
+    # 1[j=2] - 1/4 on the two response positions, nothing on the padded one
+    row = [-0.25, -0.25, 0.75, -0.25]
+    close(x.grad, [[row, row, [0.0] * 4]])
+
+
+def test_mask_shape_must_match():
+    try:
+        token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), mask=torch.ones(2, 2))
+    except ValueError as e:
+        assert "does not match" in str(e)
+    else:
+        raise AssertionError("a mask of the wrong shape was accepted")
