@@ -1,5 +1,9 @@
 """Peak memory of per-token log-prob + entropy on a Qwen-size vocabulary: chunked vs a full softmax.
 
+Three variants: ``chunked`` (``token_logprobs`` then ``token_entropy``, two passes over the logits),
+``fused`` (``token_logprobs_entropy``: one log-softmax per chunk gives both), ``full`` (one float32
+softmax over the whole batch, the unbounded baseline).
+
 Why: at 151,936 vocabulary entries and thousands of response tokens a float32 softmax over the
 whole batch costs many GB; ``engine.ops`` works in row chunks. Each variant runs in a fresh
 process and reports its peak resident memory above the logits themselves (CPU; on CUDA see
@@ -20,7 +24,7 @@ def child(kind: str, tokens: int, vocab: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
-    from engine.ops import token_entropy, token_logprobs
+    from engine.ops import token_entropy, token_logprobs, token_logprobs_entropy
 
     torch.manual_seed(0)
     logits = torch.randn(tokens, vocab, dtype=torch.bfloat16).mul_(3)  # no float32 temporary before the baseline
@@ -29,6 +33,8 @@ def child(kind: str, tokens: int, vocab: int) -> None:
     t0 = time.perf_counter()
     if kind == "chunked":
         lp, ent = token_logprobs(logits, labels, chunk_size=256), token_entropy(logits, chunk_size=256)
+    elif kind == "fused":
+        lp, ent = token_logprobs_entropy(logits, labels, chunk_size=256)
     else:
         logp = torch.log_softmax(logits.float(), -1)
         lp = logp.gather(-1, labels[:, None]).squeeze(-1)  # noqa: F841  (timed, not used)
@@ -49,7 +55,7 @@ def main():
     if a.child:
         return child(a.child, a.tokens, a.vocab)
     print(f"{a.tokens} tokens x {a.vocab} vocabulary, bf16 logits = {a.tokens * a.vocab * 2 / 2**30:.2f} GiB")
-    for kind in ("chunked", "full"):
+    for kind in ("chunked", "fused", "full"):
         subprocess.run(
             [sys.executable, __file__, "--child", kind, "--tokens", str(a.tokens), "--vocab", str(a.vocab)], check=True
         )
