@@ -371,16 +371,14 @@ class Trainer:
         # --- advantages
         with timer("shaping"):
             shaped = shape_advantages(
-                self.algo,
-                cfg.algorithm,
+                self.resolved,
                 scores=scores,
                 group_ids=batch["group"],
                 polarity=polarity,
                 response_mask=ro.response_mask,
                 logprobs=old_lp,
                 entropy=ent,
-                step=step - 1,
-                total_steps=cfg.train.steps,
+                step=step - 1,  # finished steps: the first update uses alpha0
             )
         # --- update
         with timer("update"):
@@ -464,7 +462,6 @@ class Trainer:
         def ml(sel):
             return float(lengths[sel].mean()) if sel.any() else float("nan")
 
-        rules = {f"{r.polarity}": r.scale for r in shaped.rules}
         # Effective push (Σ|Δadv|·(1−p)): what the token rules add, and what the raw advantage gives.
         push_rule = gradient_push(shaped.adv_tokens_raw, shaped.adv, old_lp, ro.response_mask, polarity)
         push_raw = gradient_push(
@@ -489,8 +486,8 @@ class Trainer:
             "push_raw_pos": push_raw["positive"],
             "push_raw_neg": push_raw["negative"],
             "key_frac": float(shaped.key_mask[mask].float().mean()) if mask.any() else 0.0,
-            "alpha_pos": rules.get("positive", 1.0),
-            "alpha_neg": rules.get("negative", 1.0),
+            "alpha_pos": shaped.alpha_pos,  # the algorithm's own scales; extra token_rules are not alphas
+            "alpha_neg": shaped.alpha_neg,
             "n_rollouts": float(mask.shape[0]),
             "gen_rounds": float(rounds),
             **upd,
