@@ -67,7 +67,10 @@ def main() -> None:
     ro, old_lp, adv, ref_lp, _ = seen["args"]
     w0, o0 = copy.deepcopy(tr.model.state_dict()), copy.deepcopy(tr.opt.state_dict())
     times: dict[str, list[float]] = {"full width": [], "lean": []}
-    runs = {"full width": lambda: full_width_update(tr, ro, old_lp, adv), "lean": lambda: tr._update(ro, old_lp, adv, ref_lp, None)}
+    runs = {
+        "full width": lambda: full_width_update(tr, ro, old_lp, adv),
+        "lean": lambda: tr._update(ro, old_lp, adv, ref_lp, None),
+    }
     for i in range(a.reps + 1):
         for name in list(runs) if i % 2 else list(runs)[::-1]:
             tr.model.load_state_dict(w0)
@@ -78,7 +81,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     tokens = int(ro.attention_mask.sum())
     cells = sum(
-        tr._mini_batch(ro, rows)[1].input_ids.numel() for rows in torch.arange(adv.shape[0]).chunk(cfg.actor.mini_batches)
+        tr._mini_batch(ro, rows)[1].input_ids.numel()
+        for rows in torch.arange(adv.shape[0]).chunk(cfg.actor.mini_batches)
     )
     print(
         f"{cfg.model.path}, {adv.shape[0]} rollouts, mini_batches {cfg.actor.mini_batches}, batch width "

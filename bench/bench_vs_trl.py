@@ -280,9 +280,9 @@ def report(a, rows: dict[str, list[dict]], load0, load1, wall) -> None:
     for ph in PHASES:
         label = {"old_forward": "old-forward (s)", "step": "step (s)"}.get(ph, f"{ph} (s)")
         print(f"{label:28s}" + "".join(cell(med(rows[k], ph), "14.4f") for k in KINDS))
-    print(f"{'generated tokens / step':28s}" + "".join(cell(med(rows[k], 'tokens'), "14.0f") for k in KINDS))
-    print(f"{'tokens / s (generate)':28s}" + "".join(cell(rate(rows[k], 'generate'), "14.0f") for k in KINDS))
-    print(f"{'tokens / s (whole step)':28s}" + "".join(cell(rate(rows[k], 'step'), "14.0f") for k in KINDS))
+    print(f"{'generated tokens / step':28s}" + "".join(cell(med(rows[k], "tokens"), "14.0f") for k in KINDS))
+    print(f"{'tokens / s (generate)':28s}" + "".join(cell(rate(rows[k], "generate"), "14.0f") for k in KINDS))
+    print(f"{'tokens / s (whole step)':28s}" + "".join(cell(rate(rows[k], "step"), "14.0f") for k in KINDS))
     s_our = med(rows["ours"], "step")
     for k in ("trl-tuned", "trl-defaults"):
         print(

@@ -45,8 +45,12 @@ def reference_update(tr: Trainer, ro: Rollouts, old_lp, adv, ref_lp) -> dict:
     cfg = tr.cfg
     mask = ro.response_mask
     stats = {"clipfrac": [], "clipfrac_lower": [], "approx_kl": [], "kl_ref": [], "loss": [], "grad_norm": []}
-    for mb in [mb for _ in range(cfg.actor.ppo_epochs) for mb in torch.arange(adv.shape[0]).chunk(cfg.actor.mini_batches)]:
-        sub = Rollouts(ro.prompt_ids[mb], ro.prompt_mask[mb], ro.response_ids[mb], ro.response_mask[mb], ro.truncated[mb])
+    for mb in [
+        mb for _ in range(cfg.actor.ppo_epochs) for mb in torch.arange(adv.shape[0]).chunk(cfg.actor.mini_batches)
+    ]:
+        sub = Rollouts(
+            ro.prompt_ids[mb], ro.prompt_mask[mb], ro.response_ids[mb], ro.response_mask[mb], ro.truncated[mb]
+        )
         lp = token_logprobs(response_logits(tr.model, sub, cfg.rollout.temperature), sub.response_ids)
         m = mask[mb]
         loss, met = policy_loss(
@@ -137,7 +141,10 @@ def test_mini_batch_cut_keeps_every_token(tmp_path):
         assert sub.prompt_mask.sum() == ro.prompt_mask[rows].sum()
         assert sub.response_mask.sum() == ro.response_mask[rows].sum()
         for i, r in enumerate(rows.tolist()):
-            assert sub.prompt_ids[i][sub.prompt_mask[i].bool()].tolist() == ro.prompt_ids[r][ro.prompt_mask[r].bool()].tolist()
+            assert (
+                sub.prompt_ids[i][sub.prompt_mask[i].bool()].tolist()
+                == ro.prompt_ids[r][ro.prompt_mask[r].bool()].tolist()
+            )
             assert (
                 sub.response_ids[i][sub.response_mask[i].bool()].tolist()
                 == ro.response_ids[r][ro.response_mask[r].bool()].tolist()
