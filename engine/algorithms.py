@@ -38,19 +38,19 @@ def _w_reinforce(scores, group_ids, polarity, *, std_normalize: bool, lam: float
 ESTIMATORS: dict[str, Callable] = {"grpo": _grpo, "w_reinforce": _w_reinforce}
 
 
-def _no_rules(acfg, step: int, total: int) -> list[TokenRule]:
+def _no_rules(r: ResolvedAlgorithm, step: int) -> list[TokenRule]:
     return []
 
 
-def _a3po(acfg, step: int, total: int) -> list[TokenRule]:
+def _a3po(r: ResolvedAlgorithm, step: int) -> list[TokenRule]:
     return a3po_rules(
         step,
-        acfg.decay_steps or total,
-        ratio=acfg.ratio,
-        alpha_pos=acfg.alpha_pos,
-        alpha_neg=acfg.alpha_neg,
-        decay=acfg.decay,
-        rate=acfg.decay_rate,
+        r.decay_steps,
+        ratio=r.ratio,
+        alpha_pos=r.alpha_pos,
+        alpha_neg=r.alpha_neg,
+        decay=r.decay,
+        rate=r.decay_rate,
     )
 
 
@@ -61,7 +61,7 @@ class Algorithm:
     estimator: str = "grpo"
     std_normalize: bool = True
     polarity_weights: tuple[float, float] | None = None  # fixed (w_pos, w_neg); None = from config
-    rules: Callable = field(default=_no_rules)  # (AlgorithmConfig, step, total) -> [TokenRule]
+    rules: Callable = field(default=_no_rules)  # (ResolvedAlgorithm, step) -> the algorithm's own [TokenRule]
     fork_tokens: bool = False
     dynamic_sampling: bool = False
     overlong_penalty: bool = False
@@ -129,63 +129,6 @@ for _a in [
     register_algorithm(_a)
 
 
-@dataclass
-class Shaped:
-    """Result of ``shape_advantages``; all tensors on the input device."""
-
-    adv_raw: torch.Tensor  # (B,) estimator output before polarity weights and token rules
-    adv_tokens_raw: torch.Tensor  # (B, T) adv_raw broadcast over valid tokens
-    adv: torch.Tensor  # (B, T) final per-token advantage used by the loss
-    key_mask: torch.Tensor  # (B, T) bool, tokens picked by a rule (or fork tokens)
-    rules: list[TokenRule]
-
-
-def effective_rules(algo: Algorithm, acfg, step: int, total: int) -> list[TokenRule]:
-    extra = [r if isinstance(r, TokenRule) else TokenRule(**r) for r in acfg.token_rules]
-    return list(algo.rules(acfg, step, total)) + extra
-
-
-def shape_advantages(
-    algo: Algorithm,
-    acfg,
-    *,
-    scores: torch.Tensor,
-    group_ids,
-    polarity: torch.Tensor,
-    response_mask: torch.Tensor,
-    logprobs: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    step: int,
-    total_steps: int,
-) -> Shaped:
-    """Scores -> per-token advantages for one batch.
-
-    Args:
-        algo: the registered algorithm; acfg: an ``AlgorithmConfig`` (coefficients).
-        scores: ``(B,)`` rewards; group_ids: ``(B,)`` prompt ids; polarity: ``(B,)`` in {+1, -1, 0}.
-        response_mask, logprobs, entropy: ``(B, T)``, old-policy values of the sampled tokens.
-        step / total_steps: for A3PO's decay.
-    """
-    std = algo.std_normalize if acfg.std_normalize is None else acfg.std_normalize
-    raw = ESTIMATORS[algo.estimator](scores, group_ids, polarity, std_normalize=std, lam=acfg.lam)
-    raw = raw.to(response_mask.device).float()
-    mask = response_mask.to(raw.dtype)
-    tok_raw = raw.unsqueeze(-1) * mask
-    w_pos, w_neg = algo.polarity_weights or (acfg.w_pos, acfg.w_neg)
-    if algo.polarity_weights is not None:  # psr/nsr still honour the configured weights' scale
-        w_pos, w_neg = w_pos * acfg.w_pos, w_neg * acfg.w_neg
-    adv = polarity_weighting(tok_raw, polarity, w_pos=w_pos, w_neg=w_neg)
-    rules = effective_rules(algo, acfg, step, total_steps)
-    adv, key = token_shaping(adv, response_mask, polarity, rules, logprobs=logprobs, entropy=entropy)
-    if algo.fork_tokens:
-        if entropy is None:
-            raise ValueError("fork_tokens needs token entropies")
-        fork = fork_token_mask(entropy, response_mask, acfg.fork_quantile)
-        adv = adv * fork.to(adv.dtype)
-        key = key | fork
-    return Shaped(raw, tok_raw, adv, key, rules)
-
-
 @dataclass(frozen=True)
 class ResolvedAlgorithm:
     """Every coefficient a run actually uses, each "null = the algorithm's default" filled in.
@@ -224,6 +167,76 @@ class ResolvedAlgorithm:
         d["token_rules"] = [dataclasses.asdict(r) for r in self.token_rules]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "resolved algorithm") -> ResolvedAlgorithm:
+        """Rebuild from ``to_dict()`` output (run.json's ``resolved``, a JSON shipped to verl workers),
+        checked with the config's own ranges; a bad value raises a one-line ``ConfigError``."""
+        import dataclasses
+
+        from engine.config import ConfigError, check_value
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__} — pass ResolvedAlgorithm.to_dict()")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
+        if unknown or missing:
+            what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
+            raise ConfigError(f"{where}: {what} — pass the whole dict that ResolvedAlgorithm.to_dict() wrote")
+        if d["name"] not in ALGORITHMS:
+            raise ConfigError(f"{where}: unknown algorithm {d['name']!r} — pick one of {sorted(ALGORITHMS)}")
+        if d["estimator"] not in ESTIMATORS:
+            raise ConfigError(f"{where}: unknown estimator {d['estimator']!r} — pick one of {sorted(ESTIMATORS)}")
+        out = dict(d)
+        for f in dataclasses.fields(cls):
+            v, typ = d[f.name], str(f.type)
+            is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if typ == "bool" and not isinstance(v, bool):
+                raise ConfigError(f"{where}: {f.name} must be true or false, got {v!r} — fix the value")
+            if typ.startswith("float") and not (is_num or (v is None and "None" in typ)):
+                raise ConfigError(f"{where}: {f.name} must be a number, got {v!r} — fix the value")
+            if typ == "int" and not (is_num and float(v).is_integer()):
+                raise ConfigError(f"{where}: {f.name} must be a whole number, got {v!r} — fix the value")
+            if typ.startswith("float") and v is not None:
+                out[f.name] = float(v)
+            elif typ == "int":
+                out[f.name] = int(v)
+        for key, section in _CONFIG_KEYS.items():
+            try:
+                check_value(f"{section}.{key}", out[key])
+            except ConfigError as e:
+                raise ConfigError(str(e).replace(f"config key '{section}.{key}'", f"{where}: {key}")) from None
+        if out["decay_steps"] < 1:
+            raise ConfigError(f"{where}: decay_steps must be >= 1, got {out['decay_steps']} — fix the value")
+        rules = d["token_rules"]
+        if not isinstance(rules, (list, tuple)):
+            raise ConfigError(f"{where}: token_rules must be a list, got {type(rules).__name__} — fix the value")
+        try:
+            out["token_rules"] = tuple(r if isinstance(r, TokenRule) else TokenRule(**r) for r in rules)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: bad token rule ({e}) — see algorithm.token_rules in `a3po config`") from None
+        return cls(**out)
+
+
+# ResolvedAlgorithm fields checked against the config key of the same name in this section.
+_CONFIG_KEYS = {
+    "w_pos": "algorithm",
+    "w_neg": "algorithm",
+    "lam": "algorithm",
+    "ratio": "algorithm",
+    "alpha_pos": "algorithm",
+    "alpha_neg": "algorithm",
+    "decay": "algorithm",
+    "decay_rate": "algorithm",
+    "decay_steps": "algorithm",
+    "fork_quantile": "algorithm",
+    "max_gen_batches": "algorithm",
+    "overlong_buffer": "algorithm",
+    "clip_ratio_low": "actor",
+    "clip_ratio_high": "actor",
+    "clip_ratio_c": "actor",
+    "loss_agg_mode": "actor",
+}
+
 
 def resolve(cfg) -> ResolvedAlgorithm:
     """The run's algorithm with every default filled in, from a full ``engine.config.Config``."""
@@ -260,6 +273,103 @@ def resolve(cfg) -> ResolvedAlgorithm:
         clip_ratio_c=act.clip_ratio_c,
         loss_agg_mode=act.loss_agg_mode or algo.loss_agg_mode,
     )
+
+
+@dataclass
+class Shaped:
+    """Result of ``shape_tokens``; all tensors on the input device."""
+
+    adv_raw: torch.Tensor  # (B,) estimator output before polarity weights and token rules
+    adv_tokens_raw: torch.Tensor  # (B, T) adv_raw broadcast over valid tokens
+    adv: torch.Tensor  # (B, T) final per-token advantage used by the loss
+    key_mask: torch.Tensor  # (B, T) bool, tokens picked by a rule (or fork tokens)
+    rules: list[TokenRule]  # every rule applied at this step: the algorithm's own, then the extra ones
+    alpha_pos: float = 1.0  # the algorithm's own scale on positive key tokens at this step (A3PO's alpha+)
+    alpha_neg: float = 1.0  # ... and on negative ones (A3PO's alpha-); extra token_rules never change these
+
+
+def algorithm_rules(resolved: ResolvedAlgorithm, step: int) -> list[TokenRule]:
+    """The algorithm's own token rules at ``step`` (finished training steps, 0-based), e.g. A3PO's pair."""
+    return list(ALGORITHMS[resolved.name].rules(resolved, step))
+
+
+def sample_advantages(resolved: ResolvedAlgorithm, scores: torch.Tensor, group_ids, polarity: torch.Tensor):
+    """``(B,)`` sample-level advantages from the run's estimator (GRPO group baseline, W-REINFORCE, ...)."""
+    return ESTIMATORS[resolved.estimator](
+        scores, group_ids, polarity, std_normalize=resolved.std_normalize, lam=resolved.lam
+    )
+
+
+def shape_tokens(
+    resolved: ResolvedAlgorithm,
+    adv_raw: torch.Tensor,
+    polarity: torch.Tensor,
+    mask: torch.Tensor,
+    logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    step: int = 0,
+) -> Shaped:
+    """Raw advantages -> the per-token advantages the loss uses: the one shaping function.
+
+    The trainer, the replay/playground, the TRL trainer and the verl loss all call this, so one
+    resolved config gives the same shaped advantages on every path.
+
+    Args:
+        resolved: every coefficient of the run (``resolve(cfg)`` or ``ResolvedAlgorithm.from_dict``).
+        adv_raw: ``(B,)`` sample-level advantages, or ``(B, T)`` already broadcast over tokens (verl
+            hands the loss a ``(B, T)`` tensor); a ``(B, T)`` input is read as its per-row mean over
+            valid tokens for ``Shaped.adv_raw`` and used as is for the tokens.
+        polarity: ``(B,)`` in {+1, -1, 0}; mask: ``(B, T)`` valid response tokens.
+        logprobs, entropy: ``(B, T)`` old-policy values of the sampled tokens (what the rules rank by).
+        step: finished training steps (0 for the first update); drives A3PO's decay over
+            ``resolved.decay_steps``.
+
+    Order: polarity weights (``w_pos``/``w_neg``), then the algorithm's own rules (A3PO), then the
+    extra ``token_rules``, then the fork-token mask.
+    """
+    m = mask.to(torch.float32).to(adv_raw.device)
+    if adv_raw.dim() == 1:
+        raw = adv_raw.float()
+        tok_raw = raw.unsqueeze(-1) * m
+    elif adv_raw.dim() == 2:
+        tok_raw = adv_raw.float() * m
+        raw = tok_raw.sum(-1) / m.sum(-1).clamp(min=1)
+    else:
+        raise ValueError(f"shape_tokens: adv_raw must be (B,) or (B, T), got {tuple(adv_raw.shape)}")
+    adv = polarity_weighting(tok_raw, polarity, w_pos=resolved.w_pos, w_neg=resolved.w_neg)
+    own = algorithm_rules(resolved, step)
+    rules = own + list(resolved.token_rules)
+    adv, key = token_shaping(adv, mask, polarity, rules, logprobs=logprobs, entropy=entropy)
+    if resolved.fork_tokens:
+        if entropy is None:
+            raise ValueError("fork_tokens needs token entropies")
+        fork = fork_token_mask(entropy, mask, resolved.fork_quantile)
+        adv = adv * fork.to(adv.dtype)
+        key = key | fork
+    scale = {r.polarity: r.scale for r in own}
+    return Shaped(raw, tok_raw, adv, key, rules, scale.get("positive", 1.0), scale.get("negative", 1.0))
+
+
+def shape_advantages(
+    resolved: ResolvedAlgorithm,
+    *,
+    scores: torch.Tensor,
+    group_ids,
+    polarity: torch.Tensor,
+    response_mask: torch.Tensor,
+    logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    step: int,
+) -> Shaped:
+    """Scores -> per-token advantages for one batch: ``sample_advantages`` then ``shape_tokens``.
+
+    Args:
+        scores: ``(B,)`` rewards; group_ids: ``(B,)`` prompt ids; polarity: ``(B,)`` in {+1, -1, 0}.
+        response_mask, logprobs, entropy: ``(B, T)``, old-policy values of the sampled tokens.
+        step: finished training steps, for A3PO's decay.
+    """
+    raw = sample_advantages(resolved, scores, group_ids, polarity).to(response_mask.device)
+    return shape_tokens(resolved, raw, polarity, response_mask, logprobs, entropy, step)
 
 
 def alpha_schedule(acfg, total_steps: int, points: int = 101) -> list[tuple[int, float, float]]:

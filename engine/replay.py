@@ -2,11 +2,11 @@
 
 Why: before relaunching a run with other coefficients, see which tokens would become key tokens
 and how much advantage each polarity would get, on real stored rollouts. This is the engine's own
-``shape_advantages`` applied to tensors rebuilt from the store's ``rollouts`` and ``tokens`` rows.
+``shape_advantages`` (the trainer's own shaping) applied to tensors rebuilt from the store's ``rollouts`` and ``tokens`` rows.
 
     from engine.replay import load_step, replay
     batch = load_step(Store("runs"), run_id, step)
-    shaped = replay(batch, cfg.algorithm, step=step, total_steps=200)
+    shaped = replay(batch, resolve(cfg), step=step - 1)
     batch_push(batch, shaped)    # how much that rule can move the policy, by polarity
 
 Gradient push (see ``engine.advantage.gradient_push``): ``Σ |Δadv| · (1 − p)`` over valid tokens, by
@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from engine.advantage import gradient_push
-from engine.algorithms import ALGORITHMS, Shaped, shape_advantages
+from engine.algorithms import ResolvedAlgorithm, Shaped, shape_advantages
 
 # Per-step push columns of the ``steps`` table (written by the trainer; older runs lack them).
 PUSH_COLUMNS = ("push_rule_pos", "push_rule_neg", "push_raw_pos", "push_raw_neg")
@@ -87,11 +87,12 @@ def load_step(store, run_id: str, step: int) -> StoredBatch:
     return to_batch(ro, tok)
 
 
-def replay(batch: StoredBatch, acfg, *, step: int, total_steps: int) -> Shaped:
-    """Shape the stored batch with algorithm ``acfg.name`` and its coefficients."""
+def replay(batch: StoredBatch, resolved: ResolvedAlgorithm, *, step: int) -> Shaped:
+    """Shape the stored batch with ``resolved`` (``engine.algorithms.resolve(cfg)``), as training would.
+
+    ``step`` counts finished training steps, as in the trainer: stored step ``s`` was shaped at ``s - 1``."""
     return shape_advantages(
-        ALGORITHMS[acfg.name],
-        acfg,
+        resolved,
         scores=batch.scores,
         group_ids=batch.group_ids,
         polarity=batch.polarity,
@@ -99,7 +100,6 @@ def replay(batch: StoredBatch, acfg, *, step: int, total_steps: int) -> Shaped:
         logprobs=batch.logprobs,
         entropy=batch.entropy,
         step=step,
-        total_steps=total_steps,
     )
 
 

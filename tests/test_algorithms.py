@@ -18,7 +18,15 @@ import math
 import pytest
 import torch
 
-from engine.algorithms import ALGORITHMS, ESTIMATORS, Algorithm, alpha_schedule, register_algorithm, shape_advantages
+from engine.algorithms import (
+    ALGORITHMS,
+    ESTIMATORS,
+    Algorithm,
+    alpha_schedule,
+    register_algorithm,
+    resolve,
+    shape_advantages,
+)
 from engine.config import load_config
 
 # GRPO on group 0 = [1, 0]: mean 0.5, unbiased std sqrt((0.25 + 0.25) / 1) = 0.70710678
@@ -60,10 +68,9 @@ def cfg_for(name, *overrides):
 
 
 def shape(name, *overrides, step=0, total=10, entropy=ENTROPY, logprobs=LOGPROBS):
-    cfg = cfg_for(name, *overrides)
+    cfg = cfg_for(name, f"train.steps={total}", *overrides)
     return shape_advantages(
-        ALGORITHMS[name],
-        cfg.algorithm,
+        resolve(cfg),
         scores=SCORES,
         group_ids=GROUPS,
         polarity=POLARITY,
@@ -71,7 +78,6 @@ def shape(name, *overrides, step=0, total=10, entropy=ENTROPY, logprobs=LOGPROBS
         logprobs=logprobs,
         entropy=entropy,
         step=step,
-        total_steps=total,
     )
 
 
@@ -281,6 +287,75 @@ def test_a3po_asymmetric_alphas_and_decay_steps():
     close(s.adv, per_row([G, -G, 0.0, 0.0]))
 
 
+# ------------------------------------------------------------------ shape_tokens: the one seam
+def test_shape_tokens_takes_per_row_or_per_token_raw_advantages():
+    # verl hands the loss (B, T) advantages already broadcast; TRL and the trainer hand (B,): same result
+    r = resolve(cfg_for("a3po", "train.steps=10"))
+    from engine.algorithms import shape_tokens
+
+    a = shape_tokens(r, torch.tensor([G, -G, 0.0, 0.0]), POLARITY, MASK, LOGPROBS, ENTROPY, step=0)
+    b = shape_tokens(r, per_row([G, -G, 0.0, 0.0]) + 5.0 * (1 - M), POLARITY, MASK, LOGPROBS, ENTROPY, step=0)
+    close(a.adv, a3po_expected(2.0))
+    assert torch.equal(a.adv, b.adv) and torch.equal(a.key_mask, b.key_mask)
+    close(b.adv_raw, [G, -G, 0.0, 0.0])  # (B, T) input: the per-row mean over valid tokens
+    close(b.adv_tokens_raw, per_row([G, -G, 0.0, 0.0]))  # padding zeroed
+    with pytest.raises(ValueError, match=r"\(B,\) or \(B, T\)"):
+        shape_tokens(r, torch.zeros(4, 5, 1), POLARITY, MASK, LOGPROBS, ENTROPY)
+
+
+def test_alphas_come_from_the_algorithms_own_rules_not_extra_rules():
+    # A3PO at step 5 of 10 (linear, alpha0 = 3 / 2): alpha+ = 2, alpha- = 1.5; an extra positive rule
+    # with scale 4 is applied but must not be reported as alpha+ (it used to overwrite it)
+    rule = "algorithm.token_rules=[{polarity: positive, metric: entropy, end: high, ratio: 0.2, scale: 4}]"
+    s = shape("a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=2", rule, step=5, total=10)
+    assert (s.alpha_pos, s.alpha_neg) == (2.0, 1.5)
+    assert [r.scale for r in s.rules] == [2.0, 1.5, 4.0]
+    g = shape("token_weighted", rule, step=5, total=10)
+    assert (g.alpha_pos, g.alpha_neg) == (1.0, 1.0)  # no own rules: no alpha
+
+
+def test_resolved_algorithm_round_trips_through_a_dict():
+    import json
+
+    from engine.algorithms import ResolvedAlgorithm
+
+    rule = "algorithm.token_rules=[{polarity: negative, metric: prob, end: high, ratio: 0.5, scale: 3}]"
+    r = resolve(cfg_for("a3po", "train.steps=7", rule))
+    back = ResolvedAlgorithm.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back == r and back.decay_steps == 7 and back.token_rules[0].scale == 3
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"alpha_pos": -1.0}, r"resolved algorithm: alpha_pos"),
+        ({"ratio": 1.5}, r"resolved algorithm: ratio"),
+        ({"decay": "sideways"}, r"resolved algorithm: decay"),
+        ({"decay_steps": 0}, r"decay_steps"),
+        ({"decay_steps": 2.5}, r"decay_steps must be a whole number"),
+        ({"alpha_neg": "2"}, r"alpha_neg must be a number"),
+        ({"fork_tokens": "yes"}, r"fork_tokens must be true or false"),
+        ({"name": "ppo"}, r"unknown algorithm 'ppo'"),
+        ({"estimator": "gae"}, r"unknown estimator 'gae'"),
+        ({"alpha": 2.0}, r"unknown key 'alpha'"),
+        ({"token_rules": [{"polarity": "up"}]}, r"bad token rule"),
+        ({"token_rules": "none"}, r"token_rules must be a list"),
+    ],
+)
+def test_resolved_algorithm_from_dict_refuses_bad_values_in_one_line(change, match):
+    from engine.algorithms import ResolvedAlgorithm
+    from engine.config import ConfigError
+
+    d = {**resolve(cfg_for("a3po")).to_dict(), **change}
+    with pytest.raises(ConfigError, match=match) as e:
+        ResolvedAlgorithm.from_dict(d)
+    assert "\n" not in str(e.value) and " — " in str(e.value)
+    missing = resolve(cfg_for("a3po")).to_dict()
+    del missing["ratio"]
+    with pytest.raises(ConfigError, match="missing key 'ratio'"):
+        ResolvedAlgorithm.from_dict(missing)
+
+
 # ------------------------------------------------------------------ invariants over every algorithm
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_padding_is_zero_and_never_key(name):
@@ -304,8 +379,7 @@ def test_register_algorithm_new_spec():
         assert ALGORITHMS["unit_half_pos"] is algo
         cfg = load_config(None, ["algorithm.name=unit_half_pos"])  # the config validator knows it now
         s = shape_advantages(
-            algo,
-            cfg.algorithm,
+            resolve(cfg),
             scores=SCORES,
             group_ids=GROUPS,
             polarity=POLARITY,
@@ -313,7 +387,6 @@ def test_register_algorithm_new_spec():
             logprobs=LOGPROBS,
             entropy=ENTROPY,
             step=0,
-            total_steps=10,
         )
         # raw [0.1, -1, -1, -1]; weights (0.5 * 1, 1 * 1) -> [0.05, -1, -1, -1]
         close(s.adv_raw, [0.1, -1.0, -1.0, -1.0])

@@ -591,6 +591,7 @@ def test_rollouts_colour_by_gradient_push(fx_store):
 
 
 def test_playground_shows_push_of_replayed_and_run_rule(fx_store):
+    from engine.algorithms import resolve
     from engine.config import config_from_dict
     from engine.replay import batch_push, load_step, replay
 
@@ -610,7 +611,7 @@ def test_playground_shows_push_of_replayed_and_run_rule(fx_store):
         }
     )
     batch = load_step(fx_store, "fx-default", 1)
-    want = batch_push(batch, replay(batch, cfg.algorithm, step=0, total_steps=2))["rule"]
+    want = batch_push(batch, replay(batch, resolve(cfg), step=0))["rule"]
     assert tab.loc["this rule", "positive"] == pytest.approx(want["positive"])
     assert tab.loc["this rule", "negative"] == pytest.approx(want["negative"])
     assert len(at.get("plotly_chart")) == 3

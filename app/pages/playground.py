@@ -13,7 +13,7 @@ import streamlit as st
 
 from app.common import get_store, guard, pick_run, q, render_tokens, store_failed
 from engine.advantage import DECAYS
-from engine.algorithms import ALGORITHMS, alpha_schedule
+from engine.algorithms import ALGORITHMS, alpha_schedule, resolve
 from engine.config import ConfigError, config_from_dict
 from engine.replay import batch_push, load_step, replay
 from engine.store import StoreError
@@ -86,7 +86,7 @@ except ConfigError as e:
 st.session_state["playground_settings"] = {"algorithm": settings, "source_run": run}
 
 batch = guard(load_step, get_store(), run, step)
-new = replay(batch, cfg.algorithm, step=step - 1, total_steps=total)
+new = replay(batch, resolve(cfg), step=step - 1)
 run_push, new_push = batch_push(batch), batch_push(batch, new)  # Σ|shaped − raw adv|·(1 − p) by polarity
 mask = batch.mask.bool()
 
@@ -113,7 +113,7 @@ c1.container(key="pg_key_tokens").metric(
     "Key tokens (this rule)", int(tok.is_key.sum()), delta=int(tok.is_key.sum() - tok.key_stored.sum())
 )
 c2.metric("Tokens whose key flag changed", changed)
-c3.metric("α⁺ / α⁻ at this step", " / ".join(f"{r.scale:.2f}" for r in new.rules[:2]) if algo == "a3po" else "–")
+c3.metric("α⁺ / α⁻ at this step", f"{new.alpha_pos:.2f} / {new.alpha_neg:.2f}" if algo == "a3po" else "–")
 for c, pol, sign in ((c4, "positive", "+"), (c5, "negative", "−")):
     c.metric(
         f"Push {sign} (this rule)",

@@ -4,8 +4,9 @@ Why: users who scale out with TRL (accelerate: DDP, DeepSpeed ZeRO, FSDP) keep t
 functions and the same store. TRL computes one advantage per completion; after it does, we run one
 extra no-grad forward for the old-policy log-probs and entropies (through TRL's own
 ``_get_per_token_logps_and_entropies``, chunked by ``per_device_train_batch_size`` like TRL's own
-forwards), apply the engine's ``polarity_weighting`` and ``token_shaping`` (A3PO's decaying
-asymmetric rules), and hand TRL a ``(B, T)`` advantage tensor, which its loss accepts as is.
+forwards), apply the engine's one shaping function ``engine.algorithms.shape_tokens`` (A3PO's
+decaying asymmetric rules, resolved from the same config an ``a3po train`` run would use), and hand
+TRL a ``(B, T)`` advantage tensor, which its loss accepts as is.
 
     from engine.integrations.trl import A3POGRPOTrainer
     trainer = A3POGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=ds,
@@ -42,37 +43,40 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from engine.advantage import a3po_rules, gradient_push, polarity_weighting, token_shaping
+from engine.advantage import gradient_push
+from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
 from engine.config import MAX_STEPS, ConfigError, config_from_dict
 from engine.reward import resolve_verifier
 from engine.store import Store, step_tables
 from engine.tasks import Problem
 
-A3PO_DEFAULTS = {
-    "ratio": 0.2,
-    "alpha_pos": 2.0,
-    "alpha_neg": 2.0,
-    "decay": "linear",
-    "decay_rate": 5.0,
-    "decay_steps": None,
-    "w_pos": 1.0,
-    "w_neg": 1.0,
-}
+# The A3PO options a TRL run takes: the engine's own ``algorithm.*`` keys (defaults and ranges live in
+# engine.config.AlgorithmConfig, nowhere else).
+A3PO_OPTIONS = (
+    "ratio",
+    "alpha_pos",
+    "alpha_neg",
+    "decay",
+    "decay_rate",
+    "decay_steps",
+    "w_pos",
+    "w_neg",
+    "token_rules",
+)
 
 
 def a3po_options(a3po: dict | None) -> dict:
-    """The A3PO options with defaults filled in, checked by the engine's own config checks.
+    """The A3PO options with the engine's defaults filled in, checked by the engine's own config checks.
 
     Why: a TRL user and an ``a3po train`` user get the same one-line error for the same bad value
     (``engine.config.ConfigError``, a ValueError)."""
-    unknown = sorted(set(a3po or {}) - set(A3PO_DEFAULTS))
+    unknown = sorted(set(a3po or {}) - set(A3PO_OPTIONS))
     if unknown:
         raise ConfigError(
-            f"unknown A3PO option(s) {', '.join(map(repr, unknown))} — use only {', '.join(A3PO_DEFAULTS)}"
+            f"unknown A3PO option(s) {', '.join(map(repr, unknown))} — use only {', '.join(A3PO_OPTIONS)}"
         )
-    opts = {**A3PO_DEFAULTS, **(a3po or {})}
-    config_from_dict({"algorithm": {"name": "a3po", **opts}})
-    return opts
+    algo = config_from_dict({"algorithm": {"name": "a3po", **(a3po or {})}}).algorithm
+    return {k: getattr(algo, k) for k in A3PO_OPTIONS}
 
 
 def _model_path(model) -> str:
@@ -150,12 +154,29 @@ class A3POGRPOTrainer(GRPOTrainer):
         if self.a3po_run is None and self.accelerator.is_main_process:
             cfg = self.engine_config()
             self.a3po_run = self.a3po_store.create_run(cfg, name=self._a3po_run_name)
-            self.a3po_store.update_run(self.a3po_run, status="running", total_steps=cfg["train"]["steps"])
+            self.a3po_store.update_run(
+                self.a3po_run,
+                status="running",
+                total_steps=cfg["train"]["steps"],
+                resolved=self.a3po_resolved().to_dict(),
+            )
 
     # ------------------------------------------------------------------ shaping
     def a3po_horizon(self) -> int:
         """The decay horizon S: ``decay_steps``, else TRL's real step count ``state.max_steps``."""
-        return int(self.a3po["decay_steps"] or max(1, int(self.state.max_steps)))
+        return self.a3po_resolved().decay_steps
+
+    def a3po_resolved(self) -> ResolvedAlgorithm:
+        """This run's resolved algorithm (``engine.algorithms.resolve`` of ``engine_config()``), the
+        one the shaping uses and run.json stores; rebuilt only when TRL's ``state.max_steps`` changes."""
+        key = int(self.state.max_steps)
+        if getattr(self, "_a3po_resolved", (None, None))[0] != key:
+            self._a3po_resolved = (key, resolve(config_from_dict(self.engine_config())))
+        return self._a3po_resolved[1]
+
+    def a3po_shape(self, adv, polarity, mask, logps, ent, step: int) -> Shaped:
+        """TRL's ``(B,)`` advantages -> the ``(B, T)`` advantages its loss takes: ``engine.algorithms.shape_tokens``."""
+        return shape_tokens(self.a3po_resolved(), adv, polarity, mask, logps, ent, step)
 
     def _a3po_old_logps(self, full_ids, full_mask, n_completion):
         """Old-policy log-probs and entropies, in chunks of ``per_device_train_batch_size`` rows as TRL does."""
@@ -187,29 +208,15 @@ class A3POGRPOTrainer(GRPOTrainer):
         else:
             correct = (adv > 0).tolist()
             polarity = torch.sign(adv).long()
-        step = int(self.state.global_step)
-        a = self.a3po
-        rules = a3po_rules(
-            step,
-            self.a3po_horizon(),
-            ratio=a["ratio"],
-            alpha_pos=a["alpha_pos"],
-            alpha_neg=a["alpha_neg"],
-            decay=a["decay"],
-            rate=a["decay_rate"],
-        )
-        tok_raw = adv.unsqueeze(-1) * mask.to(adv.dtype)
-        weighted = polarity_weighting(tok_raw, polarity, w_pos=a["w_pos"], w_neg=a["w_neg"])
-        shaped, key = token_shaping(weighted, mask, polarity, rules, logprobs=logps, entropy=ent)
-        out["advantages"] = shaped
+        step = int(self.state.global_step)  # finished optimiser steps: the first update uses alpha0
+        shaped = self.a3po_shape(adv, polarity, mask, logps, ent, step)
+        out["advantages"] = shaped.adv
         if self.a3po_store is not None:  # the same on every rank: the gather below is collective
-            self._a3po_log(
-                step, rules, texts, local, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent
-            )
+            self._a3po_log(step, shaped, texts, local, correct, polarity, ids, mask, logps, ent)
         return out
 
     # ------------------------------------------------------------------ logging
-    def _a3po_shard(self, step, texts, inputs, correct, polarity, adv, tok_raw, shaped, key, ids, mask, logps, ent):
+    def _a3po_shard(self, step, shaped: Shaped, texts, inputs, correct, polarity, ids, mask, logps, ent):
         """This process's rows (rollouts, tokens) and its gradient push, ready to gather."""
         B = mask.shape[0]
         G = max(1, int(self.num_generations))
@@ -231,9 +238,9 @@ class A3POGRPOTrainer(GRPOTrainer):
             token_ids=ids,
             logprob=logps,
             entropy=ent,
-            adv_tokens_raw=tok_raw,
-            adv_shaped=shaped,
-            is_key=key,
+            adv_tokens_raw=shaped.adv_tokens_raw,
+            adv_shaped=shaped.adv,
+            is_key=shaped.key_mask,
             polarity=polarity,
             token_text=token_text,
             rollouts={
@@ -245,10 +252,11 @@ class A3POGRPOTrainer(GRPOTrainer):
                 "reward": np.array(correct, np.float32),
                 "correct": [bool(c) for c in correct],
                 "truncated": np.zeros(B, bool),
-                "adv_raw": adv.float().cpu().numpy(),
+                "adv_raw": shaped.adv_raw.float().cpu().numpy(),
             },
         )
-        push_rule = gradient_push(tok_raw, shaped, logps, mask, polarity)
+        tok_raw = shaped.adv_tokens_raw
+        push_rule = gradient_push(tok_raw, shaped.adv, logps, mask, polarity)
         push_raw = gradient_push(torch.zeros_like(tok_raw), tok_raw, logps, mask, polarity)
         return {
             "tables": tables,
@@ -261,21 +269,20 @@ class A3POGRPOTrainer(GRPOTrainer):
             },
         }
 
-    def _a3po_log(self, step, rules, *shard_args):
+    def _a3po_log(self, step, shaped: Shaped, *shard_args):
         """Gather every process's shard and write them as one store step (main process)."""
-        shards = gather_object([self._a3po_shard(step, *shard_args)])
+        shards = gather_object([self._a3po_shard(step, shaped, *shard_args)])
         if not self.accelerator.is_main_process:
             return
         self._a3po_start_run()
         rid = self.a3po_run
         tables = merge_shards(rid, [s["tables"] for s in shards], [s["n_groups"] for s in shards])
         push = {k: float(sum(s["push"][k] for s in shards)) for k in shards[0]["push"]}
-        scales = {r.polarity: r.scale for r in rules}
         steps = step_metrics(tables)
         steps.update(
             push,
-            alpha_pos=scales.get("positive", 1.0),
-            alpha_neg=scales.get("negative", 1.0),
+            alpha_pos=shaped.alpha_pos,
+            alpha_neg=shaped.alpha_neg,
             n_rollouts=float(tables["rollouts"].num_rows),
             trl_global_step=float(step),
         )
