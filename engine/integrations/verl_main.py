@@ -62,6 +62,7 @@ from engine.integrations.verl_records import (
     RESOLVED_ENV,
     RunWriter,
     VerlBatch,
+    check_run_name,
     engine_config,
     parse_a3po_args,
     resolved_env,
@@ -148,6 +149,7 @@ def prepare(argv: list[str]):
     engine_cfg = engine_config(args, verl_view(cfg))
     resolved = resolve(config_from_dict(engine_cfg))
     store = _store_root(args.store or "runs")
+    check_run_name(Store(store), engine_cfg.get("name"), args.run_id, cfg.trainer.default_local_dir)
     with open_dict(cfg):
         OmegaConf.update(cfg, LOSS_MODE_KEY, "a3po")
         env = OmegaConf.select(cfg, ENV_PATH) or {}

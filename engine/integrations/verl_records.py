@@ -323,6 +323,29 @@ def step_metrics(tables: dict, shaped: Shaped, logprobs, mask, polarity) -> dict
 
 
 # ---------------------------------------------------------------- the store run
+def remembered_run(ckpt_dir: str | None) -> str | None:
+    """The run id a previous launch stored next to verl's checkpoints (``a3po_run.json``), if any."""
+    f = Path(ckpt_dir) / RUN_FILE if ckpt_dir else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        rid = json.loads(f.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rid if isinstance(rid, str) else None
+
+
+def check_run_name(store, name: str | None, run_id: str | None, ckpt_dir: str | None) -> None:
+    """Before Ray starts: a3po.run_name must be new, unless it is the run this checkpoint folder resumes."""
+    if name is None or run_id is not None or name not in store.run_ids() or remembered_run(ckpt_dir) == name:
+        return
+    from engine.store import StoreError
+
+    raise StoreError(
+        f"run {name!r} already exists in {store.root} — pick another a3po.run_name or continue it with a3po.run_id={name}"
+    )
+
+
 class RunWriter:
     """Writes one verl training into one store run, and finds that run again after a resume.
 
@@ -339,14 +362,8 @@ class RunWriter:
         return Path(self.ckpt_dir) / RUN_FILE if self.ckpt_dir else None
 
     def _remembered(self) -> str | None:
-        f = self._run_file()
-        if f is None or not f.is_file():
-            return None
-        try:
-            rid = json.loads(f.read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return rid if isinstance(rid, str) and rid in self.store.run_ids() else None
+        rid = remembered_run(self.ckpt_dir)
+        return rid if rid is not None and rid in self.store.run_ids() else None
 
     def open(self, step: int) -> str:
         """The run that ``step`` (verl's global step, 1-based) goes into; resumes drop later steps."""
@@ -359,7 +376,7 @@ class RunWriter:
             self.store.truncate_after(rid, step - 1)
             self.store.update_run(rid, status="running", last_step=step - 1, error=None)
         else:
-            rid = self.store.create_run(self.config, name=rid, lease=True)
+            rid = self.store.create_run(self.config, name=rid or self.config.get("name"), lease=True)
             self.store.update_run(
                 rid, status="running", resolved=self.resolved, total_steps=self.config["train"]["steps"]
             )
