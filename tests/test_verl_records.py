@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from engine.advantage import decay_alpha
 from engine.algorithms import ResolvedAlgorithm, resolve, shape_tokens
 from engine.config import ConfigError, config_from_dict

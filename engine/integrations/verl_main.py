@@ -49,7 +49,6 @@ multi-node cluster: a shared filesystem, or a single-node Ray head).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -78,15 +77,40 @@ ENV_PATH = "ray_kwargs.ray_init.runtime_env.env_vars"
 
 
 # ---------------------------------------------------------------- driver: config
-def compose_verl(overrides: list[str]):
-    """verl's ``ppo_trainer`` config with ``overrides``, composed by Hydra as main_ppo does."""
+def hydra_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """(``--config-path``/``--config-name`` as main_ppo's ``@hydra.main`` takes them, the other arguments)."""
+    opts, rest, i = {}, [], 0
+    while i < len(argv):
+        a = argv[i]
+        name = next((n for n in ("--config-path", "--config-name") if a == n or a.startswith(n + "=")), None)
+        if name is None:
+            if a.startswith("-"):
+                raise ConfigError(
+                    f"option {a!r} is not supported — pass key=value overrides, --config-path or --config-name"
+                )
+            rest.append(a)
+        elif a == name:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{name} needs a value — e.g. {name}=...")
+            opts[name], i = argv[i + 1], i + 1
+        else:
+            opts[name] = a.split("=", 1)[1]
+        i += 1
+    return opts, rest
+
+
+def compose_verl(overrides: list[str], config_path: str | None = None, config_name: str | None = None):
+    """verl's config (``ppo_trainer`` unless named) with ``overrides``, composed by Hydra as main_ppo does."""
     import verl.trainer.main_ppo as main_ppo
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    config_dir = Path(config_path).resolve() if config_path else Path(main_ppo.__file__).parent / "config"
+    if not config_dir.is_dir():
+        raise ConfigError(f"--config-path {config_path} is not a folder — pass the folder of your verl YAML")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(main_ppo.__file__).parent / "config"), version_base=None):
-        return compose(config_name="ppo_trainer", overrides=overrides)
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return compose(config_name=config_name or "ppo_trainer", overrides=overrides)
 
 
 def verl_view(cfg) -> dict:
@@ -119,7 +143,9 @@ def _check_loss_mode(verl_args: list[str]) -> None:
     for a in verl_args:
         key, _, value = a.partition("=")
         if key.lstrip("+~") == LOSS_MODE_KEY and value != "a3po":
-            raise ConfigError(f"{LOSS_MODE_KEY}={value}: this entry point trains with the a3po loss — drop that override")
+            raise ConfigError(
+                f"{LOSS_MODE_KEY}={value}: this entry point trains with the a3po loss — drop that override"
+            )
 
 
 def _store_root(path: str) -> str:
@@ -129,7 +155,9 @@ def _store_root(path: str) -> str:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StoreError(f"cannot create the store folder {root}: {e.strerror} — pass a writable a3po.store=DIR") from None
+        raise StoreError(
+            f"cannot create the store folder {root}: {e.strerror} — pass a writable a3po.store=DIR"
+        ) from None
     return str(root)
 
 
@@ -142,10 +170,11 @@ def prepare(argv: list[str]):
     from engine.algorithms import resolve
     from engine.config import config_from_dict
 
+    opts, argv = hydra_options(argv)
     ours, verl_args = split_args(argv)
     args = parse_a3po_args(ours)
     _check_loss_mode(verl_args)
-    cfg = compose_verl(verl_args)
+    cfg = compose_verl(verl_args, opts.get("--config-path"), opts.get("--config-name"))
     engine_cfg = engine_config(args, verl_view(cfg))
     resolved = resolve(config_from_dict(engine_cfg))
     store = _store_root(args.store or "runs")
@@ -166,7 +195,8 @@ def prepare(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m engine.integrations.verl_main [verl overrides] [a3po.* keys]``: check, then train."""
+    """``python -m engine.integrations.verl_main [--config-path DIR --config-name NAME] [verl overrides]
+    [a3po.* keys]``: check everything, then train with verl's run_ppo and the writing TaskRunner."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = prepare(argv)
@@ -408,5 +438,4 @@ A3POTaskRunner = ray.remote(_TaskRunner)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     sys.exit(main())

@@ -147,9 +147,7 @@ def engine_config(args: A3POArgs, verl: dict) -> dict:
 def check_verl_algorithm(r: ResolvedAlgorithm) -> None:
     """Refuse what verl's policy loss cannot shape (it gets old log-probs but no entropies)."""
     if r.fork_tokens or any(t.metric != "prob" for t in r.token_rules):
-        raise ConfigError(
-            "verl's policy loss receives no token entropies — use token rules with metric 'prob' only"
-        )
+        raise ConfigError("verl's policy loss receives no token entropies — use token rules with metric 'prob' only")
     if r.estimator != "grpo" or r.dynamic_sampling or r.overlong_buffer:
         raise ConfigError(
             f"algorithm {r.name!r}: verl computes the sample advantage, dynamic sampling and overlong "

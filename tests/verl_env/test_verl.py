@@ -4,9 +4,6 @@ The loss in the workers, the step it decays on, and the store writer of verl_mai
 verl's own code paths: the legacy trainer's ``DataProto`` after ``compute_advantage``, and the v1
 trainer's TransferQueue rows after its real ``_compute_advantage``."""
 
-import importlib
-
-import numpy as np
 import pytest
 import torch
 
@@ -15,13 +12,10 @@ pytest.importorskip("verl.trainer.ppo.core_algos")
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
-from engine.advantage import decay_alpha  # noqa: E402
 from engine.algorithms import ResolvedAlgorithm, resolve, shape_tokens  # noqa: E402
 from engine.config import ConfigError, config_from_dict  # noqa: E402
 from engine.integrations import verl_records as vr  # noqa: E402
 from engine.loss import policy_loss  # noqa: E402
-from engine.store import Store  # noqa: E402
 
 
 def _batch():
@@ -205,5 +199,3 @@ def test_verl_has_the_seam_the_hook_relies_on():
         in (root / "trainer" / "ppo" / "v1" / "trainer_sync.py").read_text()
     )
     assert "actor_wg.update_weights(global_steps=global_steps" in (root / "checkpoint_engine" / "base.py").read_text()
-
-

@@ -218,5 +218,32 @@ def test_existing_run_name_is_refused_before_ray(tmp_path):
     from engine.store import Store
 
     Store(tmp_path / "runs").create_run({"algorithm": {"name": "a3po"}}, name="taken")
-    p = _launch(tmp_path, "trainer.total_training_steps=5", f"a3po.store={tmp_path / 'runs'}", "a3po.run_name=taken", script=False)
+    p = _launch(
+        tmp_path,
+        "trainer.total_training_steps=5",
+        f"a3po.store={tmp_path / 'runs'}",
+        "a3po.run_name=taken",
+        script=False,
+    )
     _one_error_line(p, "already exists", "a3po.run_id=taken")
+
+
+def test_own_verl_config_folder_and_name(tmp_path, monkeypatch):
+    """main_ppo's --config-path/--config-name: a recipe YAML on top of verl's ppo_trainer."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "recipe.yaml").write_text(
+        "hydra:\n  searchpath:\n    - pkg://verl.trainer.config\n"
+        "defaults:\n  - ppo_trainer\n  - _self_\n"
+        "trainer:\n  total_training_steps: 7\n"
+    )
+    cfg = prepare(["--config-path", str(tmp_path / "conf"), "--config-name=recipe", "a3po.algorithm.ratio=0.3"])
+    from engine.integrations.verl_records import resolved_from_env
+
+    r = resolved_from_env(ray_runtime_env(cfg)["env_vars"])
+    assert cfg.trainer.total_training_steps == 7 and (r.decay_steps, r.ratio) == (7, 0.3)
+    assert (tmp_path / "runs").is_dir()  # a3po.store's default, relative to the launch folder
+
+
+def test_unknown_config_name_is_one_line(tmp_path):
+    _one_error_line(_launch(tmp_path, "--config-name=nope", script=False), "verl config")

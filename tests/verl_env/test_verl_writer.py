@@ -16,14 +16,13 @@ pytest.importorskip("verl.trainer.ppo.core_algos")
 pytest.importorskip("transfer_queue")
 
 import numpy as np  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from verl import DataProto  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
 from engine.algorithms import ResolvedAlgorithm, shape_tokens  # noqa: E402
 from engine.config import config_from_dict  # noqa: E402
 from engine.integrations import verl_main  # noqa: E402
-from engine.integrations import verl_records as vr  # noqa: E402
 from engine.replay import load_step  # noqa: E402
 from engine.store import Store  # noqa: E402
 
@@ -219,7 +218,9 @@ def test_resume_continues_the_run_with_the_decay_step(tmp_path, tok):
     from engine.advantage import decay_alpha
 
     r = ResolvedAlgorithm.from_dict(store.read_run(rid)["resolved"])
-    assert steps.alpha_pos.tolist() == pytest.approx([decay_alpha(3.0, s - 1, 10, "linear", r.decay_rate) for s in (1, 2, 3)])
+    assert steps.alpha_pos.tolist() == pytest.approx(
+        [decay_alpha(3.0, s - 1, 10, "linear", r.decay_rate) for s in (1, 2, 3)]
+    )
     assert steps.alpha_pos[0] > steps.alpha_pos[2]
 
 
@@ -332,3 +333,24 @@ def test_install_writers_points_verls_lookups_at_the_subclasses(tmp_path, monkey
     cfg.trainer.use_v1 = False
     verl_main.install_writers(cfg)
     assert v0.RayPPOTrainer._a3po_writes and v0.RayPPOTrainer.__name__ == "A3POLegacyTrainer"
+
+
+def test_task_runner_installs_the_writers_then_runs_verls_runner(tmp_path, monkeypatch):
+    """A3POTaskRunner's body: writers first, then the plain class behind verl's @ray.remote runner."""
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    seen = []
+
+    class Runner:
+        def run(self, config):
+            seen.append(("run", config.trainer.use_v1))
+            return "done"
+
+    monkeypatch.setattr(verl_main, "install_writers", lambda config: seen.append(("install", None)))
+    monkeypatch.setattr(verl_main, "_plain_class", lambda actor_cls: Runner)
+    cfg = _config(tmp_path)
+    assert verl_main._TaskRunner().run(cfg) == "done"
+    assert seen == [("install", None), ("run", True)]
+    monkeypatch.undo()
+    plain = verl_main._plain_class(TaskRunnerV1)  # what Ray wrapped: a class with verl's run()
+    assert isinstance(plain, type) and callable(plain.run) and plain().config is None
