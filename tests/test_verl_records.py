@@ -252,3 +252,33 @@ def test_example_config_is_a_valid_engine_config():
     assert (ROOT / "configs" / "demo.yaml").exists()
     cfg = _cfg(f"a3po.config={ROOT / 'configs' / 'demo.yaml'}")
     assert cfg["algorithm"]["name"] == "a3po"
+
+
+def test_a_verl_written_run_opens_on_every_app_page(tmp_path, monkeypatch):
+    """Runs, Rollouts and Playground (which rebuilds run.json's config and replays a stored step)."""
+    from streamlit.testing.v1 import AppTest
+
+    w, r = _writer(tmp_path)
+    for step in (1, 2):
+        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode)[0])
+    w.finish()
+    monkeypatch.setenv("A3PO_STORE", str(tmp_path / "runs"))
+    for page, state in (
+        ("runs.py", {}),
+        ("rollouts.py", {"run": w.run_id}),
+        ("playground.py", {"run": w.run_id, "pg_step": 2}),
+    ):
+        at = AppTest.from_file(str(ROOT / "app" / "pages" / page), default_timeout=90)
+        for k, v in state.items():
+            at.session_state[k] = v
+        at.run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert not at.error, (page, [e.value for e in at.error])
+        if page == "rollouts.py":  # the verl run's tokens, key tokens marked
+            html = "".join(h.proto.body for h in at.get("html"))
+            assert 'class="tok key"' in html and "&lt;6&gt;" in html
+        if page == "playground.py":  # replayed with the run's own config: the same key tokens
+            assert int(at.metric[0].value) > 0
+    assert (
+        w.run_id in AppTest.from_file(str(ROOT / "app" / "pages" / "runs.py")).run().dataframe[0].value.run_id.tolist()
+    )
