@@ -15,7 +15,7 @@ from engine.algorithms import ResolvedAlgorithm, resolve, shape_tokens
 from engine.config import ConfigError, config_from_dict
 from engine.integrations import verl_records as vr
 from engine.replay import load_step
-from engine.store import Store
+from engine.store import Store, StoreError
 
 VERL = {
     "model_path": "Qwen/Qwen2.5-0.5B",
@@ -201,8 +201,8 @@ def test_decay_runs_on_finished_steps():
     assert a1 == 2.0 and a6 == pytest.approx(decay_alpha(2.0, 5, 10, "linear", r.decay_rate)) and a6 < 2.0
 
 
-def _writer(tmp_path, ckpt="ckpt", run_id=None):
-    cfg = _cfg("a3po.run_name=verl-run")
+def _writer(tmp_path, ckpt="ckpt", run_id=None, name="verl-run"):
+    cfg = _cfg(f"a3po.run_name={name}")
     r = resolve(config_from_dict(cfg))
     return vr.RunWriter(Store(tmp_path / "runs"), cfg, r.to_dict(), str(tmp_path / ckpt), run_id), r
 
@@ -235,9 +235,15 @@ def test_resume_continues_the_run_and_drops_later_steps(tmp_path):
     assert w2.run_id == w.run_id
     store = Store(tmp_path / "runs")
     assert list(store.query("select step from steps order by step", run_ids=[w.run_id]).step) == [1, 2, 3]
-    # a fresh start (step 1) in the same checkpoint folder is a new run
-    w3, _ = _writer(tmp_path)
-    assert w3.open(1) != w.run_id
+    # a fresh start (step 1) in the same checkpoint folder is a new run (under a new name: the old
+    # name is taken, which verl_main refuses before Ray starts, see check_run_name)
+    w3, _ = _writer(tmp_path, name="verl-run-2")
+    assert w3.open(1) == "verl-run-2"
+    store = Store(tmp_path / "runs")
+    with pytest.raises(StoreError, match="already exists"):
+        vr.check_run_name(store, "verl-run", None, str(tmp_path / "other-ckpt"))
+    vr.check_run_name(store, "verl-run-2", None, str(tmp_path / "ckpt"))  # this folder resumes it: fine
+    vr.check_run_name(store, "verl-run", "verl-run", None)  # a3po.run_id continues it: fine
 
 
 def test_explicit_run_id_is_continued(tmp_path):
