@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return lines[0] if lines else type(e).__name__
+    """The exception's message on one line (Hydra's instantiation errors span three)."""
+    return " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__
 
 
 def _validate(cfg) -> None:

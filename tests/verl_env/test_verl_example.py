@@ -166,6 +166,13 @@ def test_unquoted_int_is_what_ray_rejects(shipped):
         ray_accepts(ray_runtime_env(cfg))
 
 
+MICRO = (
+    "actor.ppo_micro_batch_size_per_gpu",
+    "rollout.log_prob_micro_batch_size_per_gpu",
+    "ref.log_prob_micro_batch_size_per_gpu",
+)
+
+
 def _launch(tmp_path: Path, *args: str, script: bool = True):
     """The launch for real (stand-in python3 only passes through); returns the CompletedProcess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("A3PO_")}
@@ -208,6 +215,7 @@ def test_bad_coefficient_stops_the_shipped_launch_with_one_line(tmp_path):
         (("a3po.algorithm.dynamic_sampling=true",), ("dynamic sampling",)),
         (("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",), ("loss_mode=vanilla",)),
         (("trainer.no_such_key=1",), ("verl config",)),
+        ((), ("verl config", "ppo_micro_batch_size")),  # verl's own validate_config, on one line
     ],
 )
 def test_entry_point_user_mistakes_are_one_line(tmp_path, args, words):
@@ -247,3 +255,20 @@ def test_own_verl_config_folder_and_name(tmp_path, monkeypatch):
 
 def test_unknown_config_name_is_one_line(tmp_path):
     _one_error_line(_launch(tmp_path, "--config-name=nope", script=False), "verl config")
+
+
+def test_valid_launch_hands_verls_run_ppo_the_writing_task_runner(tmp_path, monkeypatch):
+    import verl.trainer.main_ppo as main_ppo
+
+    from engine.integrations import verl_main
+
+    calls = []
+    monkeypatch.setattr(main_ppo, "run_ppo", lambda cfg, task_runner_class: calls.append((cfg, task_runner_class)))
+    monkeypatch.chdir(tmp_path)
+    micro = [f"actor_rollout_ref.{k}=1" for k in MICRO]
+    model = "actor_rollout_ref.model.path=Qwen/Qwen2.5-Math-7B"
+    args = ["algorithm.adv_estimator=grpo", "trainer.total_training_steps=5", model, *micro, "a3po.run_name=ok"]
+    assert verl_main.main(args) == 0
+    ((cfg, runner),) = calls
+    assert runner is verl_main.A3POTaskRunner and hasattr(runner, "remote")  # a Ray actor class
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "a3po" and cfg.a3po_lab.store == str(tmp_path / "runs")
