@@ -288,3 +288,20 @@ def test_a_verl_written_run_opens_on_every_app_page(tmp_path, monkeypatch):
     assert (
         w.run_id in AppTest.from_file(str(ROOT / "app" / "pages" / "runs.py")).run().dataframe[0].value.run_id.tolist()
     )
+
+
+def test_steps_are_compacted_and_a_resume_still_drops_later_ones(tmp_path):
+    cfg = _cfg("a3po.run_name=c", "a3po.train.compact_every=2")
+    r = resolve(config_from_dict(cfg))
+    store = Store(tmp_path / "runs")
+    w = vr.RunWriter(store, cfg, r.to_dict(), str(tmp_path / "ckpt"))
+    for step in (1, 2, 3):
+        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode)[0])
+    assert sorted(p.name for p in (store.run_dir(w.run_id) / "chunks").glob("steps-*")) == [
+        "steps-000001-000002.parquet"
+    ]
+    w2 = vr.RunWriter(store, cfg, r.to_dict(), str(tmp_path / "ckpt"))
+    w2.write(2, vr.step_records("pending", 2, _batch(), r, _text, _decode)[0])  # resumed from step 1
+    w2.finish()
+    assert list(store.query("select step from steps order by step", run_ids=[w.run_id]).step) == [1, 2]
+    assert store.query("select count(*) n from rollouts", run_ids=[w.run_id]).n[0] == 8

@@ -355,6 +355,7 @@ class RunWriter:
         self.store, self.config, self.resolved = store, config, resolved
         self.ckpt_dir, self.wanted = ckpt_dir, run_id
         self.run_id: str | None = None
+        self.last_step: int | None = None
 
     def _run_file(self) -> Path | None:
         return Path(self.ckpt_dir) / RUN_FILE if self.ckpt_dir else None
@@ -391,11 +392,16 @@ class RunWriter:
         fixed = {k: t.set_column(0, "run_id", pa.array([rid] * t.num_rows, pa.string())) for k, t in tables.items()}
         self.store.write_step(rid, step, fixed)
         self.store.update_run(rid, last_step=step)
+        self.last_step = step
+        if step % int(self.config["train"]["compact_every"]) == 0:  # one file per table, not one per step
+            self.store.compact(rid, step)
 
     def finish(self, error: BaseException | None = None) -> None:
         """Mark the run finished (or failed/killed) and release the writer lease."""
         if self.run_id is None:
             return
+        if self.last_step is not None:
+            self.store.compact(self.run_id, self.last_step)
         if error is None:
             self.store.update_run(self.run_id, status="finished")
         else:
