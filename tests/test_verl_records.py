@@ -209,12 +209,13 @@ def _writer(tmp_path, ckpt="ckpt", run_id=None, name="verl-run"):
 
 def test_written_run_opens_in_the_store_and_replays(tmp_path):
     w, r = _writer(tmp_path)
+    w.total_steps = 40  # what verl's trainer computed (dataloader length x epochs)
     for step in (1, 2):
         w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode)[0])
     w.finish()
     store = Store(tmp_path / "runs")
     meta = store.read_run(w.run_id)
-    assert meta["status"] == "finished" and meta["last_step"] == 2
+    assert meta["status"] == "finished" and meta["last_step"] == 2 and meta["total_steps"] == 40
     assert ResolvedAlgorithm.from_dict(meta["resolved"]) == r
     config_from_dict(meta["config"])
     assert store.query("select count(*) n from steps", run_ids=[w.run_id]).n[0] == 2

@@ -341,6 +341,7 @@ class _WriterMixin:
     def _a3po_writer(self) -> StepWriter:
         if getattr(self, "_a3po_w", None) is None:
             self._a3po_w = StepWriter(self.config[SETTINGS_KEY], self.tokenizer, self.config.trainer.default_local_dir)
+            self._a3po_w.run.total_steps = getattr(self, "total_training_steps", None)  # set by verl's trainer
         return self._a3po_w
 
     def fit(self, *args, **kwargs):

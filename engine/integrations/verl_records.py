@@ -356,6 +356,10 @@ class RunWriter:
         self.ckpt_dir, self.wanted = ckpt_dir, run_id
         self.run_id: str | None = None
         self.last_step: int | None = None
+        self.total_steps: int | None = None  # the trainer's own count (verl's total_training_steps), if known
+
+    def _total(self) -> int:
+        return int(self.total_steps or self.config["train"]["steps"])
 
     def _run_file(self) -> Path | None:
         return Path(self.ckpt_dir) / RUN_FILE if self.ckpt_dir else None
@@ -373,12 +377,10 @@ class RunWriter:
         if rid is not None and rid in self.store.run_ids():
             self.store.acquire_writer(rid)
             self.store.truncate_after(rid, step - 1)
-            self.store.update_run(rid, status="running", last_step=step - 1, error=None)
+            self.store.update_run(rid, status="running", last_step=step - 1, error=None, total_steps=self._total())
         else:
             rid = self.store.create_run(self.config, name=rid or self.config.get("name"), lease=True)
-            self.store.update_run(
-                rid, status="running", resolved=self.resolved, total_steps=self.config["train"]["steps"]
-            )
+            self.store.update_run(rid, status="running", resolved=self.resolved, total_steps=self._total())
         self.run_id = rid
         f = self._run_file()
         if f is not None:
