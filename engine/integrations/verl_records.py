@@ -27,7 +27,7 @@ import torch
 
 from engine.advantage import gradient_push
 from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
-from engine.config import MAX_STEPS, ConfigError, config_from_dict, load_config
+from engine.config import AGG_MODES, MAX_STEPS, ConfigError, config_from_dict, load_config
 from engine.store import step_tables
 
 PREFIX = "a3po."
@@ -106,8 +106,9 @@ def engine_config(args: A3POArgs, verl: dict) -> dict:
     ``verl`` holds the verl settings the engine config describes (plain values, see
     ``verl_main.verl_view``): model_path, n, temperature, top_p, top_k, max_response_length,
     max_prompt_length, train_batch_size, total_training_steps (or None), lr, ppo_epochs, seed,
-    train_file, and the actor's clip_ratio_low/high/c and loss_agg_mode. verl's values win over the file's: the record must describe the run that happened.
-    Raises ConfigError (one line) on any bad value."""
+    train_file, and the actor's clip_ratio_low/high/c and loss_agg_mode. verl's values win over the
+    file's: the record must describe the run that happened. Raises ConfigError (one line) on any bad
+    value."""
     cfg = load_config(args.config, list(args.overrides)).to_dict()
     if cfg["algorithm"]["name"] not in VERL_ALGORITHMS:
         raise ConfigError(
@@ -131,9 +132,11 @@ def engine_config(args: A3POArgs, verl: dict) -> dict:
     ro["max_new_tokens"] = int(verl["max_response_length"])
     act = cfg["actor"]
     act["lr"], act["ppo_epochs"] = float(verl["lr"]), int(verl["ppo_epochs"])
-    for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "loss_agg_mode"):
+    for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c"):
         if verl.get(k) is not None:
-            act[k] = verl[k]
+            act[k] = float(verl[k])
+    if verl.get("loss_agg_mode") in AGG_MODES:  # a verl-only mode cannot be recorded; the file's stays
+        act["loss_agg_mode"] = verl["loss_agg_mode"]
     cfg["train"]["prompts_per_step"] = int(verl["train_batch_size"])
     if total is not None:
         cfg["train"]["steps"] = max(1, min(int(total), MAX_STEPS))
