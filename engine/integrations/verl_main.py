@@ -8,11 +8,13 @@ picks the v1 trainer, the default, or the legacy ``RayPPOTrainer``)::
     python -m engine.integrations.verl_main algorithm.adv_estimator=grpo \\
         data.train_files=/data/train.parquet data.val_files=/data/test.parquet \\
         actor_rollout_ref.model.path=Qwen/Qwen2.5-Math-7B trainer.total_training_steps=500 ... \\
-        a3po.config=configs/demo.yaml a3po.algorithm.alpha_pos=2 a3po.store=runs a3po.run_name=qwen-a3po
+        a3po.config=examples/verl_a3po.yaml a3po.algorithm.alpha_pos=2 a3po.store=runs a3po.run_name=qwen-a3po
 
-``a3po.*`` keys:
+``--config-path DIR`` (absolute, or relative to the current folder) and ``--config-name NAME`` pick
+another verl YAML, as with main_ppo. ``a3po.*`` keys:
   - ``a3po.config=FILE``: an engine config (YAML/JSON, the keys of configs/demo.yaml); its
-    ``algorithm`` (and ``actor`` clip settings, which verl's own values override) define the shaping.
+    ``algorithm`` block defines the shaping. verl's own settings (model, lengths, rollout.n, lr,
+    clip) are recorded in the run's engine config as verl runs them.
   - ``a3po.<section>.<key>=VALUE``: one engine config key, e.g. ``a3po.algorithm.decay_steps=500``.
   - ``a3po.store=DIR`` (default ``runs``), ``a3po.run_name=NAME``, ``a3po.run_id=ID`` (continue that run).
 All are checked by the engine's config checks before Ray starts: a bad value ends with one line
