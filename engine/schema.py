@@ -291,7 +291,7 @@ def evals_table(run_id: str, step: int, result: Mapping) -> pa.Table:
 
 
 # ------------------------------------------------------------------------ metrics from stored rows
-def metrics_from_rollouts(rollouts: pa.Table, tokens: pa.Table | None = None) -> dict[str, float]:
+def metrics_from_rollouts(rollouts, tokens=None) -> dict[str, float]:
     """The step metrics one step's rows determine, computed as the trainer computes them (NaN where
     undefined, e.g. ``length_pos`` without a correct response).
 
@@ -299,10 +299,10 @@ def metrics_from_rollouts(rollouts: pa.Table, tokens: pa.Table | None = None) ->
     frac_all_correct/wrong (per ``group_idx``), truncated_frac, key_frac, n_rollouts. With ``tokens``
     also push_pos/neg (Σ|adv_shaped|) and push_rule_*/push_raw_* (Σ|Δadv|·(1−p), as
     ``engine.advantage.gradient_push``). Writers that do not compute these themselves (TRL, verl)
-    call this so their runs fill the same columns as the trainer's."""
+    call this so their runs fill the same columns as the trainer's. Takes Arrow tables or DataFrames."""
     import numpy as np
 
-    ro = rollouts.to_pandas()
+    ro = _frame(rollouts)
     if not len(ro):
         return {"n_rollouts": 0.0}
     length = ro.length.to_numpy(dtype=float)
@@ -337,10 +337,14 @@ def metrics_from_rollouts(rollouts: pa.Table, tokens: pa.Table | None = None) ->
     return out
 
 
-def _push_from_tokens(tokens: pa.Table) -> dict[str, float]:
+def _frame(t):
+    return t.to_pandas() if isinstance(t, pa.Table) else t
+
+
+def _push_from_tokens(tokens) -> dict[str, float]:
     import numpy as np
 
-    t = tokens.to_pandas()
+    t = _frame(tokens)
     shaped = t.adv_shaped.to_numpy(dtype=float)
     raw = t.adv_raw.to_numpy(dtype=float)
     room = np.clip(1.0 - np.exp(t.logprob.to_numpy(dtype=float)), 0.0, None)  # 1 − p
