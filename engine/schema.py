@@ -122,16 +122,25 @@ def _missing(v) -> bool:
 
 
 def conform_steps(table: pa.Table) -> pa.Table:
-    """A steps table built elsewhere, checked and brought to the registered columns (see ``steps_table``)."""
+    """A steps table built elsewhere (any number of rows), checked like ``steps_table`` and brought to
+    the registered columns, order and types."""
     if table.schema.equals(SCHEMAS["steps"]):
         return table  # built by steps_table
-    rows = table.to_pylist()
-    for r in rows:
-        if "run_id" not in r or "step" not in r:
-            raise SchemaError("a steps table needs run_id and step columns")
-    return pa.concat_tables(
-        [steps_table(r.pop("run_id"), r.pop("step"), r) for r in rows] or [SCHEMAS["steps"].empty_table()]
-    )
+    if "run_id" not in table.column_names or "step" not in table.column_names:
+        raise SchemaError("a steps table needs run_id and step columns")
+    unknown = sorted(set(table.column_names) - set(METRICS) - {"run_id", "step"})
+    if unknown:
+        raise SchemaError(
+            f"unknown step metric(s) {', '.join(map(repr, unknown))} — register them in engine.schema.STEP_METRICS"
+        )
+    n = table.num_rows
+    cols = {"run_id": table["run_id"].cast(pa.string()), "step": table["step"].cast(pa.int32())}
+    for m in STEP_METRICS:
+        cols[m.name] = table[m.name].cast(pa.float64()) if m.name in table.column_names else pa.nulls(n, pa.float64())
+    missing = [k for k in REQUIRED_METRICS if any(_missing(v) for v in cols[k].to_pylist())]
+    if missing:
+        raise SchemaError(f"a steps table lacks values of the required metric(s) {', '.join(missing)}")
+    return pa.table(cols, schema=SCHEMAS["steps"])
 
 
 def with_store_time(metrics: Mapping[str, float], seconds: float, now: float) -> dict:

@@ -62,6 +62,8 @@ def test_conform_steps_brings_a_built_table_to_the_registry():
     assert t.schema.equals(SCHEMAS["steps"]) and t.column("step").to_pylist() == [1, 2]
     with pytest.raises(SchemaError, match="reward_mean"):
         schema.conform_steps(raw.append_column("reward_mean", pa.array([0.1, 0.2])))
+    with pytest.raises(SchemaError, match="required metric.*acc"):
+        schema.conform_steps(raw.set_column(3, "acc", pa.array([0.0, None])))
 
 
 # ------------------------------------------------------------------ step_tables
