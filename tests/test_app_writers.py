@@ -49,7 +49,10 @@ def _trl_run(root) -> str:
 
     model, tok, _ = load_policy("builtin:tiny", device="cpu")
     data = Dataset.from_list(
-        [{"prompt": tok.bos_token + p.prompt, "answer": p.answer} for p in load_problems("builtin:arith", "train", limit=16)]
+        [
+            {"prompt": tok.bos_token + p.prompt, "answer": p.answer}
+            for p in load_problems("builtin:arith", "train", limit=16)
+        ]
     )
     args = trl.GRPOConfig(
         output_dir=str(root.parent / "trl-out"),

@@ -173,7 +173,9 @@ def test_push_from_tokens_matches_gradient_push():
     m = metrics_from_rollouts(t["rollouts"], t["tokens"])
     rule = gradient_push(b["adv_tokens_raw"], b["adv_shaped"], b["logprob"], b["mask"], b["polarity"])
     raw = gradient_push(torch.zeros(3, 3), b["adv_tokens_raw"], b["logprob"], b["mask"], b["polarity"])
-    assert m["push_rule_pos"] == pytest.approx(rule["positive"]) and m["push_rule_neg"] == pytest.approx(rule["negative"])
+    assert m["push_rule_pos"] == pytest.approx(rule["positive"]) and m["push_rule_neg"] == pytest.approx(
+        rule["negative"]
+    )
     assert m["push_raw_pos"] == pytest.approx(raw["positive"]) and m["push_raw_neg"] == pytest.approx(raw["negative"])
     # by hand: Σ|adv_shaped| over valid tokens of each polarity
     assert (m["push_pos"], m["push_neg"]) == (pytest.approx(2 * 3 + 1 * 2), pytest.approx(2.0))
