@@ -429,6 +429,21 @@ def run_meta(
     }
 
 
+def check_run_fields(fields: Mapping) -> None:
+    """Refuse a run.json update the schema does not describe: an unregistered field name (a typo
+    would be silently ignored by every reader) or a value that does not fit its ``runs`` column (the
+    run would then be listed as ``invalid``). SchemaError: a writer's bug."""
+    unknown = sorted(set(fields) - set(RUN_FIELDS))
+    if unknown:
+        raise SchemaError(
+            f"unknown run.json field(s) {', '.join(map(repr, unknown))} — register them in engine.schema.RUN_FIELDS"
+        )
+    types = dict(RUN_COLUMNS)
+    problems = [p for k, v in fields.items() if k in types for p in [_fit(k, types[k], v)[1]] if p]
+    if problems:
+        raise SchemaError("run.json update does not fit the runs table: " + "; ".join(problems))
+
+
 def run_row(meta: Mapping) -> tuple[dict, list[str]]:
     """run.json as a ``runs`` row: ``(row, problems)``; a value that does not fit its column is None
     and named in ``problems`` (the store lists such a run as ``invalid``)."""

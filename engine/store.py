@@ -256,6 +256,9 @@ class Store:
                 shutil.rmtree(p, ignore_errors=True)
 
     def update_run(self, run_id: str, **fields) -> dict:
+        """Rewrite run.json with ``fields`` changed (atomically); the fields are checked against
+        ``engine.schema.RUN_FIELDS`` first."""
+        schema.check_run_fields(fields)
         path = self.run_dir(run_id) / "run.json"
         meta = json.loads(path.read_text())
         meta.update(fields)

@@ -260,3 +260,14 @@ def test_trainer_steps_row_matches_metrics_from_its_rollouts(tmp_path):
         else:
             assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     assert row.t_store > 0 and row.t_step >= row.t_store and row.time > 0
+
+
+def test_update_run_checks_fields_against_the_schema(tmp_path):
+    s = Store(tmp_path)
+    rid = s.create_run({"algorithm": {"name": "grpo"}, "train": {"steps": 2}}, name="w")
+    assert s.update_run(rid, status="running", last_step=1, resolved={"name": "grpo"})["last_step"] == 1
+    with pytest.raises(SchemaError, match="'last_setp'.*RUN_FIELDS"):
+        s.update_run(rid, last_setp=2)
+    with pytest.raises(SchemaError, match="last_step '2' is not an integer"):
+        s.update_run(rid, last_step="2")
+    assert s.read_run(rid)["last_step"] == 1  # nothing written by the refused updates
