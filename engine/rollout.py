@@ -6,6 +6,7 @@ backend (GPU) can replace the Hugging Face one without touching the training loo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +46,17 @@ class Rollouts:
     @property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    def to(self, device) -> Rollouts:
+        """The same rollouts with every tensor on ``device``."""
+        return Rollouts(*(None if x is None else x.to(device) for x in self._tensors()))
+
+    def rows(self, idx: torch.Tensor) -> Rollouts:
+        """Rows ``idx`` (a 1-D index tensor) of every tensor."""
+        return Rollouts(*(None if x is None else x[idx.to(x.device)] for x in self._tensors()))
+
+    def _tensors(self) -> list:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
 
     @property
     def attention_mask(self) -> torch.Tensor:

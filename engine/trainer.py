@@ -23,12 +23,15 @@ import socket
 import sys
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from engine.advantage import gradient_push
 from engine.algorithms import ALGORITHMS, resolve, shape_advantages
@@ -45,20 +48,103 @@ from engine.tasks import load_problems
 
 
 class Timer:
+    """Seconds per phase of one step: ``with timer("generate"): ...`` adds to ``timer.t["generate"]``."""
+
     def __init__(self):
         self.t: dict[str, float] = {}
 
+    @contextmanager
     def __call__(self, name: str):
-        timer = self
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
 
-        class _T:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
 
-            def __exit__(self, *a):
-                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
+@dataclass
+class StepBatch:
+    """One step's training batch: ``B = groups x rollout.n`` responses, prompt-major (row b is in group
+    ``b // rollout.n``). ``Trainer.sample`` builds it (generate, score, DAPO refills merged); the
+    forward, shaping, update, metrics and store tables all read it."""
 
-        return _T()
+    ro: Rollouts  # (B, Lp) prompts and (B, T) responses; logprobs/entropy (B, T) when the engine recorded them
+    prompt_idx: list[int]  # (B,) train-set index of each row's prompt
+    group: list[int]  # (B,) group id 0..groups-1
+    texts: list[str]  # (B,) decoded responses
+    correct: list[bool]  # (B,) verifier verdicts
+    rewards: list[float]  # (B,) verdict + overlong penalty
+    rounds: int = 1  # generation rounds this step took (dynamic sampling refills)
+
+    @property
+    def polarity(self) -> torch.Tensor:
+        """``(B,)`` int8: +1 for a correct response, -1 otherwise."""
+        return torch.tensor([1 if c else -1 for c in self.correct], dtype=torch.int8)
+
+    def groups(self, n: int) -> list[StepBatch]:
+        """Each group of ``n`` consecutive rows as a batch of its own."""
+        return [self.take(list(range(g, g + n))) for g in range(0, len(self.texts), n)]
+
+    def take(self, rows: list[int]) -> StepBatch:
+        """Rows ``rows`` (in that order) of every field."""
+        r = torch.tensor(rows, dtype=torch.long)
+        return StepBatch(
+            self.ro.rows(r),
+            [self.prompt_idx[i] for i in rows],
+            [self.group[i] for i in rows],
+            [self.texts[i] for i in rows],
+            [self.correct[i] for i in rows],
+            [self.rewards[i] for i in rows],
+            self.rounds,
+        )
+
+    @staticmethod
+    def concat(parts: list[StepBatch], pad_id: int, n: int, rounds: int) -> StepBatch:
+        """Groups from several generation rounds as one batch: prompts left-padded and responses
+        right-padded to the longest, groups renumbered 0.. in order."""
+        Lp = max(p.ro.prompt_ids.shape[1] for p in parts)
+        T = max(p.ro.response_ids.shape[1] for p in parts)
+
+        def cat(get, L, value, left=False):
+            xs = [get(p.ro) for p in parts]
+            return torch.cat([F.pad(x, (L - x.shape[1], 0) if left else (0, L - x.shape[1]), value=value) for x in xs])
+
+        recorded = all(p.ro.logprobs is not None and p.ro.entropy is not None for p in parts)
+        ro = Rollouts(
+            cat(lambda r: r.prompt_ids, Lp, pad_id, left=True),
+            cat(lambda r: r.prompt_mask, Lp, 0, left=True),
+            cat(lambda r: r.response_ids, T, pad_id),
+            cat(lambda r: r.response_mask, T, 0),
+            torch.cat([p.ro.truncated for p in parts]),
+            cat(lambda r: r.logprobs, T, 0.0) if recorded else None,  # the kv engine's recorded values
+            cat(lambda r: r.entropy, T, 0.0) if recorded else None,
+        )
+        B = ro.response_ids.shape[0]
+        return StepBatch(
+            ro,
+            [i for p in parts for i in p.prompt_idx],
+            [b // n for b in range(B)],
+            [t for p in parts for t in p.texts],
+            [c for p in parts for c in p.correct],
+            [r for p in parts for r in p.rewards],
+            rounds,
+        )
+
+
+class OldPolicy(NamedTuple):
+    """What the update and the shaping need from the policy that sampled the batch, ``(B, T)`` each."""
+
+    logprobs: torch.Tensor  # old-policy log-probs of the sampled tokens (detached)
+    entropy: torch.Tensor  # entropy of each sampling distribution (logits / temperature)
+    ref_logprobs: torch.Tensor | None  # reference model's, when actor.kl_coef > 0
+    live: torch.Tensor | None  # on-policy single pass: the same log-probs with their graph, reused by the loss
+
+
+class StepResult(NamedTuple):
+    """One training step: the ``steps`` row's metrics and the step's tables (rollouts, tokens)."""
+
+    metrics: dict[str, float]
+    tables: dict[str, pa.Table]
 
 
 def response_logits(model, ro: Rollouts, temperature: float = 1.0):
@@ -227,11 +313,11 @@ class Trainer:
         return step
 
     # ------------------------------------------------------------------ one step
-    def sample(self, step: int, timer: Timer):
+    def sample(self, step: int, timer: Timer) -> StepBatch:
         """Generate and score; with dynamic sampling keep only mixed groups, refilling up to max_gen_batches."""
         cfg = self.cfg
         P, n = cfg.train.prompts_per_step, cfg.rollout.n
-        kept: list[dict] = []
+        kept: list[StepBatch] = []
         rounds = 0
         while True:
             idx = self.prompt_indices(step, P, rounds)
@@ -254,144 +340,78 @@ class Trainer:
                     for c, L in zip(correct, lengths)
                 ]
             rounds += 1
-            groups = [
-                {
-                    "prompt_idx": pi,
-                    "ro": ro,
-                    "rows": list(range(g * n, (g + 1) * n)),
-                    "texts": texts[g * n : (g + 1) * n],
-                    "correct": correct[g * n : (g + 1) * n],
-                    "rewards": rewards[g * n : (g + 1) * n],
-                }
-                for g, pi in enumerate(idx)
-            ]
-            kept += [grp for grp in groups if not (self.dynamic and len(set(grp["rewards"])) == 1)]
+            got = StepBatch(
+                ro, [i for i in idx for _ in range(n)], [b // n for b in range(len(texts))], texts, correct, rewards
+            )
+            groups = got.groups(n)
+            kept += [g for g in groups if not (self.dynamic and len(set(g.rewards)) == 1)]
             if not self.dynamic or len(kept) >= P or rounds >= cfg.algorithm.max_gen_batches:
                 break
         if not kept:  # dynamic sampling found no mixed group: train on the last round as is (zero advantage)
             kept = groups
-        kept = kept[:P]
-        return self._merge(kept), rounds
+        return StepBatch.concat(kept[:P], self.tok.pad_token_id, n, rounds)
 
-    def _merge(self, groups: list[dict]) -> dict:
-        """Concatenate kept groups (possibly from several generation rounds) into one padded batch."""
-        pad = self.tok.pad_token_id
-        parts_p, parts_pm, parts_r, parts_rm, trunc = [], [], [], [], []
-        for g in groups:
-            ro: Rollouts = g["ro"]
-            r = torch.tensor(g["rows"], device=ro.prompt_ids.device)
-            parts_p.append(ro.prompt_ids[r])
-            parts_pm.append(ro.prompt_mask[r])
-            parts_r.append(ro.response_ids[r])
-            parts_rm.append(ro.response_mask[r])
-            trunc.append(ro.truncated[r])
-        Lp = max(p.shape[1] for p in parts_p)
-        T = max(p.shape[1] for p in parts_r)
+    def _old_policy(self, ro: Rollouts) -> OldPolicy:
+        """Old-policy log-probs and entropies: recorded by the rollout engine, or one forward pass.
 
-        def padl(x, L, v):
-            return torch.nn.functional.pad(x, (L - x.shape[1], 0), value=v)
-
-        def padr(x, L, v):
-            return torch.nn.functional.pad(x, (0, L - x.shape[1]), value=v)
-
-        ro = Rollouts(
-            torch.cat([padl(p, Lp, pad) for p in parts_p]),
-            torch.cat([padl(p, Lp, 0) for p in parts_pm]),
-            torch.cat([padr(p, T, pad) for p in parts_r]),
-            torch.cat([padr(p, T, 0) for p in parts_rm]),
-            torch.cat(trunc),
-        )
-        if all(
-            g["ro"].logprobs is not None and g["ro"].entropy is not None for g in groups
-        ):  # recorded by the kv engine
-            ro.logprobs = torch.cat([padr(g["ro"].logprobs[torch.tensor(g["rows"])], T, 0.0) for g in groups])
-            ro.entropy = torch.cat([padr(g["ro"].entropy[torch.tensor(g["rows"])], T, 0.0) for g in groups])
-        n = self.cfg.rollout.n
-        return {
-            "ro": ro,
-            "prompt_idx": [g["prompt_idx"] for g in groups for _ in range(n)],
-            "group": [i for i in range(len(groups)) for _ in range(n)],
-            "texts": [t for g in groups for t in g["texts"]],
-            "correct": [c for g in groups for c in g["correct"]],
-            "rewards": [r for g in groups for r in g["rewards"]],
-        }
-
-    def step(self, step: int) -> dict:
-        cfg, timer = self.cfg, Timer()
-        t0 = time.perf_counter()
-        batch, rounds = self.sample(step, timer)
-        ro: Rollouts = batch["ro"]
-        dev = self.device
-        ro = Rollouts(
-            *(
-                x.to(dev) if x is not None else None
-                for x in (
-                    ro.prompt_ids,
-                    ro.prompt_mask,
-                    ro.response_ids,
-                    ro.response_mask,
-                    ro.truncated,
-                    ro.logprobs,
-                    ro.entropy,
-                )
-            )
-        )
-        scores = torch.tensor(batch["rewards"], dtype=torch.float32, device=dev)
-        correct = torch.tensor(batch["correct"], dtype=torch.bool, device=dev)
-        polarity = torch.where(correct, 1, -1).to(torch.int8)
-        single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
+        The rollout engine ran this very policy (same weights, same dtype) when it recorded the sampled
+        tokens' log-probs and the entropies of logits / temperature: those are the old policy's, so a
+        separate no-grad forward is redundant. ``actor.recompute_old_logprobs`` forces it (verl's way).
+        With one on-policy mini-batch (``ppo_epochs = mini_batches = 1``) the forward with grad that the
+        loss needs doubles as the old policy's (ratio 1), so nothing extra runs either."""
+        cfg = self.cfg
         chunk, temp = cfg.model.logit_chunk, cfg.rollout.temperature
-        # The rollout engine ran this very policy (same weights, same dtype) and recorded the sampled
-        # tokens' log-probs and entropies of logits / temperature: those are the old policy's, so the
-        # separate no-grad forward is redundant. actor.recompute_old_logprobs forces it (verl's way).
+        single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
         recorded = ro.logprobs is not None and ro.entropy is not None and not cfg.actor.recompute_old_logprobs
         dtype = next(self.model.parameters()).dtype
+        logits = live = None
+        if single_pass or not recorded:
+            with nullcontext() if single_pass else torch.no_grad():
+                logits = response_logits(self.model, ro, temp)
+                lp = token_logprobs(logits, ro.response_ids, chunk_size=chunk)
+            old_lp, live = lp.detach(), (lp if single_pass else None)
+        else:
+            old_lp = ro.logprobs.to(dtype)
+        if recorded:
+            ent = ro.entropy.to(dtype)
+        else:
+            with torch.no_grad():
+                ent = token_entropy(logits.detach(), chunk_size=chunk)
+        ref_lp = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_lp = token_logprobs(response_logits(self.ref, ro, temp), ro.response_ids, chunk_size=chunk)
+        return OldPolicy(old_lp, ent, ref_lp, live)
 
-        # --- old policy log-probs and entropy (one pass; reused for the update when on-policy)
+    def step(self, step: int) -> StepResult:
+        """One RL step: sample and score, old policy, shape, update; the metrics and tables to store."""
+        timer, t0 = Timer(), time.perf_counter()
+        batch = self.sample(step, timer)
+        ro = batch.ro.to(self.device)
+        scores = torch.tensor(batch.rewards, dtype=torch.float32, device=self.device)
+        polarity = batch.polarity.to(self.device)
         with timer("forward"):
-            if single_pass or not recorded:
-                ctx = nullcontext() if single_pass else torch.no_grad()
-                with ctx:
-                    logits = response_logits(self.model, ro, temp)
-                    lp = token_logprobs(logits, ro.response_ids, chunk_size=chunk)
-                old_lp = lp.detach()  # on-policy single pass: exactly the loss's own log-probs (ratio 1)
-            else:
-                logits = lp = None
-                old_lp = ro.logprobs.to(dtype)
-            if recorded:
-                ent = ro.entropy.to(dtype)
-            else:
-                with torch.no_grad():
-                    ent = token_entropy(logits.detach(), chunk_size=chunk)
-            ref_lp = None
-            if self.ref is not None:
-                with torch.no_grad():
-                    ref_lp = token_logprobs(response_logits(self.ref, ro, temp), ro.response_ids, chunk_size=chunk)
-            if not single_pass:
-                del logits, lp
-        # --- advantages
+            old = self._old_policy(ro)
         with timer("shaping"):
             shaped = shape_advantages(
                 self.resolved,
                 scores=scores,
-                group_ids=batch["group"],
+                group_ids=batch.group,
                 polarity=polarity,
                 response_mask=ro.response_mask,
-                logprobs=old_lp,
-                entropy=ent,
+                logprobs=old.logprobs,
+                entropy=old.entropy,
                 step=step - 1,  # finished steps: the first update uses alpha0
             )
-        # --- update
         with timer("update"):
-            upd = self._update(ro, old_lp, shaped.adv, ref_lp, lp if single_pass else None)
+            upd = self._update(ro, old.logprobs, shaped.adv, old.ref_logprobs, old.live)
             self.backend.sync_weights(self.model)  # no-op for HF; pushes weights into a vLLM engine
-        metrics = self._metrics(batch, ro, old_lp, ent, shaped, polarity, scores, upd, rounds)
-        # --- per-token tables (written by the caller, timed there)
-        with timer("store"):
-            tables = self._tables(step, batch, ro, old_lp, ent, shaped, polarity)
+        metrics = self._metrics(batch, ro, old, shaped, polarity, scores, upd)
+        with timer("store"):  # building the rows; writing them is timed by the caller
+            tables = self._tables(step, batch, ro, old, shaped, polarity)
         metrics.update({f"t_{k}": v for k, v in timer.t.items()})
         metrics["t_step"] = time.perf_counter() - t0
-        return metrics, tables
+        return StepResult(metrics, tables)
 
     def _update(self, ro: Rollouts, old_lp, adv, ref_lp, lp_live) -> dict:
         cfg = self.cfg
@@ -448,13 +468,14 @@ class Trainer:
                 lp_live = None
         return {k: (float(np.mean(v)) if v else 0.0) for k, v in stats.items()}
 
-    def _metrics(self, batch, ro, old_lp, ent, shaped, polarity, scores, upd, rounds) -> dict:
+    def _metrics(self, batch: StepBatch, ro, old: OldPolicy, shaped, polarity, scores, upd) -> dict:
         mask = ro.response_mask.bool()
         pos = (polarity == 1).unsqueeze(-1) & mask
         neg = (polarity == -1).unsqueeze(-1) & mask
         lengths = mask.sum(1).float()
         n = self.cfg.rollout.n
-        corr = torch.tensor(batch["correct"], dtype=torch.float32).reshape(-1, n)
+        corr = torch.tensor(batch.correct, dtype=torch.float32).reshape(-1, n)
+        old_lp, ent = old.logprobs, old.entropy
         a_abs = shaped.adv.abs()
 
         def mm(x, m):
@@ -490,18 +511,18 @@ class Trainer:
             "alpha_pos": shaped.alpha_pos,  # the algorithm's own scales; extra token_rules are not alphas
             "alpha_neg": shaped.alpha_neg,
             "n_rollouts": float(mask.shape[0]),
-            "gen_rounds": float(rounds),
+            "gen_rounds": float(batch.rounds),
             **upd,
         }
 
-    def _tables(self, step, batch, ro, old_lp, ent, shaped, polarity) -> dict:
+    def _tables(self, step, batch: StepBatch, ro, old: OldPolicy, shaped, polarity) -> dict:
         return step_tables(
             self.run_id,
             step,
             mask=ro.response_mask,
             token_ids=ro.response_ids,
-            logprob=old_lp,
-            entropy=ent,
+            logprob=old.logprobs,
+            entropy=old.entropy,
             adv_tokens_raw=shaped.adv_tokens_raw,
             adv_shaped=shaped.adv,
             is_key=shaped.key_mask,
@@ -509,13 +530,13 @@ class Trainer:
             token_text=lambda ids: self.vocab_text.take(pa.array(ids)),
             with_tokens=self.cfg.train.store_tokens,
             rollouts={
-                "group_idx": np.array(batch["group"], np.int32),
-                "prompt_idx": np.array(batch["prompt_idx"], np.int64),
-                "prompt": [self.train_set[i].prompt for i in batch["prompt_idx"]],
-                "response": batch["texts"],
-                "answer": [self.train_set[i].answer for i in batch["prompt_idx"]],
-                "reward": np.array(batch["rewards"], np.float32),
-                "correct": batch["correct"],
+                "group_idx": np.array(batch.group, np.int32),
+                "prompt_idx": np.array(batch.prompt_idx, np.int64),
+                "prompt": [self.train_set[i].prompt for i in batch.prompt_idx],
+                "response": batch.texts,
+                "answer": [self.train_set[i].answer for i in batch.prompt_idx],
+                "reward": np.array(batch.rewards, np.float32),
+                "correct": batch.correct,
                 "truncated": ro.truncated.cpu().numpy(),
                 "adv_raw": shaped.adv_raw.float().cpu().numpy(),
             },
