@@ -43,7 +43,7 @@ class Metric:
     name: str
     meaning: str
     unit: str
-    required: bool = False  # an app page selects it by name: every steps row must have a value
+    required: bool = False  # an app page selects it by name: every writer must pass it (NaN = not measured)
 
 
 def _m(name: str, meaning: str, unit: str, required: bool = False) -> Metric:
@@ -101,13 +101,14 @@ def steps_table(run_id: str, step: int, metrics: Mapping[str, float | None]) -> 
     """One ``steps`` row with every registered column: missing metrics are null (NaN to pandas).
 
     Raises SchemaError for a name ``STEP_METRICS`` does not list (a typo would otherwise become a
-    column no page reads) or a missing required metric (a page selecting it would break)."""
+    column no page reads) or a required metric the writer did not pass at all (it forgot what a page
+    plots); passing NaN/None for one says "not measured" (e.g. entropy a verl run did not compute)."""
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise SchemaError(
             f"unknown step metric(s) {', '.join(map(repr, unknown))} — register them in engine.schema.STEP_METRICS"
         )
-    missing = [k for k in REQUIRED_METRICS if _missing(metrics.get(k))]
+    missing = [k for k in REQUIRED_METRICS if k not in metrics]
     if missing:
         raise SchemaError(f"step {step} of run {run_id!r} lacks the required metric(s) {', '.join(missing)}")
     cols = {"run_id": [run_id], "step": [int(step)]}
@@ -115,10 +116,6 @@ def steps_table(run_id: str, step: int, metrics: Mapping[str, float | None]) -> 
         v = metrics.get(m.name)
         cols[m.name] = [None if v is None else float(v)]
     return pa.table(cols, schema=SCHEMAS["steps"])
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def conform_steps(table: pa.Table) -> pa.Table:
@@ -137,9 +134,9 @@ def conform_steps(table: pa.Table) -> pa.Table:
     cols = {"run_id": table["run_id"].cast(pa.string()), "step": table["step"].cast(pa.int32())}
     for m in STEP_METRICS:
         cols[m.name] = table[m.name].cast(pa.float64()) if m.name in table.column_names else pa.nulls(n, pa.float64())
-    missing = [k for k in REQUIRED_METRICS if any(_missing(v) for v in cols[k].to_pylist())]
+    missing = [k for k in REQUIRED_METRICS if k not in table.column_names]
     if missing:
-        raise SchemaError(f"a steps table lacks values of the required metric(s) {', '.join(missing)}")
+        raise SchemaError(f"a steps table lacks the required metric(s) {', '.join(missing)}")
     return pa.table(cols, schema=SCHEMAS["steps"])
 
 
