@@ -273,3 +273,17 @@ def test_update_run_checks_fields_against_the_schema(tmp_path):
     with pytest.raises(SchemaError, match="last_step '2' is not an integer"):
         s.update_run(rid, last_step="2")
     assert s.read_run(rid)["last_step"] == 1  # nothing written by the refused updates
+
+
+def test_readme_lists_the_registered_step_columns():
+    import re
+    from pathlib import Path
+
+    line = next(
+        x for x in (Path(__file__).parent.parent / "README.md").read_text().splitlines() if x.startswith("| `steps` |")
+    )
+    listed = line.split("per registered metric:", 1)[1]
+    while "(" in listed:  # drop the (possibly nested) explanations
+        listed = re.sub(r"\([^()]*\)", "", listed)
+    listed = listed.strip(" |")
+    assert [c.strip() for c in listed.split(",")] == [m.name for m in STEP_METRICS]
