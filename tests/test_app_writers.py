@@ -85,10 +85,54 @@ def _trl_run(root) -> str:
     return tr.a3po_run
 
 
-# name -> function(store folder) -> run id. A verl-written run: one more entry here.
+def _verl_run(root) -> str:
+    """verl_main's writer (engine.integrations.verl_records, the verl-free half): 2 steps of 2
+    prompts x 4 responses with verl's GRPO advantages; the TaskRunner side runs in tests/verl_env."""
+    from transformers import AutoTokenizer
+
+    from engine.advantage import group_advantages
+    from engine.algorithms import resolve
+    from engine.config import config_from_dict
+    from engine.integrations import verl_records as vr
+    from engine.tasks import load_problems
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-model")
+    view = {"model_path": str(ROOT / "data" / "tiny-model"), "n": 4, "temperature": 1.0, "top_p": 1.0}
+    view.update(top_k=-1, max_response_length=16, max_prompt_length=32, train_batch_size=2)
+    view.update(total_training_steps=2, lr=1e-6, ppo_epochs=1, train_file="builtin:arith")
+    cfg = vr.engine_config(vr.parse_a3po_args(["a3po.run_name=verl-run"]), view)
+    r = resolve(config_from_dict(cfg))
+    w = vr.RunWriter(Store(root), cfg, r.to_dict(), str(root.parent / "ckpt"))
+    probs = load_problems("builtin:arith", "train", limit=2)
+    for step in (1, 2):
+        texts = [p.answer if i < 2 - (step == 2) else p.answer + "1" for p in probs for i in range(4)]
+        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        T = max(map(len, ids))
+        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
+        scores = torch.tensor([float(t == p.answer) for t, p in zip(texts, [p for p in probs for _ in range(4)])])
+        adv = group_advantages(scores, [i // 4 for i in range(8)]).unsqueeze(-1) * mask
+        batch = vr.VerlBatch(
+            responses=torch.tensor([x + [0] * (T - len(x)) for x in ids]),
+            response_mask=mask,
+            old_log_probs=-torch.rand(8, T) * mask,
+            entropy=torch.rand(8, T),  # both verl trainers' old-log-prob pass computes it
+            advantages=adv,
+            scores=scores,
+            uid=[i // 4 for i in range(8)],
+            prompts=[p.prompt for p in probs for _ in range(4)],
+            answers=[p.answer for p in probs for _ in range(4)],
+        )
+        tt = [lambda x: [tok.decode([int(i)]) for i in x], lambda rows: tok.batch_decode(rows)]
+        w.write(step, vr.step_records("pending", step, batch, r, *tt))
+    w.finish()
+    return w.run_id
+
+
+# name -> function(store folder) -> run id.
 WRITERS = {
     "trainer": _trainer_run,
     "trl": _trl_run,
+    "verl": _verl_run,
 }
 
 
