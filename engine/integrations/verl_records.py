@@ -16,7 +16,6 @@ in one environment variable (``A3PO_RESOLVED``, see ``RESOLVED_ENV``) and is che
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.advantage import gradient_push
 from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
 from engine.config import AGG_MODES, MAX_STEPS, ConfigError, config_from_dict, load_config
-from engine.store import step_tables
+from engine.schema import metrics_from_rollouts, step_tables, steps_table
 
 PREFIX = "a3po."
 RESOLVED_ENV = "A3PO_RESOLVED"
@@ -274,53 +272,11 @@ def step_records(
             "adv_raw": shaped.adv_raw.float().numpy(),
         },
     )
-    metrics = step_metrics(tables, shaped, old, mask, pol)
-    tables["steps"] = pa.table(
-        {"run_id": [run_id], "step": pa.array([step], pa.int32()), **{k: [float(v)] for k, v in metrics.items()}}
-    )
+    # the columns every writer fills, computed from the rows as for a TRL run; A3PO's scales from the shaping
+    metrics = metrics_from_rollouts(tables["rollouts"], tables.get("tokens"))
+    metrics.update(alpha_pos=shaped.alpha_pos, alpha_neg=shaped.alpha_neg)
+    tables["steps"] = steps_table(run_id, step, metrics)
     return tables, shaped
-
-
-def step_metrics(tables: dict, shaped: Shaped, logprobs, mask, polarity) -> dict[str, float]:
-    """The steps-table columns the app plots (names as ``engine.trainer`` writes them; NaN if undefined)."""
-    ro = tables["rollouts"].to_pandas()
-    length = ro.length.astype(float)
-    pos, neg = ro.polarity == 1, ro.polarity == -1
-
-    def wmean(sel):  # token-weighted mean entropy of the selected rollouts
-        n = length[sel].sum()
-        return float((ro.mean_entropy[sel] * length[sel]).sum() / n) if n > 0 else math.nan
-
-    def lmean(sel):
-        return float(length[sel].mean()) if sel.any() else math.nan
-
-    groups = ro.groupby("group_idx").correct
-    tok_raw = shaped.adv_tokens_raw
-    push_rule = gradient_push(tok_raw, shaped.adv, logprobs, mask, polarity)
-    push_raw = gradient_push(torch.zeros_like(tok_raw), tok_raw, logprobs, mask, polarity)
-    a_abs = shaped.adv.abs()
-    return {
-        "reward": float(ro.reward.mean()),
-        "acc": float(ro.correct.mean()),
-        "entropy": wmean(ro.length >= 0),
-        "entropy_pos": wmean(pos),
-        "entropy_neg": wmean(neg),
-        "length": float(length.mean()),
-        "length_pos": lmean(pos),
-        "length_neg": lmean(neg),
-        "frac_all_correct": float(groups.all().mean()),
-        "frac_all_wrong": float((~groups.any()).mean()),
-        "key_frac": float(ro.n_key.sum() / max(1, ro.length.sum())),
-        "push_pos": float((a_abs * ((polarity == 1).unsqueeze(-1) & mask)).sum()),
-        "push_neg": float((a_abs * ((polarity == -1).unsqueeze(-1) & mask)).sum()),
-        "push_rule_pos": push_rule["positive"],
-        "push_rule_neg": push_rule["negative"],
-        "push_raw_pos": push_raw["positive"],
-        "push_raw_neg": push_raw["negative"],
-        "alpha_pos": shaped.alpha_pos,
-        "alpha_neg": shaped.alpha_neg,
-        "n_rollouts": float(len(ro)),
-    }
 
 
 # ---------------------------------------------------------------- the store run
