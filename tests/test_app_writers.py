@@ -2,7 +2,8 @@
 
 Each writer in ``WRITERS`` produces a small finished run with its real code path into a store of its
 own; every page is then driven with Streamlit's AppTest on that store and must render the run's data
-without an exception. Adding a writer (e.g. the verl integration) is one entry in ``WRITERS``.
+without an exception: the engine's trainer, TRL's GRPOTrainer and the verl driver-side writer. Adding
+a writer is one entry in ``WRITERS``.
 """
 
 import pytest
@@ -86,44 +87,76 @@ def _trl_run(root) -> str:
 
 
 def _verl_run(root) -> str:
-    """verl_main's writer (engine.integrations.verl_records, the verl-free half): 2 steps of 2
-    prompts x 4 responses with verl's GRPO advantages; the TaskRunner side runs in tests/verl_env."""
-    from transformers import AutoTokenizer
-
+    """The verl integration's driver-side writer (engine.integrations.verl_records): 2 steps whose
+    batches hold what verl's trainer has at its advantage stage: real responses of the embedded model,
+    old log-probs, GRPO advantages broadcast over tokens, scores and group uids; no entropies."""
     from engine.advantage import group_advantages
     from engine.algorithms import resolve
-    from engine.config import config_from_dict
+    from engine.config import config_from_dict, load_config
     from engine.integrations import verl_records as vr
-    from engine.tasks import load_problems
+    from engine.trainer import Timer, Trainer
 
-    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-model")
-    view = {"model_path": str(ROOT / "data" / "tiny-model"), "n": 4, "temperature": 1.0, "top_p": 1.0}
-    view.update(top_k=-1, max_response_length=16, max_prompt_length=32, train_batch_size=2)
-    view.update(total_training_steps=2, lr=1e-6, ppo_epochs=1, train_file="builtin:arith")
-    cfg = vr.engine_config(vr.parse_a3po_args(["a3po.run_name=verl-run"]), view)
+    verl = {
+        "model_path": "builtin:tiny-countdown",
+        "n": 4,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "max_response_length": 32,
+        "max_prompt_length": 64,
+        "train_batch_size": 4,
+        "total_training_steps": 2,
+        "lr": 1e-6,
+        "ppo_epochs": 1,
+        "seed": 0,
+        "train_file": "builtin:countdown",
+    }
+    cfg = vr.engine_config(vr.parse_a3po_args(["a3po.run_name=verl-run"]), verl)
     r = resolve(config_from_dict(cfg))
-    w = vr.RunWriter(Store(root), cfg, r.to_dict(), str(root.parent / "ckpt"))
-    probs = load_problems("builtin:arith", "train", limit=2)
+    gen = Trainer(
+        load_config(
+            None,
+            [
+                "model.path=builtin:tiny-countdown",
+                "data.train=builtin:countdown",
+                "data.test=builtin:countdown",
+                "train.prompts_per_step=4",
+                "rollout.n=4",
+                "rollout.max_new_tokens=32",
+                "eval.n_prompts=2",
+                "train.threads=1",
+            ],
+        ),
+        Store(root.parent / "scratch"),
+        log=lambda s: None,
+    )
+    text, decode = gen.vocab_text, gen.tok.batch_decode
+    w = vr.RunWriter(Store(root), cfg, r.to_dict(), str(root.parent / "verl-ckpt"))
     for step in (1, 2):
-        texts = [p.answer if i < 2 - (step == 2) else p.answer + "1" for p in probs for i in range(4)]
-        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-        T = max(map(len, ids))
-        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
-        scores = torch.tensor([float(t == p.answer) for t, p in zip(texts, [p for p in probs for _ in range(4)])])
-        adv = group_advantages(scores, [i // 4 for i in range(8)]).unsqueeze(-1) * mask
+        b = gen.sample(step, Timer())
+        old = gen._old_policy(b.ro).logprobs.detach()
+        scores = torch.tensor(b.rewards)
+        adv = group_advantages(scores, b.group).unsqueeze(-1) * b.ro.response_mask
         batch = vr.VerlBatch(
-            responses=torch.tensor([x + [0] * (T - len(x)) for x in ids]),
-            response_mask=mask,
-            old_log_probs=-torch.rand(8, T) * mask,
-            entropy=torch.rand(8, T),  # both verl trainers' old-log-prob pass computes it
+            responses=b.ro.response_ids,
+            response_mask=b.ro.response_mask,
+            old_log_probs=old,
             advantages=adv,
             scores=scores,
-            uid=[i // 4 for i in range(8)],
-            prompts=[p.prompt for p in probs for _ in range(4)],
-            answers=[p.answer for p in probs for _ in range(4)],
+            uid=[f"p{i}" for i in b.prompt_idx],
+            entropy=None,
+            prompts=[gen.train_set[i].prompt for i in b.prompt_idx],
+            answers=[gen.train_set[i].answer for i in b.prompt_idx],
         )
-        tt = [lambda x: [tok.decode([int(i)]) for i in x], lambda rows: tok.batch_decode(rows)]
-        w.write(step, vr.step_records("pending", step, batch, r, *tt))
+        rec = vr.step_records(
+            "pending",
+            step,
+            batch,
+            r,
+            lambda ids: text.take(ids).to_pylist(),
+            lambda rows: decode(rows, skip_special_tokens=True),
+        )
+        w.write(step, rec)
     w.finish()
     return w.run_id
 
@@ -201,8 +234,11 @@ def test_runs_page(run):
     assert (row.status, row.last_step, row.total_steps) == ("finished", 2, total)
     assert at.multiselect(key="runs_sel").value == [run]
     traces = _traces(at)
-    for col in ("reward", "entropy", "length", "frac_all_correct", "frac_all_wrong"):
+    for col in ("reward", "length", "frac_all_correct", "frac_all_wrong"):
         assert f"{run}: {col}" in traces, (col, sorted(traces))
+    # entropy is plotted when the writer measured it (a verl run whose actor skipped it has none)
+    measured = _stored(run, "select count(*) filter (where not isnan(entropy)) n from steps where run_id = ?").n[0] > 0
+    assert (f"{run}: entropy" in traces) == bool(measured)
     push = at.dataframe[1].value.set_index("run_id")
     assert push.loc[run, "source"] == "recorded" and push.loc[run, "steps"] == 2
 
