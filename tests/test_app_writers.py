@@ -2,7 +2,7 @@
 
 Each writer in ``WRITERS`` produces a small finished run with its real code path into a store of its
 own; every page is then driven with Streamlit's AppTest on that store and must render the run's data
-without an exception. Adding a writer (e.g. the verl integration) is one entry in ``WRITERS``.
+without an exception. Adding a writer is one entry in ``WRITERS``.
 """
 
 import pytest
@@ -85,10 +85,58 @@ def _trl_run(root) -> str:
     return tr.a3po_run
 
 
-# name -> function(store folder) -> run id. A verl-written run: one more entry here.
+def _verl_run(root) -> str:
+    """engine.integrations.verl_records as verl_main's driver hook uses it (engine_config, step_records,
+    RunWriter), on a verl batch at the advantage step built by hand: 2 prompts x 4 responses of real
+    token ids of the embedded model, GRPO advantages, old log-probs and entropies."""
+    from engine.integrations import verl_records as vr
+    from engine.policy import load_policy
+    from engine.reward import is_correct
+    from engine.tasks import load_problems
+
+    _, tok, _ = load_policy("builtin:tiny", device="cpu")
+    verl = {"model_path": "builtin:tiny", "n": 4, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+            "max_response_length": 16, "max_prompt_length": 32, "train_batch_size": 2, "total_training_steps": 2,
+            "lr": 1e-6, "ppo_epochs": 1, "seed": 0, "train_file": "builtin:arith"}  # fmt: skip
+    cfg = vr.engine_config(vr.parse_a3po_args(["a3po.run_name=verl-run"]), verl)
+    resolved = vr.resolve(vr.config_from_dict(cfg))
+    writer = vr.RunWriter(Store(root), cfg, resolved.to_dict(), str(root.parent / "ckpt"))
+    problems = load_problems("builtin:arith", "train", limit=2)
+    texts = [f"\\boxed{{{p.answer if j < 2 else 7}}}" for p in problems for j in range(4)]  # half right
+    g = torch.Generator().manual_seed(0)
+    for step in (1, 2):
+        rows = [tok(t, add_special_tokens=False).input_ids[:16] for t in texts]
+        T = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        scores = torch.tensor([float(is_correct(t, problems[i // 4].answer)) for i, t in enumerate(texts)])
+        assert scores.tolist() == [1.0, 1.0, 0.0, 0.0] * 2  # mixed groups: non-zero advantages
+        grp = scores.reshape(2, 4)
+        adv = ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-6)).reshape(-1)
+        batch = vr.VerlBatch(
+            responses=ids,
+            response_mask=mask,
+            old_log_probs=-torch.rand(ids.shape, generator=g) * 3,
+            advantages=adv.unsqueeze(-1) * mask,
+            scores=scores,
+            uid=[f"u{i // 4}" for i in range(8)],
+            entropy=torch.rand(ids.shape, generator=g),
+            prompts=[problems[i // 4].prompt for i in range(8)],
+            answers=[problems[i // 4].answer for i in range(8)],
+        )
+        tables, _ = vr.step_records(
+            "pending", step, batch, resolved, lambda x: [tok.decode([int(i)]) for i in x], tok.batch_decode
+        )
+        writer.write(step, tables)
+    writer.finish()
+    return writer.run_id
+
+
+# name -> function(store folder) -> run id. Another writer: one more entry here.
 WRITERS = {
     "trainer": _trainer_run,
     "trl": _trl_run,
+    "verl": _verl_run,
 }
 
 
