@@ -2,7 +2,8 @@
 
 Each writer in ``WRITERS`` produces a small finished run with its real code path into a store of its
 own; every page is then driven with Streamlit's AppTest on that store and must render the run's data
-without an exception. Adding a writer is one entry in ``WRITERS``.
+without an exception: the engine's trainer, TRL's GRPOTrainer and the verl driver-side writer. Adding
+a writer is one entry in ``WRITERS``.
 """
 
 import pytest
@@ -86,53 +87,81 @@ def _trl_run(root) -> str:
 
 
 def _verl_run(root) -> str:
-    """engine.integrations.verl_records as verl_main's driver hook uses it (engine_config, step_records,
-    RunWriter), on a verl batch at the advantage step built by hand: 2 prompts x 4 responses of real
-    token ids of the embedded model, GRPO advantages, old log-probs and entropies."""
+    """The verl integration's driver-side writer (engine.integrations.verl_records): 2 steps whose
+    batches hold what verl's trainer has at its advantage stage: real responses of the embedded model,
+    old log-probs, GRPO advantages broadcast over tokens, scores and group uids; no entropies."""
+    from engine.advantage import group_advantages
+    from engine.algorithms import resolve
+    from engine.config import config_from_dict, load_config
     from engine.integrations import verl_records as vr
-    from engine.policy import load_policy
-    from engine.reward import is_correct
-    from engine.tasks import load_problems
+    from engine.trainer import Timer, Trainer
 
-    _, tok, _ = load_policy("builtin:tiny", device="cpu")
-    verl = {"model_path": "builtin:tiny", "n": 4, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
-            "max_response_length": 16, "max_prompt_length": 32, "train_batch_size": 2, "total_training_steps": 2,
-            "lr": 1e-6, "ppo_epochs": 1, "seed": 0, "train_file": "builtin:arith"}  # fmt: skip
+    verl = {
+        "model_path": "builtin:tiny-countdown",
+        "n": 4,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "max_response_length": 32,
+        "max_prompt_length": 64,
+        "train_batch_size": 4,
+        "total_training_steps": 2,
+        "lr": 1e-6,
+        "ppo_epochs": 1,
+        "seed": 0,
+        "train_file": "builtin:countdown",
+    }
     cfg = vr.engine_config(vr.parse_a3po_args(["a3po.run_name=verl-run"]), verl)
-    resolved = vr.resolve(vr.config_from_dict(cfg))
-    writer = vr.RunWriter(Store(root), cfg, resolved.to_dict(), str(root.parent / "ckpt"))
-    problems = load_problems("builtin:arith", "train", limit=2)
-    texts = [f"\\boxed{{{p.answer if j < 2 else 7}}}" for p in problems for j in range(4)]  # half right
-    g = torch.Generator().manual_seed(0)
+    r = resolve(config_from_dict(cfg))
+    gen = Trainer(
+        load_config(
+            None,
+            [
+                "model.path=builtin:tiny-countdown",
+                "data.train=builtin:countdown",
+                "data.test=builtin:countdown",
+                "train.prompts_per_step=4",
+                "rollout.n=4",
+                "rollout.max_new_tokens=32",
+                "eval.n_prompts=2",
+                "train.threads=1",
+            ],
+        ),
+        Store(root.parent / "scratch"),
+        log=lambda s: None,
+    )
+    text, decode = gen.vocab_text, gen.tok.batch_decode
+    w = vr.RunWriter(Store(root), cfg, r.to_dict(), str(root.parent / "verl-ckpt"))
     for step in (1, 2):
-        rows = [tok(t, add_special_tokens=False).input_ids[:16] for t in texts]
-        T = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
-        scores = torch.tensor([float(is_correct(t, problems[i // 4].answer)) for i, t in enumerate(texts)])
-        assert scores.tolist() == [1.0, 1.0, 0.0, 0.0] * 2  # mixed groups: non-zero advantages
-        grp = scores.reshape(2, 4)
-        adv = ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-6)).reshape(-1)
+        b = gen.sample(step, Timer())
+        old = gen._old_policy(b.ro).logprobs.detach()
+        scores = torch.tensor(b.rewards)
+        adv = group_advantages(scores, b.group).unsqueeze(-1) * b.ro.response_mask
         batch = vr.VerlBatch(
-            responses=ids,
-            response_mask=mask,
-            old_log_probs=-torch.rand(ids.shape, generator=g) * 3,
-            advantages=adv.unsqueeze(-1) * mask,
+            responses=b.ro.response_ids,
+            response_mask=b.ro.response_mask,
+            old_log_probs=old,
+            advantages=adv,
             scores=scores,
-            uid=[f"u{i // 4}" for i in range(8)],
-            entropy=torch.rand(ids.shape, generator=g),
-            prompts=[problems[i // 4].prompt for i in range(8)],
-            answers=[problems[i // 4].answer for i in range(8)],
+            uid=[f"p{i}" for i in b.prompt_idx],
+            entropy=None,
+            prompts=[gen.train_set[i].prompt for i in b.prompt_idx],
+            answers=[gen.train_set[i].answer for i in b.prompt_idx],
         )
-        tables, _ = vr.step_records(
-            "pending", step, batch, resolved, lambda x: [tok.decode([int(i)]) for i in x], tok.batch_decode
+        rec = vr.step_records(
+            "pending",
+            step,
+            batch,
+            r,
+            lambda ids: text.take(ids).to_pylist(),
+            lambda rows: decode(rows, skip_special_tokens=True),
         )
-        writer.write(step, tables)
-    writer.finish()
-    return writer.run_id
+        w.write(step, rec)
+    w.finish()
+    return w.run_id
 
 
-# name -> function(store folder) -> run id. Another writer: one more entry here.
+# name -> function(store folder) -> run id.
 WRITERS = {
     "trainer": _trainer_run,
     "trl": _trl_run,
@@ -205,8 +234,11 @@ def test_runs_page(run):
     assert (row.status, row.last_step, row.total_steps) == ("finished", 2, total)
     assert at.multiselect(key="runs_sel").value == [run]
     traces = _traces(at)
-    for col in ("reward", "entropy", "length", "frac_all_correct", "frac_all_wrong"):
+    for col in ("reward", "length", "frac_all_correct", "frac_all_wrong"):
         assert f"{run}: {col}" in traces, (col, sorted(traces))
+    # entropy is plotted when the writer measured it (a verl run whose actor skipped it has none)
+    measured = _stored(run, "select count(*) filter (where not isnan(entropy)) n from steps where run_id = ?").n[0] > 0
+    assert (f"{run}: entropy" in traces) == bool(measured)
     push = at.dataframe[1].value.set_index("run_id")
     assert push.loc[run, "source"] == "recorded" and push.loc[run, "steps"] == 2
 

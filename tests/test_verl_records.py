@@ -173,7 +173,7 @@ def _resolved(**algo) -> ResolvedAlgorithm:
 
 def test_rows_hold_verls_raw_and_the_engines_shaped_advantages():
     b, r = _batch(), _resolved(decay="constant", alpha_pos=3, alpha_neg=2)
-    tables, shaped = vr.step_records("run", 4, b, r, _text, _decode)
+    tables, metrics, _ = vr.step_records("run", 4, b, r, _text, _decode)
     ro, tok = tables["rollouts"].to_pandas(), tables["tokens"].to_pandas()
     assert len(ro) == 4 and len(tok) == int(b.response_mask.sum()) == 5 + 3 + 5 + 1
     assert list(ro.polarity) == [1, -1, 0, 0] and list(ro.group_idx) == [0, 0, 1, 1]
@@ -184,20 +184,20 @@ def test_rows_hold_verls_raw_and_the_engines_shaped_advantages():
     assert np.allclose(tok.adv_shaped, ref.adv[m].numpy()) and np.allclose(tok.adv_raw, b.advantages[m].numpy())
     assert (tok.adv_shaped != tok.adv_raw).any()  # the rules did act (3x / 2x on key tokens)
     assert np.allclose(tok.entropy, b.entropy[m].numpy()) and set(tok.step) == {4}
-    steps = tables["steps"].to_pandas()
-    assert steps.alpha_pos[0] == 3.0 and steps.acc[0] == 0.25 and steps.length_neg[0] == 3.0  # (3 + 1 + 5) / 3
+    assert metrics["alpha_pos"] == 3.0 and metrics["acc"] == 0.25 and metrics["length_neg"] == 3.0  # row 1 only
 
 
 def test_entropy_not_computed_is_nan():
-    tables, _ = vr.step_records("run", 1, _batch(entropy=False), _resolved(), _text, _decode)
+    tables, metrics, _ = vr.step_records("run", 1, _batch(entropy=False), _resolved(), _text, _decode)
     assert tables["tokens"].to_pandas().entropy.isna().all()
+    assert np.isnan(metrics["entropy"]) and metrics["length"] == 3.5  # "not measured", the rest is
 
 
 def test_decay_runs_on_finished_steps():
     """verl's global step 1 is shaped at 0 finished steps (alpha0), step 6 at 5 of S = 10."""
     r = _resolved(alpha_pos=2, alpha_neg=2, decay="linear")
-    a1 = vr.step_records("run", 1, _batch(), r, _text, _decode)[1].alpha_pos
-    a6 = vr.step_records("run", 6, _batch(), r, _text, _decode)[1].alpha_pos
+    a1 = vr.step_records("run", 1, _batch(), r, _text, _decode).shaped.alpha_pos
+    a6 = vr.step_records("run", 6, _batch(), r, _text, _decode).shaped.alpha_pos
     assert a1 == 2.0 and a6 == pytest.approx(decay_alpha(2.0, 5, 10, "linear", r.decay_rate)) and a6 < 2.0
 
 
@@ -211,7 +211,7 @@ def test_written_run_opens_in_the_store_and_replays(tmp_path):
     w, r = _writer(tmp_path)
     w.total_steps = 40  # what verl's trainer computed (dataloader length x epochs)
     for step in (1, 2):
-        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode)[0])
+        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode))
     w.finish()
     store = Store(tmp_path / "runs")
     meta = store.read_run(w.run_id)
@@ -228,11 +228,11 @@ def test_written_run_opens_in_the_store_and_replays(tmp_path):
 def test_resume_continues_the_run_and_drops_later_steps(tmp_path):
     w, r = _writer(tmp_path)
     for step in (1, 2, 3):
-        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode)[0])
+        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode))
     w.finish(KeyboardInterrupt())
     # verl resumed from its step-2 checkpoint: the next step it runs is 3
     w2, _ = _writer(tmp_path)
-    w2.write(3, vr.step_records("pending", 3, _batch(), r, _text, _decode)[0])
+    w2.write(3, vr.step_records("pending", 3, _batch(), r, _text, _decode))
     assert w2.run_id == w.run_id
     store = Store(tmp_path / "runs")
     assert list(store.query("select step from steps order by step", run_ids=[w.run_id]).step) == [1, 2, 3]
@@ -249,7 +249,7 @@ def test_resume_continues_the_run_and_drops_later_steps(tmp_path):
 
 def test_explicit_run_id_is_continued(tmp_path):
     w, r = _writer(tmp_path, ckpt="a")
-    w.write(1, vr.step_records("pending", 1, _batch(), r, _text, _decode)[0])
+    w.write(1, vr.step_records("pending", 1, _batch(), r, _text, _decode))
     w.finish()
     w2, _ = _writer(tmp_path, ckpt="b", run_id=w.run_id)
     assert w2.open(2) == w.run_id
@@ -267,7 +267,7 @@ def test_a_verl_written_run_opens_on_every_app_page(tmp_path, monkeypatch):
 
     w, r = _writer(tmp_path)
     for step in (1, 2):
-        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode)[0])
+        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode))
     w.finish()
     monkeypatch.setenv("A3PO_STORE", str(tmp_path / "runs"))
     for page, state in (
@@ -297,12 +297,12 @@ def test_steps_are_compacted_and_a_resume_still_drops_later_ones(tmp_path):
     store = Store(tmp_path / "runs")
     w = vr.RunWriter(store, cfg, r.to_dict(), str(tmp_path / "ckpt"))
     for step in (1, 2, 3):
-        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode)[0])
+        w.write(step, vr.step_records("pending", step, _batch(), r, _text, _decode))
     assert sorted(p.name for p in (store.run_dir(w.run_id) / "chunks").glob("steps-*")) == [
         "steps-000001-000002.parquet"
     ]
     w2 = vr.RunWriter(store, cfg, r.to_dict(), str(tmp_path / "ckpt"))
-    w2.write(2, vr.step_records("pending", 2, _batch(), r, _text, _decode)[0])  # resumed from step 1
+    w2.write(2, vr.step_records("pending", 2, _batch(), r, _text, _decode))  # resumed from step 1
     w2.finish()
     assert list(store.query("select step from steps order by step", run_ids=[w.run_id]).step) == [1, 2]
     assert store.query("select count(*) n from rollouts", run_ids=[w.run_id]).n[0] == 8

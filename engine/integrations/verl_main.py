@@ -259,9 +259,9 @@ class StepWriter:
 
     def write(self, step: int, batch: VerlBatch) -> int:
         """Write verl's step ``step`` (its global_steps); returns the number of token rows."""
-        tables, _ = step_records("pending", step, batch, self.resolved, self.token_text, self.decode)
-        self.run.write(step, tables)
-        return tables["tokens"].num_rows
+        rec = step_records("pending", step, batch, self.resolved, self.token_text, self.decode)
+        self.run.write(step, rec)
+        return rec.tables["tokens"].num_rows
 
 
 def _texts(tokenizer, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:

@@ -16,19 +16,18 @@ in one environment variable (``A3PO_RESOLVED``, see ``RESOLVED_ENV``) and is che
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.advantage import gradient_push
 from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
 from engine.config import AGG_MODES, MAX_STEPS, ConfigError, config_from_dict, load_config
-from engine.store import step_tables
+from engine.schema import metrics_from_rollouts, step_tables
 
 PREFIX = "a3po."
 RESOLVED_ENV = "A3PO_RESOLVED"
@@ -231,14 +230,21 @@ class VerlBatch:
     answers: list[str] | None = None
 
 
-def step_records(
-    run_id: str, step: int, b: VerlBatch, r: ResolvedAlgorithm, token_text, decode
-) -> tuple[dict[str, pa.Table], Shaped]:
-    """One store step (rollouts, tokens, steps) from a verl batch; ``step`` is verl's global step.
+class StepRecords(NamedTuple):
+    """One verl step as the store takes it."""
+
+    tables: dict[str, pa.Table]  # rollouts, tokens (run_id "pending" until RunWriter writes them)
+    metrics: dict[str, float]  # the steps row (engine.schema.STEP_METRICS names)
+    shaped: Shaped  # what the loss trains on at this step
+
+
+def step_records(run_id: str, step: int, b: VerlBatch, r: ResolvedAlgorithm, token_text, decode) -> StepRecords:
+    """One store step (rollouts, tokens, steps row) from a verl batch; ``step`` is verl's global step.
 
     The shaping runs at ``step - 1`` finished steps, the same clock the workers' loss uses, so the
-    stored ``adv_shaped`` is what the loss trained on. ``token_text(ids) -> list[str]``;
-    ``decode(list of id lists) -> list[str]``."""
+    stored ``adv_shaped`` is what the loss trained on. The steps row is what every writer derives
+    from its rows (``engine.schema.metrics_from_rollouts``) plus A3PO's alphas at this step.
+    ``token_text(ids) -> list[str]``; ``decode(list of id lists) -> list[str]``."""
     mask = b.response_mask.bool().cpu()
     adv = b.advantages.float().cpu()
     old = b.old_log_probs.float().cpu()
@@ -274,53 +280,9 @@ def step_records(
             "adv_raw": shaped.adv_raw.float().numpy(),
         },
     )
-    metrics = step_metrics(tables, shaped, old, mask, pol)
-    tables["steps"] = pa.table(
-        {"run_id": [run_id], "step": pa.array([step], pa.int32()), **{k: [float(v)] for k, v in metrics.items()}}
-    )
-    return tables, shaped
-
-
-def step_metrics(tables: dict, shaped: Shaped, logprobs, mask, polarity) -> dict[str, float]:
-    """The steps-table columns the app plots (names as ``engine.trainer`` writes them; NaN if undefined)."""
-    ro = tables["rollouts"].to_pandas()
-    length = ro.length.astype(float)
-    pos, neg = ro.polarity == 1, ro.polarity == -1
-
-    def wmean(sel):  # token-weighted mean entropy of the selected rollouts
-        n = length[sel].sum()
-        return float((ro.mean_entropy[sel] * length[sel]).sum() / n) if n > 0 else math.nan
-
-    def lmean(sel):
-        return float(length[sel].mean()) if sel.any() else math.nan
-
-    groups = ro.groupby("group_idx").correct
-    tok_raw = shaped.adv_tokens_raw
-    push_rule = gradient_push(tok_raw, shaped.adv, logprobs, mask, polarity)
-    push_raw = gradient_push(torch.zeros_like(tok_raw), tok_raw, logprobs, mask, polarity)
-    a_abs = shaped.adv.abs()
-    return {
-        "reward": float(ro.reward.mean()),
-        "acc": float(ro.correct.mean()),
-        "entropy": wmean(ro.length >= 0),
-        "entropy_pos": wmean(pos),
-        "entropy_neg": wmean(neg),
-        "length": float(length.mean()),
-        "length_pos": lmean(pos),
-        "length_neg": lmean(neg),
-        "frac_all_correct": float(groups.all().mean()),
-        "frac_all_wrong": float((~groups.any()).mean()),
-        "key_frac": float(ro.n_key.sum() / max(1, ro.length.sum())),
-        "push_pos": float((a_abs * ((polarity == 1).unsqueeze(-1) & mask)).sum()),
-        "push_neg": float((a_abs * ((polarity == -1).unsqueeze(-1) & mask)).sum()),
-        "push_rule_pos": push_rule["positive"],
-        "push_rule_neg": push_rule["negative"],
-        "push_raw_pos": push_raw["positive"],
-        "push_raw_neg": push_raw["negative"],
-        "alpha_pos": shaped.alpha_pos,
-        "alpha_neg": shaped.alpha_neg,
-        "n_rollouts": float(len(ro)),
-    }
+    metrics = metrics_from_rollouts(tables["rollouts"], tables["tokens"])
+    metrics.update(alpha_pos=shaped.alpha_pos, alpha_neg=shaped.alpha_neg)
+    return StepRecords(tables, metrics, shaped)
 
 
 # ---------------------------------------------------------------- the store run
@@ -391,11 +353,13 @@ class RunWriter:
             f.write_text(json.dumps({"run_id": rid, "store": str(self.store.root)}))
         return rid
 
-    def write(self, step: int, tables: dict[str, pa.Table]) -> None:
-        """Write one step's tables (their run_id column is replaced by the run's id)."""
+    def write(self, step: int, records: StepRecords) -> None:
+        """Write one step (the tables' run_id column becomes the run's id; the store builds the steps row)."""
         rid = self.open(step)
-        fixed = {k: t.set_column(0, "run_id", pa.array([rid] * t.num_rows, pa.string())) for k, t in tables.items()}
-        self.store.write_step(rid, step, fixed)
+        tables = {
+            k: t.set_column(0, "run_id", pa.array([rid] * t.num_rows, pa.string())) for k, t in records.tables.items()
+        }
+        self.store.write_step(rid, step, tables, metrics=records.metrics)
         self.store.update_run(rid, last_step=step)
         self.last_step = step
         if step % int(self.config["train"]["compact_every"]) == 0:  # one file per table, not one per step
