@@ -35,10 +35,11 @@ COPY examples ./examples
 # verl's image: verl with its own vLLM/torch/transformers pins, the project on top without its deps
 # (its app dependencies are light and unpinned by verl).
 FROM base AS verl
+# verl's default (v1) trainer imports TransferQueue and the rollout server's packages, which its extras omit.
 RUN pip install --no-cache-dir "verl[vllm,math]==0.9.1" \
+    && pip install --no-cache-dir TransferQueue==0.1.11 cachetools==8.0.2 fastapi==0.165.0 uvicorn==0.54.0 \
     && pip install --no-cache-dir duckdb==2.0.1 streamlit==1.67.0 plotly==7.1.0 tabulate==0.10.0 \
     && pip install --no-cache-dir --no-deps -e .
-ENV VERL_USE_EXTERNAL_MODULES=engine.integrations.verl
 CMD ["bash", "examples/verl_a3po_multinode.sh"]
 
 # The default image: the engine, the app and vLLM (which brings its own CUDA 13.0 torch build).

@@ -31,6 +31,8 @@ $(VERL_VENV)/.installed: pyproject.toml
 	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VERL_VENV)/bin/python -m pip install -q verl==0.9.1 pytest duckdb pyarrow pandas pyyaml math-verify
+	# the v1 trainer (verl's default) imports TransferQueue and the rollout server's packages
+	$(VERL_VENV)/bin/python -m pip install -q "TransferQueue>=0.1.10" cachetools fastapi uvicorn
 	$(VERL_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 

@@ -18,7 +18,8 @@ Layout::
 
     <root>/<run_id>/writer.lock                   the writer's lease (JSON: host, pid, process start, since)
 
-The schema of each table is documented in README.md ("The store") and in ``SCHEMAS`` below.
+What the tables and run.json hold is defined in ``engine.schema`` (and README.md, "The store"); this
+module only reads and writes them.
 
 Concurrency and kills (why each rule exists):
 
@@ -62,152 +63,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TABLES = ("steps", "rollouts", "tokens", "evals")
+from engine import schema
+from engine.schema import RUN_COLUMNS, SCHEMAS, TABLES, step_tables  # noqa: F401  (step_tables: older importers)
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEG = re.compile(r"^step_(\d{6,})$")
 _CHUNK = re.compile(r"^(\w+)-(\d{6,})-(\d{6,})\.parquet$")
 LOCK = "writer.lock"
 RETIRED = ".retired"
 GRACE_S = 120.0  # how long merged segments stay readable after a compaction (A3PO_STORE_GRACE_S overrides)
-_INT32 = (-(2**31), 2**31 - 1)
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "rollouts": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("step", pa.int32()),
-            ("rollout_idx", pa.int32()),
-            ("group_idx", pa.int32()),
-            ("prompt_idx", pa.int64()),
-            ("prompt", pa.string()),
-            ("response", pa.string()),
-            ("answer", pa.string()),
-            ("reward", pa.float32()),
-            ("correct", pa.bool_()),
-            ("polarity", pa.int8()),
-            ("length", pa.int32()),
-            ("truncated", pa.bool_()),
-            ("adv_raw", pa.float32()),
-            ("mean_logprob", pa.float32()),
-            ("mean_entropy", pa.float32()),
-            ("n_key", pa.int32()),
-        ]
-    ),
-    "tokens": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("step", pa.int32()),
-            ("rollout_idx", pa.int32()),
-            ("position", pa.int32()),
-            ("token_id", pa.int32()),
-            ("token_text", pa.string()),
-            ("logprob", pa.float32()),
-            ("entropy", pa.float32()),
-            ("adv_raw", pa.float32()),
-            ("adv_shaped", pa.float32()),
-            ("is_key", pa.bool_()),
-            ("polarity", pa.int8()),
-        ]
-    ),
-    "evals": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("step", pa.int32()),
-            ("metric", pa.string()),
-            ("k", pa.int32()),
-            ("value", pa.float64()),
-            ("n", pa.int32()),
-        ]
-    ),
-    # steps: run_id, step, then one float64 column per logged metric (see engine.trainer.STEP_METRICS)
-}
-
-RUN_COLUMNS = [
-    ("run_id", pa.string()),
-    ("name", pa.string()),
-    ("algorithm", pa.string()),
-    ("status", pa.string()),
-    ("study", pa.string()),
-    ("created", pa.float64()),
-    ("updated", pa.float64()),
-    ("last_step", pa.int32()),
-    ("total_steps", pa.int32()),
-    ("final_accuracy", pa.float64()),
-    ("error", pa.string()),
-    ("config", pa.string()),
-]
-
-
-def step_tables(
-    run_id: str,
-    step: int,
-    *,
-    mask,
-    token_ids,
-    logprob,
-    entropy,
-    adv_tokens_raw,
-    adv_shaped,
-    is_key,
-    polarity,
-    rollouts: dict,
-    token_text,
-    with_tokens: bool = True,
-) -> dict[str, pa.Table]:
-    """One step's ``rollouts`` (and ``tokens``) rows in the store's schema, from padded tensors.
-
-    Args:
-        mask: ``(B, T)`` valid response tokens; token_ids, logprob, entropy, adv_tokens_raw, adv_shaped,
-            is_key: ``(B, T)``; polarity: ``(B,)``.
-        rollouts: the per-rollout columns only the caller knows (group_idx, prompt_idx, prompt,
-            response, answer, reward, correct, truncated, adv_raw); rollout_idx, polarity, length,
-            mean_logprob, mean_entropy and n_key are derived here.
-        token_text: maps an int32 numpy array of token ids to their texts.
-    Used by the trainer and by the TRL and verl integrations, so every writer produces one schema.
-    """
-    import numpy as np
-    import torch
-
-    m = mask.bool().cpu()
-    B = m.shape[0]
-    mf = m.float()
-    n = mf.sum(1).clamp(min=1)
-    lp, ent = logprob.detach().float().cpu(), entropy.detach().float().cpu()
-    key = is_key.bool().cpu()
-    pol = torch.as_tensor(polarity).cpu().numpy().astype(np.int8)
-    cols = {
-        "run_id": [run_id] * B,
-        "step": np.full(B, step, np.int32),
-        "rollout_idx": np.arange(B, dtype=np.int32),
-        **rollouts,
-        "polarity": pol,
-        "length": m.sum(1).numpy().astype(np.int32),
-        "mean_logprob": ((lp * mf).sum(1) / n).numpy(),
-        "mean_entropy": ((ent * mf).sum(1) / n).numpy(),
-        "n_key": key.sum(1).numpy().astype(np.int32),
-    }
-    out = {"rollouts": pa.table({k: cols[k] for k in SCHEMAS["rollouts"].names}, schema=SCHEMAS["rollouts"])}
-    if with_tokens:
-        rows, pos = m.nonzero(as_tuple=True)
-        ids = token_ids.cpu()[rows, pos].numpy().astype(np.int32)
-        out["tokens"] = pa.table(
-            {
-                "run_id": [run_id] * len(ids),
-                "step": np.full(len(ids), step, np.int32),
-                "rollout_idx": rows.numpy().astype(np.int32),
-                "position": pos.numpy().astype(np.int32),
-                "token_id": ids,
-                "token_text": token_text(ids),
-                "logprob": lp[m].numpy(),
-                "entropy": ent[m].numpy(),
-                "adv_raw": adv_tokens_raw.detach().float().cpu()[m].numpy(),
-                "adv_shaped": adv_shaped.detach().float().cpu()[m].numpy(),
-                "is_key": key[m].numpy(),
-                "polarity": pol[rows.numpy()],
-            },
-            schema=SCHEMAS["tokens"],
-        )
-    return out
 
 
 class StoreError(ValueError):
@@ -337,23 +201,9 @@ class Store:
         self._clean_tmp_runs()
         run_id, i = base, 1
         while True:
-            meta = {
-                "run_id": run_id,
-                "name": name or run_id,
-                "algorithm": algo,
-                "status": "created",
-                "study": study,
-                "created": time.time(),
-                "updated": time.time(),
-                "last_step": 0,
-                "total_steps": int(config.get("train", {}).get("steps", 0)),
-                "final_accuracy": None,
-                "error": None,
-                "pid": os.getpid(),
-                "host": _HOST,
-                "writer_lease": lease,
-                "config": config,
-            }
+            meta = schema.run_meta(
+                run_id, config, name=name, study=study, pid=os.getpid(), host=_HOST, lease=lease, now=time.time()
+            )
             if self._publish_run(run_id, meta, lease):
                 return run_id
             if name is not None:
@@ -406,6 +256,9 @@ class Store:
                 shutil.rmtree(p, ignore_errors=True)
 
     def update_run(self, run_id: str, **fields) -> dict:
+        """Rewrite run.json with ``fields`` changed (atomically); the fields are checked against
+        ``engine.schema.RUN_FIELDS`` first."""
+        schema.check_run_fields(fields)
         path = self.run_dir(run_id) / "run.json"
         meta = json.loads(path.read_text())
         meta.update(fields)
@@ -558,12 +411,32 @@ class Store:
         """Start writing one step; nothing is visible until ``commit()``."""
         return StepSegment(self.run_dir(run_id) / "segments", step)
 
-    def write_step(self, run_id: str, step: int, tables: dict[str, pa.Table]) -> None:
-        """Write one completed step atomically (all its tables or none)."""
+    def write_step(
+        self, run_id: str, step: int, tables: dict[str, pa.Table | None], metrics: dict | None = None
+    ) -> float:
+        """Write one completed step atomically (all its tables or none); the one way a step is written.
+
+        ``metrics``: the step's ``steps`` row as a dict of registered metrics (``engine.schema.steps_table``
+        builds it, so every writer's steps rows have the same columns). The time spent writing the
+        other tables is added to its ``t_store`` (and ``t_step`` when present) and ``time`` is set
+        before the row is written into the same segment, so the store's timing is measured here
+        alone. A ready ``steps`` table in ``tables`` is accepted too (checked the same way), but not
+        together with ``metrics``. Returns the seconds the write took (commit included)."""
+        if metrics is not None and tables.get("steps") is not None:
+            raise schema.SchemaError("write_step got both a steps table and metrics — pass one of them")
+        t0 = time.perf_counter()
         seg = self.begin_step(run_id, step)
-        for name, table in tables.items():
-            seg.write(name, table)
-        seg.commit()
+        try:
+            for name, table in tables.items():
+                seg.write(name, table)
+            if metrics is not None:
+                done = schema.with_store_time(metrics, time.perf_counter() - t0, time.time())
+                seg.write("steps", schema.steps_table(run_id, step, done))
+            seg.commit()
+        except BaseException:
+            seg.abort()
+            raise
+        return time.perf_counter() - t0
 
     def _segments(self, run_id: str) -> list[tuple[int, Path]]:
         d = self.run_dir(run_id) / "segments"
@@ -692,7 +565,7 @@ class Store:
                 rows.append(self._run_row(rid))
             except FileNotFoundError:
                 continue  # deleted while listing
-        return pa.Table.from_pylist(rows, schema=pa.schema(RUN_COLUMNS))
+        return pa.Table.from_pylist(rows, schema=schema.RUNS_SCHEMA)
 
     def _run_row(self, rid: str) -> dict:
         try:
@@ -711,12 +584,7 @@ class Store:
                 raise FileNotFoundError(rid) from None
             msg = str(e).split(" — ")[0].replace(f"run {rid!r}: ", "")
             return {**{k: None for k, _ in RUN_COLUMNS}, "run_id": rid, "status": "invalid", "error": msg}
-        row, problems = {}, []
-        for k, typ in RUN_COLUMNS:
-            value, problem = _fit(k, typ, m.get(k))
-            row[k] = value
-            if problem:
-                problems.append(problem)
+        row, problems = schema.run_row(m)
         row["run_id"] = rid
         if problems:
             row["status"] = "invalid"
@@ -755,8 +623,7 @@ class Store:
                     f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet([{lst}], union_by_name=true)"
                 )
             else:
-                schema = SCHEMAS.get(table, pa.schema([("run_id", pa.string()), ("step", pa.int32())]))
-                con.register(f"{table}_empty", schema.empty_table())
+                con.register(f"{table}_empty", SCHEMAS[table].empty_table())
                 con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {table}_empty")
 
     def query(self, sql: str, params: list | None = None, run_ids: Iterable[str] | None = None, retries: int = 20):
@@ -878,29 +745,6 @@ class _ReadConnection:
         return getattr(self._con, name)
 
 
-def _fit(key: str, typ: pa.DataType, v):
-    """``(value, problem)``: ``v`` converted to the runs column type, or None and why it does not fit."""
-    if v is None:
-        return None, None
-    if key == "config":
-        if not isinstance(v, dict):
-            return None, f"config is a {type(v).__name__}, not an object"
-        return json.dumps(v, default=str), None
-    if pa.types.is_string(typ):
-        return (v, None) if isinstance(v, str) else (None, f"{key} {v!r} is not a string")
-    if pa.types.is_int32(typ):
-        if isinstance(v, bool) or not isinstance(v, int):
-            return None, f"{key} {v!r} is not an integer"
-        if not _INT32[0] <= v <= _INT32[1]:
-            return None, f"{key} {v} out of range"
-        return v, None
-    if pa.types.is_float64(typ):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return None, f"{key} {v!r} is not a number"
-        return float(v), None
-    return v, None
-
-
 class StepSegment:
     """One step's Parquet files, written under a temporary folder and renamed into place on commit."""
 
@@ -916,7 +760,13 @@ class StepSegment:
         if name not in TABLES:
             raise StoreError(f"unknown table {name!r}")
         if table is not None and table.num_rows:
+            if name == "steps":  # every writer's steps rows get the registered columns, or fail here
+                table = schema.conform_steps(table)
             pq.write_table(table, self.tmp / f"{name}.parquet", compression="zstd", compression_level=1)
+
+    def abort(self) -> None:
+        """Drop the unpublished step (a failed write leaves nothing behind)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def commit(self) -> None:
         if self.final.exists():  # a step recomputed after resume replaces the old copy

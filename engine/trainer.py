@@ -42,7 +42,8 @@ from engine.ops import token_entropy, token_logprobs
 from engine.policy import load_policy
 from engine.reward import overlong_penalty, resolve_verifier
 from engine.rollout import Rollouts, SamplingParams, make_backend, position_ids
-from engine.store import Store, StoreError, step_tables
+from engine.schema import evals_table, step_tables
+from engine.store import Store, StoreError
 from engine.tasks import load_problems
 
 
@@ -580,19 +581,7 @@ class Trainer:
             verify=self.verify_test,
         )
         self.model.train()
-        rows = [("greedy_acc", None, res["greedy_acc"]), ("sampled_acc", None, res["sampled_acc"])]
-        rows += [("pass@k", k, v) for k, v in res["pass@k"].items()]
-        t = pa.table(
-            {
-                "run_id": [self.run_id] * len(rows),
-                "step": pa.array([step] * len(rows), pa.int32()),
-                "metric": [r[0] for r in rows],
-                "k": pa.array([r[1] for r in rows], pa.int32()),
-                "value": pa.array([float(r[2]) for r in rows], pa.float64()),
-                "n": pa.array([res["n_prompts"]] * len(rows), pa.int32()),
-            }
-        )
-        return res, t
+        return res, evals_table(self.run_id, step, res)
 
     # ------------------------------------------------------------------ loop
     def fit(self, progress: bool = True) -> dict:
@@ -645,25 +634,8 @@ class Trainer:
                     metrics["test_acc"] = last_eval["sampled_acc"]
                     metrics["test_greedy_acc"] = last_eval["greedy_acc"]
                     tables["evals"] = evals
-                t_w = time.perf_counter()
-                seg = store.begin_step(rid, step)
-                for name, table in tables.items():
-                    seg.write(name, table)
-                dt = time.perf_counter() - t_w
-                metrics["t_store"] = metrics.get("t_store", 0.0) + dt
-                metrics["t_step"] += dt
-                metrics["time"] = time.time()
-                seg.write(
-                    "steps",
-                    pa.table(
-                        {
-                            "run_id": [rid],
-                            "step": pa.array([step], pa.int32()),
-                            **{k: pa.array([float(v)], pa.float64()) for k, v in metrics.items()},
-                        }
-                    ),
-                )
-                seg.commit()
+                # one atomic segment; the store adds its write time to t_store and t_step in the row
+                metrics["t_step"] += store.write_step(rid, step, tables, metrics=metrics)  # for the progress bar
                 if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == S:
                     self.save_checkpoint(step)
                     if step % cfg.train.compact_every == 0 or step == S:

@@ -437,7 +437,7 @@ def _fx_config(task: str) -> dict:
 def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
     import pyarrow as pa
 
-    from engine.store import SCHEMAS
+    from engine.schema import SCHEMAS
 
     rid = s.create_run(_fx_config(task), name=name)
     for step in (1, 2):

@@ -100,3 +100,19 @@ def test_trl_shapes_the_batch_identically(step_batch, tmp_path):
     shaped = tr.a3po_shape(raw, batch.polarity, batch.mask, batch.logprobs, batch.entropy, STEP - 1)
     assert torch.equal(shaped.adv, batch.stored_adv)
     assert torch.equal(shaped.key_mask, batch.stored_key)
+
+
+def test_verl_loss_shapes_the_batch_identically(step_batch):
+    """The verl loss's shaping (verl-free half): the resolved algorithm travels to the workers as one
+    JSON environment variable, verl hands the loss (B, T) advantages and no entropies, and polarity is
+    the sign of the advantage. Where the advantage is non-zero the result is the trainer's, bit for bit."""
+    from engine.integrations.verl_records import RESOLVED_ENV, resolved_env, resolved_from_env, shape
+
+    cfg, resolved, batch = step_batch
+    worker = resolved_from_env({RESOLVED_ENV: resolved_env(resolved)})
+    assert worker == resolved
+    raw = replay(batch, resolved, step=STEP - 1).adv_tokens_raw  # verl's GRPO advantage, broadcast (B, T)
+    shaped = shape(worker, raw, batch.mask, batch.logprobs, STEP - 1)
+    assert torch.equal(shaped.adv, batch.stored_adv)
+    signed = shaped.adv_raw != 0  # all-equal groups: polarity 0 in verl, -1 in the trainer; no advantage either way
+    assert signed.any() and torch.equal(shaped.key_mask[signed], batch.stored_key[signed])

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from engine import schema
 from engine.store import SCHEMAS, TABLES, Store, StoreError, check_name
 
 CONFIG = {"algorithm": {"name": "grpo"}, "train": {"steps": 10}}
@@ -35,7 +36,7 @@ def tokens_table(run_id: str, step: int, n: int = 3) -> pa.Table:
 
 
 def steps_table(run_id: str, step: int) -> pa.Table:
-    return pa.table({"run_id": [run_id], "step": pa.array([step], pa.int32()), "reward_mean": [step / 10]})
+    return schema.steps_table(run_id, step, {"reward": step / 10, "acc": 0.5, "entropy": 1.0, "length": 3.0})
 
 
 def evals_table(run_id: str, step: int) -> pa.Table:
@@ -184,9 +185,9 @@ def test_write_steps_then_query(store):
     for s in (1, 2, 3):
         write(store, rid, s)
     assert token_keys(store, rid) == expected_keys([1, 2, 3])
-    df = store.query("select step, reward_mean from steps order by step")
+    df = store.query("select step, reward from steps order by step")
     assert df["step"].tolist() == [1, 2, 3]
-    assert df["reward_mean"].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert df["reward"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     seg = store.root / rid / "segments"
     assert sorted(p.name for p in seg.iterdir()) == ["step_000001", "step_000002", "step_000003"]
     # nothing for tables not written
@@ -221,6 +222,7 @@ def test_write_step_unknown_table_raises_and_publishes_nothing(store):
     with pytest.raises(StoreError):
         store.write_step(rid, 1, {"tokens": tokens_table(rid, 1), "bogus": tokens_table(rid, 1)})
     assert not (store.root / rid / "segments" / "step_000001").exists()
+    assert not list((store.root / rid / "segments").glob(".tmp-*"))  # the half-written step is dropped
     assert token_keys(store, rid) == []
 
 

@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from engine.advantage import decay_alpha  # noqa: E402
 from engine.config import ConfigError, config_from_dict  # noqa: E402
-from engine.integrations.trl import A3POGRPOTrainer  # noqa: E402
+from engine.integrations.trl import A3POGRPOTrainer, truncated_rows  # noqa: E402
 from engine.policy import load_policy  # noqa: E402
 from engine.reward import is_correct  # noqa: E402
 from engine.store import Store  # noqa: E402
@@ -110,6 +110,13 @@ def test_trl_two_steps_write_rows_the_app_reads(tmp_path, monkeypatch):
     assert {"reward", "acc", "entropy", "length", "push_rule_pos", "push_raw_neg", "alpha_pos"} <= set(steps.columns)
     assert list(steps.acc) == [float(ro[ro.step == s].correct.mean()) for s in (1, 2)]
     assert list(steps.alpha_pos) == [2.0, 1.5]  # linear: 1 + (2 - 1)(1 - s/2) at s = 0, 1
+    # the same columns the trainer fills, derived from the rows (engine.schema.metrics_from_rollouts)
+    assert list(steps.n_rollouts) == [8.0, 8.0] and steps.truncated_frac.notna().all()
+    assert list(steps.key_frac) == [
+        pytest.approx(float(ro[ro.step == s].n_key.sum() / ro[ro.step == s].length.sum())) for s in (1, 2)
+    ]
+    assert (steps.t_store > 0).all() and (steps.time > 0).all()  # timed by Store.write_step
+    assert steps.clipfrac.isna().all()  # TRL's own loss metrics are not recorded: null, not missing
 
     # the app's pages open the TRL run
     monkeypatch.setenv("A3PO_STORE", str(tmp_path / "runs"))
@@ -263,3 +270,12 @@ def test_two_processes_both_shards_in_the_store(tmp_path):
 def test_trl_args_the_engine_refuses_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="rollout.temperature"):
         trainer(tmp_path, temperature=500.0)
+
+
+def test_truncated_rows_by_hand():
+    eos = 2
+    ids = torch.tensor([[5, 6, 7], [5, 2, 0], [5, 6, 2], [4, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    # only the first is as long as allowed without ending in EOS
+    assert truncated_rows(ids, mask, 3, eos).tolist() == [True, False, False, False]
+    assert truncated_rows(ids, mask, 3, None).tolist() == [True, False, True, False]

@@ -34,8 +34,6 @@ main process gathers them with accelerate's ``gather_object`` and writes the ste
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,7 +45,8 @@ from engine.advantage import gradient_push
 from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
 from engine.config import MAX_STEPS, ConfigError, config_from_dict
 from engine.reward import resolve_verifier
-from engine.store import Store, step_tables
+from engine.schema import metrics_from_rollouts, step_tables
+from engine.store import Store
 from engine.tasks import Problem
 
 # The A3PO options a TRL run takes: the engine's own ``algorithm.*`` keys (defaults and ranges live in
@@ -251,7 +250,7 @@ class A3POGRPOTrainer(GRPOTrainer):
                 "answer": answers,
                 "reward": np.array(correct, np.float32),
                 "correct": [bool(c) for c in correct],
-                "truncated": np.zeros(B, bool),
+                "truncated": truncated_rows(ids, mask, self.args.max_completion_length, tok.eos_token_id),
                 "adv_raw": shaped.adv_raw.float().cpu().numpy(),
             },
         )
@@ -278,16 +277,14 @@ class A3POGRPOTrainer(GRPOTrainer):
         rid = self.a3po_run
         tables = merge_shards(rid, [s["tables"] for s in shards], [s["n_groups"] for s in shards])
         push = {k: float(sum(s["push"][k] for s in shards)) for k in shards[0]["push"]}
-        steps = step_metrics(tables)
-        steps.update(
-            push,
+        metrics = metrics_from_rollouts(tables["rollouts"], tables.get("tokens"))
+        metrics.update(
+            push,  # the same sums as from the tokens, but from the unrounded tensors
             alpha_pos=shaped.alpha_pos,
             alpha_neg=shaped.alpha_neg,
-            n_rollouts=float(tables["rollouts"].num_rows),
             trl_global_step=float(step),
         )
-        row = {"run_id": [rid], "step": pa.array([step + 1], pa.int32()), **{k: [float(v)] for k, v in steps.items()}}
-        self.a3po_store.write_step(rid, step + 1, {**tables, "steps": pa.table(row)})
+        self.a3po_store.write_step(rid, step + 1, tables, metrics=metrics)
         self.a3po_store.update_run(rid, last_step=step + 1)
 
     def train(self, *args, **kw):
@@ -304,6 +301,14 @@ class A3POGRPOTrainer(GRPOTrainer):
         if self.a3po_run is not None:
             self.a3po_store.update_run(self.a3po_run, status="finished")
         return res
+
+
+def truncated_rows(ids: torch.Tensor, mask: torch.Tensor, max_len: int, eos_id: int | None) -> np.ndarray:
+    """``(B,)`` bool: completions cut at ``max_len`` tokens, i.e. as long as allowed and not ended by EOS."""
+    n = mask.sum(1)
+    last = ids.gather(1, (n - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    ended = last == eos_id if eos_id is not None else torch.zeros_like(n, dtype=torch.bool)
+    return ((n >= max_len) & ~ended).cpu().numpy()
 
 
 def _set(table: pa.Table, name: str, values) -> pa.Table:
@@ -331,32 +336,3 @@ def merge_shards(run_id: str, shards: list[dict], n_groups: list[int]) -> dict[s
         r_off += n
         g_off += ng
     return {k: pa.concat_tables(v) for k, v in parts.items() if v}
-
-
-def step_metrics(tables: dict[str, pa.Table]) -> dict[str, float]:
-    """The step columns the app's Runs page plots, from one step's rollout rows (NaN where undefined)."""
-    ro = tables["rollouts"].to_pandas()
-    length = ro.length.astype(float)
-
-    def wmean(sel):  # token-weighted mean entropy of the selected rollouts
-        n = length[sel].sum()
-        return float((ro.mean_entropy[sel] * length[sel]).sum() / n) if n > 0 else math.nan
-
-    def lmean(sel):
-        return float(length[sel].mean()) if sel.any() else math.nan
-
-    pos, neg = ro.polarity == 1, ro.polarity == -1
-    groups = ro.groupby("group_idx").correct
-    return {
-        "reward": float(ro.reward.mean()),
-        "acc": float(ro.correct.mean()),
-        "entropy": wmean(ro.length >= 0),
-        "entropy_pos": wmean(pos),
-        "entropy_neg": wmean(neg),
-        "length": float(length.mean()),
-        "length_pos": lmean(pos),
-        "length_neg": lmean(neg),
-        "frac_all_correct": float(groups.all().mean()),
-        "frac_all_wrong": float((~groups.any()).mean()),
-        "key_frac": float(ro.n_key.sum() / max(1, ro.length.sum())),
-    }

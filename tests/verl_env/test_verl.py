@@ -1,6 +1,8 @@
-"""verl integration, run in verl's own environment (verl pins transformers<5.11): `make test-verl`."""
+"""verl integration, run in verl's own environment (verl pins transformers<5.11): `make test-verl`.
 
-import importlib
+The loss in the workers, the step it decays on, and the store writer of verl_main on batches built by
+verl's own code paths: the legacy trainer's ``DataProto`` after ``compute_advantage``, and the v1
+trainer's TransferQueue rows after its real ``_compute_advantage``."""
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ pytest.importorskip("verl.trainer.ppo.core_algos")
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
-from engine.advantage import a3po_rules, token_shaping  # noqa: E402
+from engine.algorithms import ResolvedAlgorithm, resolve, shape_tokens  # noqa: E402
+from engine.config import ConfigError, config_from_dict  # noqa: E402
+from engine.integrations import verl_records as vr  # noqa: E402
 from engine.loss import policy_loss  # noqa: E402
 
 
@@ -37,6 +41,30 @@ def _config():
     )
 
 
+def _resolved(**algo) -> ResolvedAlgorithm:
+    return resolve(config_from_dict({"algorithm": {"name": "a3po", **algo}, "train": {"steps": 500}}))
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """A worker that has not seen a step yet, with no A3PO_* from the outer environment; returns a
+    function that ships a resolved algorithm the way verl_main does (A3PO_RESOLVED)."""
+    import os
+
+    from engine.integrations import verl as ours
+
+    for k in list(os.environ):
+        if k.startswith("A3PO_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setattr(ours, "_state", {"global_step": None, "warned": False})
+
+    def ship(r: ResolvedAlgorithm):
+        monkeypatch.setenv(vr.RESOLVED_ENV, vr.resolved_env(r))
+        return ours
+
+    return ship
+
+
 def test_registered_through_external_modules(monkeypatch):
     monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "engine.integrations.verl")
     from verl.utils.import_utils import import_external_libs
@@ -44,119 +72,64 @@ def test_registered_through_external_modules(monkeypatch):
     import_external_libs("engine.integrations.verl")
     from engine.integrations import verl as ours
 
-    for name in ("a3po", "a3po_static", "psr", "nsr", "p2n1", "token_weighted"):
-        assert get_policy_loss_fn(name) is ours.LOSSES[name]
+    assert get_policy_loss_fn("a3po") is ours.a3po_loss
 
 
-def test_a3po_loss_equals_engine_shaped_loss(monkeypatch):
-    importlib.import_module("engine.integrations.verl")
-    monkeypatch.setenv("A3PO_ALPHA_POS", "3")
-    monkeypatch.setenv("A3PO_ALPHA_NEG", "2")
-    monkeypatch.setenv("A3PO_DECAY", "constant")
+def test_a3po_loss_equals_engine_shaped_loss(worker):
+    r = _resolved(alpha_pos=3, alpha_neg=2, decay="constant")
+    worker(r)
     old, new, adv, mask = _batch()
     loss, metrics = get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
     pol = torch.tensor([1, -1, -1, 0])
-    shaped, key = token_shaping(
-        adv, mask, pol, a3po_rules(0, 10, alpha_pos=3.0, alpha_neg=2.0, decay="constant"), logprobs=old
-    )
-    ref, _ = policy_loss(new, old, shaped, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean")
+    shaped = shape_tokens(r, adv, pol, mask, logprobs=old, step=0)
+    assert (shaped.adv != adv).any()  # the rules act on this batch
+    ref, _ = policy_loss(new, old, shaped.adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean")
     assert torch.allclose(loss, ref, atol=1e-6)
-    assert metrics["a3po/key_frac"] > 0
+    assert metrics["a3po/key_frac"] > 0 and metrics["a3po/alpha_pos"] == 3.0
     g1 = torch.autograd.grad(loss, new, retain_graph=True)[0]
     g2 = torch.autograd.grad(ref, new)[0]
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
-def test_psr_drops_negative_rows():
-    importlib.import_module("engine.integrations.verl")
+def test_psr_config_drops_negative_rows(worker):
+    worker(resolve(config_from_dict({"algorithm": {"name": "psr"}})))
     old, new, adv, mask = _batch()
-    loss, _ = get_policy_loss_fn("psr")(old, new, adv, mask.bool(), "token-mean", _config())
+    loss, _ = get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
     (g,) = torch.autograd.grad(loss, new)
     assert g[1].abs().sum() == 0 and g[2].abs().sum() == 0 and g[0].abs().sum() > 0
 
 
-def test_log_verl_batch_writes_store_rows(tmp_path):
-    import numpy as np
-    from conftest import ROOT
-    from transformers import AutoTokenizer
-    from verl import DataProto
-
-    from engine.integrations.verl import log_verl_batch
-    from engine.store import Store
-
-    tok = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-model")
-    old, _, adv, mask = _batch()
-    ids = torch.tensor([tok.encode("12+3=15", add_special_tokens=False)[:6]] * 4)
-    scores = torch.zeros(4, 6)
-    scores[0, 5] = 1.0
-    batch = DataProto.from_dict(
-        tensors={
-            "responses": ids,
-            "response_mask": mask,
-            "old_log_probs": old,
-            "advantages": adv,
-            "token_level_scores": scores,
-        },
-        non_tensors={"uid": np.array(["a", "a", "b", "b"], dtype=object)},
-    )
-    store = Store(tmp_path)
-    rid = store.create_run({"algorithm": {"name": "a3po"}, "integration": "verl"}, name="verl-run")
-    n = log_verl_batch(store, rid, 1, batch, tok)
-    assert n == int(mask.sum())
-    t = store.query(
-        "select rollout_idx, position, token_text, is_key, polarity from tokens order by rollout_idx, position"
-    )
-    assert len(t) == n and t.is_key.any()
-    r = store.query("select rollout_idx, group_idx, polarity, reward from rollouts order by rollout_idx")
-    assert (
-        r.group_idx.tolist() == [0, 0, 1, 1] and r.polarity.tolist() == [1, -1, -1, 0] and r.reward.tolist()[0] == 1.0
-    )
-    assert "".join(t[t.rollout_idx == 0].token_text) == "12+3=1"
-
-
-@pytest.fixture
-def fresh_step(monkeypatch):
-    """A worker that has not seen a step or a loss call yet; no A3PO_* from the outer environment."""
-    from engine.integrations import verl as ours
-
-    for k in list(__import__("os").environ):
-        if k.startswith("A3PO_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setattr(ours, "_state", {"global_step": None, "calls": 0, "warned": False})
-    return ours
-
-
 def _positive_key_scale(ours, old, adv, mask):
     """The factor on row 0's (positive, adv 1.5) key tokens after shaping at the worker's current step."""
-    shaped, key = ours.shape_for_verl("a3po", old, adv, mask)
-    return float(shaped[0][key[0]][0] / adv[0, 0])
+    s = vr.shape(vr.resolved_from_env(), adv, mask, old, ours.current_step())
+    return float(s.adv[0][s.key_mask[0]][0] / adv[0, 0])
 
 
-def test_decay_follows_the_recorded_trainer_step(fresh_step, monkeypatch):
-    ours = fresh_step
-    monkeypatch.setenv("A3PO_ALPHA_POS", "3")
-    monkeypatch.setenv("A3PO_TOTAL_STEPS", "500")
+def test_decay_follows_the_recorded_trainer_step(worker):
+    ours = worker(_resolved(alpha_pos=3, decay="linear", decay_steps=500))
     old, new, adv, mask = _batch()
+    assert ours.current_step() == 0  # nothing recorded: step 0 (with a warning)
     ours.record_global_step(250)  # linear: alpha = 1 + (3 - 1) * (1 - 250/500) = 2
     assert _positive_key_scale(ours, old, adv, mask) == pytest.approx(2.0)
     for _ in range(40):  # many micro-batches in one step do not move the schedule
-        get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
-    assert _positive_key_scale(ours, old, adv, mask) == pytest.approx(2.0)
+        _, m = get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
+    assert m["a3po/step"] == 250.0 and m["a3po/alpha_pos"] == pytest.approx(2.0)
     ours.record_global_step(None)  # a sync without a step (verl's colocated reward path) changes nothing
-    assert ours.current_step(1) == 250
+    assert ours.current_step() == 250
     ours.record_global_step(500)
     assert _positive_key_scale(ours, old, adv, mask) == pytest.approx(1.0)
 
 
-def test_fallback_counts_loss_calls_per_step(fresh_step, monkeypatch):
-    ours = fresh_step
-    monkeypatch.setenv("A3PO_CALLS_PER_STEP", "4")
+def test_worker_refuses_old_variables_and_a_missing_config(worker, monkeypatch):
     old, new, adv, mask = _batch()
-    for _ in range(9):
+    with pytest.raises(ConfigError, match="A3PO_RESOLVED is not set"):
         get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
-    assert ours.current_step(4) == 2  # 9 calls // 4
-    ours.record_global_step(7)
-    assert ours.current_step(4) == 7  # the trainer's step wins as soon as it is known
+    worker(_resolved())
+    monkeypatch.setenv("A3PO_RATIO", "0.3")
+    with pytest.raises(ConfigError) as e:
+        get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
+    msg = str(e.value)
+    assert "A3PO_RATIO is no longer read — pass a3po.algorithm.ratio" in msg and "\n" not in msg
 
 
 FAKE_WORKERS = """
@@ -173,7 +146,7 @@ class ActorRolloutRefWorker:
 """
 
 
-def test_update_weights_wrapper_records_the_step_and_keeps_verls_dispatch(fresh_step, tmp_path, monkeypatch):
+def test_update_weights_wrapper_records_the_step_and_keeps_verls_dispatch(worker, tmp_path, monkeypatch):
     """The hook on a stand-in of verl's worker (same decorator and signature); imported after the hook is set."""
     import asyncio
     import inspect
@@ -181,7 +154,7 @@ def test_update_weights_wrapper_records_the_step_and_keeps_verls_dispatch(fresh_
 
     from verl.single_controller.base.decorator import MAGIC_ATTR
 
-    ours = fresh_step
+    ours = worker(_resolved())
     (tmp_path / "a3po_fake_engine_workers.py").write_text(FAKE_WORKERS)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
@@ -195,10 +168,10 @@ def test_update_weights_wrapper_records_the_step_and_keeps_verls_dispatch(fresh_
     w = fake.ActorRolloutRefWorker()
     # resume from global_step_300: the trainer syncs weights with the resumed step before training
     assert asyncio.run(w.update_weights(global_steps=300, mode="naive")) == {"synced": 300}
-    assert ours.current_step(1) == 300
+    assert ours.current_step() == 300
     asyncio.run(w.update_weights(301))  # positional, as the step finishes
     asyncio.run(w.update_weights())  # no step: ignored
-    assert ours.current_step(1) == 301 and w.synced == [(300, "naive"), (301, "auto"), (None, "auto")]
+    assert ours.current_step() == 301 and w.synced == [(300, "naive"), (301, "auto"), (None, "auto")]
     ours.install_step_hook("a3po_fake_engine_workers")  # already loaded: wraps at most once
     assert fake.ActorRolloutRefWorker.update_weights is method
     sys.modules.pop("a3po_fake_engine_workers")
@@ -226,22 +199,3 @@ def test_verl_has_the_seam_the_hook_relies_on():
         in (root / "trainer" / "ppo" / "v1" / "trainer_sync.py").read_text()
     )
     assert "actor_wg.update_weights(global_steps=global_steps" in (root / "checkpoint_engine" / "base.py").read_text()
-
-
-def test_bad_env_value_is_one_config_error_line_naming_the_variable(fresh_step, monkeypatch):
-    from engine.config import ConfigError
-
-    old, new, adv, mask = _batch()
-    for name, value in (
-        ("A3PO_RATIO", "1.5"),
-        ("A3PO_ALPHA_NEG", "lots"),
-        ("A3PO_DECAY", "fast"),
-        ("A3PO_ALPHA_PSO", "2"),
-    ):
-        monkeypatch.setenv(name, value)
-        with pytest.raises(ConfigError) as e:
-            get_policy_loss_fn("a3po")(old, new, adv, mask.bool(), "token-mean", _config())
-        msg = str(e.value)
-        assert name in msg and " — " in msg and "\n" not in msg
-        monkeypatch.delenv(name)
-    assert "A3PO_ALPHA_POS" in str(e.value)  # the typo's message suggests the real name
