@@ -93,7 +93,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     """Per-token KL(pi || ref) estimate, ``(B, T)``.
 
     ``k1``: ``lp - ref``; ``k2``/``mse``: ``0.5 (lp - ref)^2``; ``low_var_kl``/``k3`` (Schulman's k3,
-    verl's default for GRPO): ``exp(ref - lp) - (ref - lp) - 1`` clamped to [-10, 10].
+    verl's default for GRPO): ``exp(ref - lp) - (ref - lp) - 1``, at most 10 (verl's clamp). k3 is
+    never negative; computed as ``expm1(r) - r`` and clamped at 0, so the rounding of two nearly equal
+    log-probs (policy = reference, computed by different kernels) cannot make it negative.
     """
     d = logprobs - ref_logprobs
     if kind == "k1":
@@ -102,5 +104,5 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
         return 0.5 * d * d
     if kind in ("k3", "low_var_kl"):
         r = (-d).clamp(-20.0, 20.0)
-        return (torch.exp(r) - r - 1.0).clamp(-10.0, 10.0)
+        return (torch.expm1(r) - r).clamp(0.0, 10.0)
     raise ValueError(f"unknown kl type {kind!r}; choose k1, k2, low_var_kl")

@@ -38,7 +38,7 @@ from engine.algorithms import ALGORITHMS, resolve, shape_advantages
 from engine.config import Config, config_from_dict
 from engine.evaluate import decode_responses, encode_prompts, evaluate
 from engine.loss import kl_penalty, masked_mean, policy_loss
-from engine.ops import token_entropy, token_logprobs
+from engine.ops import token_logprobs, token_logprobs_entropy
 from engine.policy import load_policy
 from engine.reward import overlong_penalty, resolve_verifier
 from engine.rollout import Rollouts, SamplingParams, make_backend, position_ids
@@ -364,19 +364,17 @@ class Trainer:
         single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
         recorded = ro.logprobs is not None and ro.entropy is not None and not cfg.actor.recompute_old_logprobs
         dtype = next(self.model.parameters()).dtype
-        logits = live = None
+        live = None
         if single_pass or not recorded:
             with nullcontext() if single_pass else torch.no_grad():
                 logits = response_logits(self.model, ro, temp)
-                lp = token_logprobs(logits, ro.response_ids, chunk_size=chunk)
-            old_lp, live = lp.detach(), (lp if single_pass else None)
+                if recorded:
+                    lp, ent = token_logprobs(logits, ro.response_ids, chunk_size=chunk), ro.entropy.to(dtype)
+                else:  # both from one log-softmax per chunk
+                    lp, ent = token_logprobs_entropy(logits, ro.response_ids, chunk_size=chunk)
+            old_lp, live, ent = lp.detach(), (lp if single_pass else None), ent.detach()
         else:
-            old_lp = ro.logprobs.to(dtype)
-        if recorded:
-            ent = ro.entropy.to(dtype)
-        else:
-            with torch.no_grad():
-                ent = token_entropy(logits.detach(), chunk_size=chunk)
+            old_lp, ent = ro.logprobs.to(dtype), ro.entropy.to(dtype)
         ref_lp = None
         if self.ref is not None:
             with torch.no_grad():

@@ -1,5 +1,7 @@
 """Unit tests for engine.loss: clipped surrogate, aggregation modes, KL penalties."""
 
+import math
+
 import pytest
 import torch
 
@@ -162,3 +164,15 @@ def test_kl_penalty_low_var_clamped():
     out = kl_penalty(lp, ref, "low_var_kl")
     close(out, [10.0, 10.0])
     assert torch.isfinite(kl_penalty(torch.tensor([0.0]), torch.tensor([1e4]), "low_var_kl")).all()
+
+
+def test_k3_is_never_negative_when_policy_and_reference_nearly_agree():
+    # the same log-probs from two kernels differ in the last bits; exp(x) - x - 1 then rounds below 0
+    torch.manual_seed(0)
+    ref = -torch.rand(64, 32) * 5
+    lp = ref + (torch.rand(64, 32) - 0.5) * 1e-6
+    k3 = kl_penalty(lp, ref, "low_var_kl")
+    assert (k3 >= 0).all() and k3.max() < 1e-11
+    naive = torch.exp(ref - lp) - (ref - lp) - 1.0
+    assert (naive < 0).any()  # what the clamp at 0 guards against
+    assert kl_penalty(torch.tensor([0.0]), torch.tensor([-1.0]), "k3").item() == pytest.approx(math.exp(-1) + 1 - 1)
