@@ -372,20 +372,20 @@ def shape_advantages(
     return shape_tokens(resolved, raw, polarity, response_mask, logprobs, entropy, step)
 
 
-def alpha_schedule(acfg, total_steps: int, points: int = 101) -> list[tuple[int, float, float]]:
-    """(s, alpha+, alpha-) for s in [0, total_steps], for plots.
+def alpha_schedule(resolved: ResolvedAlgorithm, total_steps: int, points: int = 101) -> list[tuple[int, float, float]]:
+    """(s, alpha+, alpha-) for s in [0, total_steps], for plots; the horizon is ``resolved.decay_steps``.
 
     The trainer evaluates the schedule at ``s = step - 1``: training step 1 uses alpha0, and the
     last step S uses ``alpha(S - 1)``, one decay increment above 1 for the linear schedule."""
-    S = acfg.decay_steps or total_steps
+    r = resolved
     out = []
     for i in range(points):
         s = round(i * total_steps / max(1, points - 1))
         out.append(
             (
                 s,
-                decay_alpha(acfg.alpha_pos, s, S, acfg.decay, acfg.decay_rate),
-                decay_alpha(acfg.alpha_neg, s, S, acfg.decay, acfg.decay_rate),
+                decay_alpha(r.alpha_pos, s, r.decay_steps, r.decay, r.decay_rate),
+                decay_alpha(r.alpha_neg, s, r.decay_steps, r.decay, r.decay_rate),
             )
         )
     return out

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.advantage import gradient_push
-from engine.algorithms import ALGORITHMS, resolve, shape_advantages
+from engine.algorithms import resolve, shape_advantages
 from engine.config import Config, config_from_dict
 from engine.evaluate import decode_responses, encode_prompts, evaluate
 from engine.loss import kl_penalty, masked_mean, policy_loss
@@ -176,7 +176,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (2**32))
-        self.algo = ALGORITHMS[cfg.algorithm.name]
         self.resolved = r = resolve(cfg)  # every "null = algorithm default" filled in once; stored in run.json
         self.clip_low, self.clip_high, self.agg = r.clip_ratio_low, r.clip_ratio_high, r.loss_agg_mode
         self.dynamic, self.overlong_buffer = r.dynamic_sampling, r.overlong_buffer

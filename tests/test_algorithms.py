@@ -403,8 +403,8 @@ def test_register_algorithm_unknown_estimator():
 
 
 def test_alpha_schedule_linear():
-    acfg = cfg_for("a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=2").algorithm
-    sched = alpha_schedule(acfg, total_steps=10, points=11)
+    r = resolve(cfg_for("a3po", "algorithm.alpha_pos=3", "algorithm.alpha_neg=2", "train.steps=10"))
+    sched = alpha_schedule(r, total_steps=10, points=11)
     assert len(sched) == 11
     assert sched[0] == (0, 3.0, 2.0)
     # step 5: 1 + 2 * 0.5 = 2.0 ; 1 + 1 * 0.5 = 1.5
@@ -416,11 +416,11 @@ def test_alpha_schedule_linear():
 
 
 def test_alpha_schedule_constant_and_decay_steps():
-    acfg = cfg_for("a3po", "algorithm.decay=constant").algorithm
-    assert {(a, b) for _, a, b in alpha_schedule(acfg, 8, points=5)} == {(2.0, 2.0)}
+    r = resolve(cfg_for("a3po", "algorithm.decay=constant", "train.steps=8"))
+    assert {(a, b) for _, a, b in alpha_schedule(r, 8, points=5)} == {(2.0, 2.0)}
     # decay_steps = 4 with a 8-step run: steps 0, 2, 4, 6, 8 -> alpha 2, 1.5, 1, 1, 1
-    acfg = cfg_for("a3po", "algorithm.decay_steps=4").algorithm
-    sched = alpha_schedule(acfg, 8, points=5)
+    r = resolve(cfg_for("a3po", "algorithm.decay_steps=4", "train.steps=8"))
+    sched = alpha_schedule(r, 8, points=5)
     assert [s for s, _, _ in sched] == [0, 2, 4, 6, 8]
     assert [a for _, a, _ in sched] == pytest.approx([2.0, 1.5, 1.0, 1.0, 1.0])
 

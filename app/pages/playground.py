@@ -86,7 +86,8 @@ except ConfigError as e:
 st.session_state["playground_settings"] = {"algorithm": settings, "source_run": run}
 
 batch = guard(load_step, get_store(), run, step)
-new = replay(batch, resolve(cfg), step=step - 1)
+resolved = resolve(cfg)
+new = replay(batch, resolved, step=step - 1)
 run_push, new_push = batch_push(batch), batch_push(batch, new)  # Σ|shaped − raw adv|·(1 − p) by polarity
 mask = batch.mask.bool()
 
@@ -168,7 +169,7 @@ for pol, name, color in ((1, "positive", "seagreen"), (-1, "negative", "crimson"
     )
 fig.update_layout(barmode="overlay", title="Shaped advantage by polarity (this step)", height=330, yaxis_type="log")
 left.plotly_chart(fig, width="stretch")
-sch = pd.DataFrame(alpha_schedule(cfg.algorithm, total), columns=["step", "alpha_pos", "alpha_neg"])
+sch = pd.DataFrame(alpha_schedule(resolved, total), columns=["step", "alpha_pos", "alpha_neg"])
 fig2 = go.Figure(
     [go.Scatter(x=sch.step, y=sch.alpha_pos, name="α⁺(s)"), go.Scatter(x=sch.step, y=sch.alpha_neg, name="α⁻(s)")]
 )

@@ -41,7 +41,6 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from engine.advantage import gradient_push
 from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
 from engine.config import MAX_STEPS, ConfigError, config_from_dict
 from engine.reward import resolve_verifier
@@ -216,7 +215,7 @@ class A3POGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ logging
     def _a3po_shard(self, step, shaped: Shaped, texts, inputs, correct, polarity, ids, mask, logps, ent):
-        """This process's rows (rollouts, tokens) and its gradient push, ready to gather."""
+        """This process's rows (rollouts, tokens), ready to gather."""
         B = mask.shape[0]
         G = max(1, int(self.num_generations))
         tok = self.processing_class
@@ -254,19 +253,7 @@ class A3POGRPOTrainer(GRPOTrainer):
                 "adv_raw": shaped.adv_raw.float().cpu().numpy(),
             },
         )
-        tok_raw = shaped.adv_tokens_raw
-        push_rule = gradient_push(tok_raw, shaped.adv, logps, mask, polarity)
-        push_raw = gradient_push(torch.zeros_like(tok_raw), tok_raw, logps, mask, polarity)
-        return {
-            "tables": tables,
-            "n_groups": -(-B // G),
-            "push": {
-                "push_rule_pos": push_rule["positive"],
-                "push_rule_neg": push_rule["negative"],
-                "push_raw_pos": push_raw["positive"],
-                "push_raw_neg": push_raw["negative"],
-            },
-        }
+        return {"tables": tables, "n_groups": -(-B // G)}
 
     def _a3po_log(self, step, shaped: Shaped, *shard_args):
         """Gather every process's shard and write them as one store step (main process)."""
@@ -276,10 +263,9 @@ class A3POGRPOTrainer(GRPOTrainer):
         self._a3po_start_run()
         rid = self.a3po_run
         tables = merge_shards(rid, [s["tables"] for s in shards], [s["n_groups"] for s in shards])
-        push = {k: float(sum(s["push"][k] for s in shards)) for k in shards[0]["push"]}
-        metrics = metrics_from_rollouts(tables["rollouts"], tables.get("tokens"))
+        # every shard's push (Σ|Δadv|·(1−p)) comes from the merged token rows, as for a verl run
+        metrics = metrics_from_rollouts(tables["rollouts"], tables["tokens"])
         metrics.update(
-            push,  # the same sums as from the tokens, but from the unrounded tensors
             alpha_pos=shaped.alpha_pos,
             alpha_neg=shaped.alpha_neg,
             trl_global_step=float(step),
