@@ -32,6 +32,7 @@ import inspect
 
 import torch
 
+from engine.fast_forward import Decoder, retire_order, unsupported_reason
 from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
 
 
@@ -57,6 +58,21 @@ def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return scores
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``(N, V)`` probabilities (rows need not sum to 1), by inverse CDF.
+
+    ``torch.multinomial`` does the same job with an exponential draw per vocabulary entry; this takes
+    one uniform per row, a cumulative sum and a binary search (a third of the time per decode step on
+    the embedded model). A zero-probability entry is never returned: the search finds the first entry
+    whose cumulative sum exceeds ``u * total``, and the result is capped at the last positive entry
+    in case ``u * total`` rounds up to the total."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    last = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(tok, last)
+
+
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
     """One token per row from ``(N, V)`` logits; also its log-prob and the full-distribution entropy.
 
@@ -64,14 +80,14 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     ``softmax(logits / T)`` (``softmax(logits)`` when greedy), before any truncation, in float32.
     """
     x = logits.float()
-    if params.temperature > 0:
-        full = x / params.temperature if params.temperature != 1.0 else x
-        probs = warp_logits(x, params.temperature, params.top_k, params.top_p).softmax(-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    else:
-        full = x
-        tok = x.argmax(-1)
+    full = x / params.temperature if params.temperature > 0 and params.temperature != 1.0 else x
     logp = torch.log_softmax(full, dim=-1)
+    if params.temperature > 0:
+        truncated = (params.top_k and params.top_k > 0) or (params.top_p is not None and params.top_p < 1.0)
+        probs = warp_logits(x, params.temperature, params.top_k, params.top_p).softmax(-1) if truncated else logp.exp()
+        tok = draw(probs, generator)
+    else:
+        tok = x.argmax(-1)
     picked = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
     safe = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
     ent = -(logp.exp() * safe).sum(-1)
@@ -187,21 +203,15 @@ class _RowCache:
             self.cache.batch_repeat_interleave(n)
 
     def drop(self, done: torch.Tensor) -> torch.Tensor:
-        """Remove the rows where ``done``; return the permutation to apply to per-row state.
-
-        The result ``order`` lists, for each surviving row in its new place, its old index.
-        """
-        keep = (~done).nonzero().squeeze(1)
+        """Remove the rows where ``done``; return the permutation to apply to per-row state
+        (``fast_forward.retire_order``)."""
         if not self.slot:
+            keep = (~done).nonzero().squeeze(1)
             self.cache.batch_select_indices(keep)
             return keep
-        a = keep.numel()
-        order = torch.arange(a, device=done.device)
-        holes = done[:a].nonzero().squeeze(1)  # finished rows inside the new prefix
-        sources = keep[keep >= a]  # surviving rows beyond it, as many as there are holes
-        order[holes] = sources
+        order, holes, sources = retire_order(done)
         for layer in self.cache.layers:
-            layer.retire(holes, sources, a)
+            layer.retire(holes, sources, order.numel())
         return order
 
 
@@ -213,9 +223,10 @@ class KVEngine:
 
     records_logprobs = True  # the trainer may use them as the old policy's (same model, same weights)
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, fast: bool = True):
         self.model = model
         self.tok = tokenizer
+        self.fast = fast  # decode with engine.fast_forward when the model supports it (else the model's forward)
         self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
 
     def sync_weights(self, model) -> None:
@@ -249,10 +260,13 @@ class KVEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
         # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
         rc.expand(params.n)
+        dec = Decoder(self.model, rc.cache.layers) if self.fast and rc.slot and unsupported_reason(self.model) is None else None
         logits = out.logits[:, -1].repeat_interleave(params.n, 0)
         att = mask.repeat_interleave(params.n, 0)
         rows = torch.arange(B, device=device)  # original row of each active row
         pos = att.long().sum(1)  # next position id of each active row
+        if dec is not None:  # additive mask over the cached positions: 0 = attend, -inf = left padding
+            att = torch.zeros(att.shape, dtype=logits.dtype, device=device).masked_fill(att == 0, float("-inf"))
         for t in range(T):
             if self.trace is not None:
                 self.trace.append((rows.clone(), logits.float().clone()))
@@ -266,10 +280,14 @@ class KVEngine:
                 rows, att, pos, tok = rows[order], att[order], pos[order], tok[order]
             if t == T - 1:
                 break
-            att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
-            logits = self.model(
-                input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw
-            ).logits[:, -1]
+            if dec is not None:
+                att = torch.cat([att, att.new_zeros((att.shape[0], 1))], dim=1)
+                logits = dec.step(tok, pos, att)
+            else:
+                att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
+                logits = self.model(
+                    input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw
+                ).logits[:, -1]
             pos = pos + 1
         return gen, lp, ent
 

@@ -143,7 +143,7 @@ def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
     if name == "kv":
         from engine.kv_engine import KVEngine
 
-        return KVEngine(model, tokenizer)
+        return KVEngine(model, tokenizer, fast=cfg.model.fast_forward if cfg is not None else True)
     if name == "vllm":
         try:
             import vllm  # noqa: F401

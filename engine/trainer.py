@@ -33,6 +33,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from engine import fast_forward
 from engine.advantage import gradient_push
 from engine.algorithms import resolve, shape_advantages
 from engine.config import Config, config_from_dict
@@ -147,19 +148,23 @@ class StepResult(NamedTuple):
     tables: dict[str, pa.Table]
 
 
-def response_logits(model, ro: Rollouts, temperature: float = 1.0):
+def response_logits(model, ro: Rollouts, temperature: float = 1.0, fast: bool = False):
     """Forward prompt + response; return the logits that predict the response tokens, ``(B, T, V)``.
 
     The logits are divided by the rollout ``temperature`` (when > 0), so log-probs, entropies, key
     tokens and the PPO ratio all refer to the distribution the rollouts were sampled from (verl does
-    the same). Only the last ``T + 1`` positions go through the LM head (``logits_to_keep``), so
-    long prompts cost no vocabulary-sized activations."""
-    ids, att = ro.input_ids, ro.attention_mask
-    T = ro.response_ids.shape[1]
-    out = model(
-        input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False
-    )
-    logits = out.logits[:, :-1, :]  # position t predicts token t+1: keep the T predictions of response tokens
+    the same). ``fast``: through ``engine.fast_forward`` (no padding, one prompt computation per
+    group; logits are 0 where ``response_mask`` is 0); else the model's own forward, where only the
+    last ``T + 1`` positions go through the LM head (``logits_to_keep``)."""
+    if fast:
+        logits = fast_forward.response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+    else:
+        ids, att = ro.input_ids, ro.attention_mask
+        T = ro.response_ids.shape[1]
+        out = model(
+            input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False
+        )
+        logits = out.logits[:, :-1, :]  # position t predicts token t+1: keep the T predictions of response tokens
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     return logits
@@ -199,6 +204,8 @@ class Trainer:
         if cfg.actor.kl_coef > 0:
             self.ref, _, _ = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
             self.ref.eval().requires_grad_(False)
+        # our own forward for the update when the architecture allows it (engine/fast_forward.py)
+        self.fast = cfg.model.fast_forward and fast_forward.unsupported_reason(self.model) is None
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.actor.lr, betas=tuple(cfg.actor.betas), weight_decay=cfg.actor.weight_decay
         )
@@ -366,7 +373,7 @@ class Trainer:
         live = None
         if single_pass or not recorded:
             with nullcontext() if single_pass else torch.no_grad():
-                logits = response_logits(self.model, ro, temp)
+                logits = response_logits(self.model, ro, temp, self.fast)
                 if recorded:
                     lp, ent = token_logprobs(logits, ro.response_ids, chunk_size=chunk), ro.entropy.to(dtype)
                 else:  # both from one log-softmax per chunk
@@ -377,7 +384,7 @@ class Trainer:
         ref_lp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_lp = token_logprobs(response_logits(self.ref, ro, temp), ro.response_ids, chunk_size=chunk)
+                ref_lp = token_logprobs(response_logits(self.ref, ro, temp, self.fast), ro.response_ids, chunk_size=chunk)
         return OldPolicy(old_lp, ent, ref_lp, live)
 
     def step(self, step: int) -> StepResult:
@@ -431,7 +438,7 @@ class Trainer:
                 else:
                     cols, m = slice(0, sub.response_ids.shape[1]), sub.response_mask
                     lp = token_logprobs(
-                        response_logits(self.model, sub, cfg.rollout.temperature),
+                        response_logits(self.model, sub, cfg.rollout.temperature, self.fast),
                         sub.response_ids,
                         chunk_size=cfg.model.logit_chunk,
                         mask=m,

@@ -40,11 +40,14 @@ def prompts(policy):
     return ps
 
 
-@pytest.fixture(params=["slot", "dynamic"])
+@pytest.fixture(params=["slot", "slot-model-forward", "dynamic"])
 def cache_kind(request, monkeypatch):
-    """Run a test with our preallocated cache and with the model's DynamicCache fallback."""
+    """Run a test with each decode path: our preallocated cache stepped by ``fast_forward.Decoder``, the
+    same cache stepped by the model's own forward, and the model's DynamicCache fallback."""
     if request.param == "dynamic":
         monkeypatch.setattr(ke, "_plain_attention", lambda config: False)
+    if request.param == "slot-model-forward":
+        monkeypatch.setattr(ke, "unsupported_reason", lambda model: "forced off")
     return request.param
 
 
@@ -91,16 +94,34 @@ def test_greedy_budget_one_equals_hf(policy, prompts):
 
 
 class _EosAfter:
-    """Forward hook: make EOS overwhelmingly likely after the given input token (a model that stops)."""
+    """Hooks: make EOS overwhelmingly likely after the given input token (a model that stops).
+
+    The embedding hook sees each forward's input ids (the model's own forward and the fast decoder
+    both embed through ``embed_tokens``); the LM-head hook raises EOS on the rows whose last input
+    was the trigger."""
 
     def __init__(self, model, trigger, eos):
-        self.trigger, self.eos = trigger, eos
-        self.handle = model.register_forward_hook(self, with_kwargs=True)
+        self.trigger, self.eos, self.last = trigger, eos, None
+        self.handles = [
+            model.model.embed_tokens.register_forward_hook(self.saw),
+            model.lm_head.register_forward_hook(self.bias),
+        ]
 
-    def __call__(self, module, args, kwargs, out):
-        last = kwargs["input_ids"][:, -1]
-        out.logits[:, -1, self.eos] += 100.0 * (last == self.trigger).float()
+    def saw(self, module, args, out):
+        ids = args[0]
+        self.last = ids[:, -1] if ids.dim() == 2 else ids
+
+    def bias(self, module, args, out):
+        hit = 100.0 * (self.last == self.trigger).float()
+        if out.dim() == 3:
+            out[:, -1, self.eos] += hit
+        else:
+            out[:, self.eos] += hit
         return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def test_length_one_responses_mixed_with_long_ones(policy, prompts, cache_kind):
@@ -113,7 +134,7 @@ def test_length_one_responses_mixed_with_long_ones(policy, prompts, cache_kind):
         a = HFBackend(model, tok).generate(mixed, p())
         b = KVEngine(model, tok).generate(mixed, p())
     finally:
-        hook.handle.remove()
+        hook.remove()
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.truncated, b.truncated)
     assert b.response_mask[4:].sum(1).tolist() == [1, 1, 1, 1]
     assert b.response_ids[4:, 0].tolist() == [tok.eos_token_id] * 4
@@ -127,7 +148,7 @@ def test_all_rows_end_at_step_one(policy, prompts, cache_kind):
         same_end = [pr for pr in prompts if pr[-1] == prompts[0][-1]]
         ro = KVEngine(model, tok).generate(same_end, p(n=3, temperature=1.0, seed=1))
     finally:
-        hook.handle.remove()
+        hook.remove()
     B = 3 * len(same_end)
     assert ro.response_ids.tolist() == [[tok.eos_token_id]] * B
     assert ro.response_mask.tolist() == [[1]] * B and not ro.truncated.any()

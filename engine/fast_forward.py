@@ -1,0 +1,251 @@
+"""Our own forward for Llama-family decoders: no padding, and each prompt computed once per group.
+
+Why: in an RL update every prompt appears ``G`` times (its group's samples) and the batch is padded
+to its longest prompt and response. On the embedded workload the forward/backward therefore spends
+about 40% of its token work on copies of prompts and on padding. The model's own ``forward`` cannot
+avoid either: it takes a rectangular ``(B, L)`` batch. Here the same modules run on
+
+* the *unique* prompts of the mini-batch (``torch.unique`` over the masked prompt rows), their real
+  tokens only;
+* every row's real response tokens.
+
+Norms, projections and MLPs run on the packed ``(tokens, hidden)`` matrix. Only attention needs a
+rectangle: prompt queries attend causally within their prompt; response queries attend to their
+prompt's keys/values (gathered from the unique prompts, so the backward sums the ``G`` gradients into
+the one prompt computation) and causally to their own response. The math is the model's: its own
+embedding, norms, MLPs, projections, rotary embedding (every rope type transformers implements) and
+``apply_rotary_pos_emb``, then scaled-dot-product attention with the module's ``scaling``. Logits
+agree with ``model(...)`` to float rounding (tests/test_fast_forward.py, fp32: < 1e-5, and the
+gradients too).
+
+It also provides the ``kv`` engine's one-token step (``Decoder``): fused projections and a plain
+matmul attention over the engine's cache (at one query per row the CPU's fused attention kernel costs
+more than the rest of a layer).
+
+Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` with full attention on every layer.
+Anything else (sliding windows, other architectures, gradient checkpointing) uses the model's own
+forward; ``model.fast_forward=false`` forces that everywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported_reason(model) -> str | None:
+    """None when ``model`` can run here; else why not (one phrase)."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED:
+        return f"model_type {mt!r} is not one of {', '.join(SUPPORTED)}"
+    ckpt = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(model, ckpt, False):
+        return "gradient checkpointing is on"
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return "some layers use sliding-window attention"
+    if types is None and getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+        return "the model uses sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model does not have the Llama module layout"
+    return None
+
+
+def _rope_fn(attn):
+    """The model family's own ``apply_rotary_pos_emb`` (same tensor ops as its attention)."""
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def _qkv(attn, h: torch.Tensor):
+    """Projections of packed hidden states ``(N, C)`` -> q ``(N, H, D)``, k, v ``(N, KV, D)``, normed per head
+    where the family does it (Qwen3's ``q_norm``/``k_norm``)."""
+    D = attn.head_dim
+    q = attn.q_proj(h).view(h.shape[0], -1, D)
+    k = attn.k_proj(h).view(h.shape[0], -1, D)
+    v = attn.v_proj(h).view(h.shape[0], -1, D)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def _sdpa(q, k, v, mask, scale):
+    """``(B, H, Tq, D)`` x ``(B, KV, Tk, D)`` with a boolean ``(B, 1, Tq, Tk)`` mask (True = attend)."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+class _Layout:
+    """Where each real token of a mini-batch lives in the packed matrix, and the attention masks.
+
+    Packed order: the unique prompts' real tokens (row-major), then every row's real response tokens.
+    ``U`` unique prompts of width ``Lp``; ``B`` rows with responses of width ``T``.
+    """
+
+    def __init__(self, prompt_ids, prompt_mask, response_ids, response_mask):
+        dev = prompt_ids.device
+        pm, rm = prompt_mask.bool(), response_mask.bool()
+        key = prompt_ids.masked_fill(~pm, -1)
+        uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+        self.inv = inv  # (B,) row -> its unique prompt
+        upm = uniq >= 0  # (U, Lp): the unique prompts' masks (same left padding as their rows)
+        self.U, self.Lp = upm.shape
+        self.B, self.T = rm.shape
+        self.p_idx = upm.flatten().nonzero().squeeze(1)  # flat (U*Lp) index of each packed prompt token
+        self.r_idx = rm.flatten().nonzero().squeeze(1)  # flat (B*T) index of each packed response token
+        self.Np = self.p_idx.numel()
+        p_len = upm.sum(1)
+        # position ids: 0.. within each prompt; responses continue after their prompt
+        p_pos = upm.long().cumsum(1) - 1
+        r_pos = p_len[inv].unsqueeze(1) + torch.arange(self.T, device=dev)
+        self.pos = torch.cat([p_pos.flatten()[self.p_idx], r_pos.flatten()[self.r_idx]])
+        self.ids = torch.cat([uniq.flatten()[self.p_idx], response_ids.flatten()[self.r_idx]])
+        # prompt queries: causal within the prompt; a padding query attends to itself (its output is dropped)
+        eye_p = torch.eye(self.Lp, dtype=torch.bool, device=dev)
+        causal_p = torch.ones(self.Lp, self.Lp, dtype=torch.bool, device=dev).tril()
+        self.p_mask = ((causal_p & upm[:, None, :]) | eye_p)[:, None]
+        # response queries: their prompt's real tokens, then causal within the response
+        causal_r = torch.ones(self.T, self.T, dtype=torch.bool, device=dev).tril()
+        r_self = (causal_r & rm[:, None, :]) | torch.eye(self.T, dtype=torch.bool, device=dev)
+        self.r_mask = torch.cat([upm[inv][:, None, :].expand(-1, self.T, -1), r_self], dim=2)[:, None]
+
+    def grid(self, x: torch.Tensor, idx: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+        """Packed ``(n, *rest)`` -> zero-padded ``(rows, width, *rest)`` at the flat positions ``idx``."""
+        out = x.new_zeros((rows * width, *x.shape[1:]))
+        return out.index_copy(0, idx, x).view(rows, width, *x.shape[1:])
+
+
+def _attention(attn, h, cos, sin, lay: _Layout):
+    """One attention block on packed ``(N, C)`` hidden states; returns ``(N, C)`` (after ``o_proj``)."""
+    q, k, v = _qkv(attn, h)
+    q, k = _rope_fn(attn)(q, k, cos, sin, unsqueeze_dim=1)  # (N, heads, D) with cos (N, D)
+    Np = lay.Np
+    # (rows, heads, width, D) rectangles of the prompt part and of the response part
+    pq, pk, pv = (lay.grid(t[:Np], lay.p_idx, lay.U, lay.Lp).transpose(1, 2) for t in (q, k, v))
+    rq, rk, rv = (lay.grid(t[Np:], lay.r_idx, lay.B, lay.T).transpose(1, 2) for t in (q, k, v))
+    po = _sdpa(pq, pk, pv, lay.p_mask, attn.scaling)  # (U, H, Lp, D)
+    keys = torch.cat([pk[lay.inv], rk], dim=2)  # each row sees its own prompt's keys, computed once
+    vals = torch.cat([pv[lay.inv], rv], dim=2)
+    ro = _sdpa(rq, keys, vals, lay.r_mask, attn.scaling)  # (B, H, T, D)
+    H, D = q.shape[1], q.shape[2]
+    out = torch.cat(
+        [
+            po.transpose(1, 2).reshape(lay.U * lay.Lp, H * D)[lay.p_idx],
+            ro.transpose(1, 2).reshape(lay.B * lay.T, H * D)[lay.r_idx],
+        ]
+    )
+    return attn.o_proj(out)
+
+
+def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """Logits that predict each response token, ``(B, T, V)``; zeros where ``response_mask`` is 0.
+
+    prompt_ids/prompt_mask ``(B, Lp)`` left-padded, response_ids/response_mask ``(B, T)`` right-padded
+    (the ``Rollouts`` layout). Rows with the same prompt share one prompt computation. Differentiable.
+    """
+    lay = _Layout(prompt_ids, prompt_mask, response_ids, response_mask)
+    inner = model.model
+    x = inner.embed_tokens(lay.ids)  # (N, C)
+    cos, sin = inner.rotary_emb(x[None], lay.pos[None])
+    cos, sin = cos[0], sin[0]  # (N, D)
+    for layer in inner.layers:
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, lay)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    # hidden states that predict: prompt's last token (t = 0), response tokens 0..T-2 (t >= 1)
+    p_last = lay.grid(x[: lay.Np], lay.p_idx, lay.U, lay.Lp)[:, -1]  # (U, C)
+    r_grid = lay.grid(x[lay.Np :], lay.r_idx, lay.B, lay.T)  # (B, T, C)
+    pred = torch.cat([p_last[lay.inv].unsqueeze(1), r_grid[:, :-1]], dim=1)  # (B, T, C)
+    flat = pred.reshape(lay.B * lay.T, -1)[lay.r_idx]
+    logits = model.lm_head(inner.norm(flat))
+    return lay.grid(logits, lay.r_idx, lay.B, lay.T)
+
+
+def retire_order(done: torch.Tensor):
+    """Compaction plan when the rows where ``done`` finish: ``(order, holes, sources)``.
+
+    The surviving rows become the first ``a`` rows; finished rows inside that prefix (``holes``) are
+    filled with the surviving rows beyond it (``sources``), so only those rows' cache is copied.
+    ``order[i]`` is the old index of the row now at ``i`` (apply it to every per-row tensor)."""
+    keep = (~done).nonzero().squeeze(1)
+    a = keep.numel()
+    order = torch.arange(a, device=done.device)
+    holes = done[:a].nonzero().squeeze(1)
+    sources = keep[keep >= a]
+    order[holes] = sources
+    return order, holes, sources
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``(N, heads, D)`` with ``cos``/``sin`` ``(N, D)``: the rotate-half form that
+    llama, mistral, qwen2 and qwen3 share (their ``apply_rotary_pos_emb``), on q and k in one go."""
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama/Qwen RMSNorm: normalise in float32, cast back, scale."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Decoder:
+    """One-token steps of the kv engine for a supported model: fused projections, plain attention.
+
+    The keys/values live in the engine's preallocated cache (``layers``: objects whose
+    ``update(k, v)`` appends one position for the active rows and returns ``(N, KV, L, D)`` views).
+    Why not the model's forward: per step it rebuilds masks and position embeddings through generic
+    layers and runs three q/k/v and two gate/up products where one each will do; and its attention
+    (CPU's fused kernel with a mask) costs more than the rest of the layer at one query per row. A
+    batched matrix product against the cache, an additive mask and a softmax are several times
+    cheaper there. Weights are read when the ``Decoder`` is made (one ``generate``: they do not change
+    inside it).
+    """
+
+    def __init__(self, model, layers):
+        self.model, self.inner, self.cache = model, model.model, layers
+        self.H = model.config.num_attention_heads
+        self.plan = []
+        for layer in self.inner.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            b_qkv = None
+            if a.q_proj.bias is not None:
+                b_qkv = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.plan.append((layer.input_layernorm, w_qkv, b_qkv, a, layer.post_attention_layernorm, w_gu, mlp))
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Append the active rows' tokens ``tok`` at positions ``pos`` (both ``(N,)``); ``bias``: ``(N, L)``
+        additive mask (0 or -inf) over the cached positions including the new one. Returns ``(N, V)`` logits."""
+        inner, N, H = self.inner, tok.shape[0], self.H
+        x = inner.embed_tokens(tok)  # (N, C)
+        cos, sin = inner.rotary_emb(x[None], pos[None])
+        cos, sin = cos[0], sin[0]
+        bias = bias[:, None, None, :]
+        for (ln1, w_qkv, b_qkv, a, ln2, w_gu, mlp), cache in zip(self.plan, self.cache):
+            D = a.head_dim
+            qkv = F.linear(_rms(x, ln1.weight, ln1.variance_epsilon), w_qkv, b_qkv).view(N, -1, D)
+            KV = (qkv.shape[1] - H) // 2
+            qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
+            if hasattr(a, "q_norm"):
+                qk = torch.cat(
+                    [_rms(qk[:, :H], a.q_norm.weight, a.q_norm.variance_epsilon), _rms(qk[:, H:], a.k_norm.weight, a.k_norm.variance_epsilon)],
+                    dim=1,
+                )
+            qk = _rope(qk, cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+            keys, vals = cache.update(k.unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
+            qg = q.view(N, KV, H // KV, D)  # the query heads of each key/value head
+            s = torch.matmul(qg, keys.transpose(2, 3)).mul_(a.scaling).add_(bias)
+            o = torch.matmul(s.softmax(-1), vals)  # (N, KV, H / KV, D)
+            x = x + a.o_proj(o.view(N, H * D))
+            g, u = F.linear(_rms(x, ln2.weight, ln2.variance_epsilon), w_gu).chunk(2, -1)
+            x = x + mlp.down_proj(mlp.act_fn(g) * u)
+        return self.model.lm_head(_rms(x, inner.norm.weight, inner.norm.variance_epsilon))
