@@ -100,11 +100,17 @@ def _mlp(mlp, h: torch.Tensor, w_gu) -> torch.Tensor:
     return mlp.down_proj(mlp.act_fn(g) * u)
 
 
-def _attend(q, k, v, bias, scale):
-    """Softmax attention. q ``(B, H, Tq, D)``, k/v ``(B, KV, Tk, D)``; ``bias`` ``(B * H, Tq, Tk)`` additive
-    (0 / -inf). A batched product, not ``scaled_dot_product_attention``: at these short lengths the
-    CPU's fused kernel (forward and backward) is the slower of the two."""
+def _attend(q, k, v, mask, bias, scale):
+    """Softmax attention. q ``(B, H, Tq, D)``, k/v ``(B, KV, Tk, D)``; ``mask`` ``(B, 1, Tq, Tk)`` boolean
+    (True = attend), ``bias`` the same as an additive ``(B * H, Tq, Tk)`` float32 tensor, or None.
+
+    With ``bias`` (float32 on CPU): a batched product and a softmax. At the short lengths of CPU runs
+    the CPU's fused attention kernel, forward and backward, is the slower of the two. Otherwise (GPU,
+    half precision) ``scaled_dot_product_attention`` with the boolean mask: its fused kernels keep the
+    scores out of memory and accumulate in float32."""
     B, H, Tq, D = q.shape
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != H)
     if k.shape[1] != H:  # grouped-query attention: each key/value head serves H / KV query heads
         k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
     Tk = k.shape[2]
@@ -148,7 +154,10 @@ class _Layout:
         self._bias: dict = {}
 
     def biases(self, heads: int, dtype):
-        """The two masks as additive ``(rows * heads, Tq, Tk)`` biases for ``_attend`` (made once per forward)."""
+        """The two masks as additive ``(rows * heads, Tq, Tk)`` biases for ``_attend`` (made once per forward);
+        ``(None, None)`` off CPU or below float32, where ``_attend`` uses the fused kernel instead."""
+        if self.p_mask.device.type != "cpu" or dtype != torch.float32:
+            return None, None
         if heads not in self._bias:
 
             def add(mask):
@@ -174,10 +183,10 @@ def _attention(attn, h, cos, sin, lay: _Layout):
     # (rows, heads, width, D) rectangles of the prompt part and of the response part
     pq, pk, pv = lay.grid(qkv[: lay.Np], lay.p_idx, lay.U, lay.Lp).transpose(1, 2).split([H, KV, KV], dim=1)
     rq, rk, rv = lay.grid(qkv[lay.Np :], lay.r_idx, lay.B, lay.T).transpose(1, 2).split([H, KV, KV], dim=1)
-    po = _attend(pq, pk, pv, p_bias, attn.scaling)  # (U, H, Lp, D)
+    po = _attend(pq, pk, pv, lay.p_mask, p_bias, attn.scaling)  # (U, H, Lp, D)
     keys = torch.cat([pk[lay.inv], rk], dim=2)  # each row sees its own prompt's keys, computed once
     vals = torch.cat([pv[lay.inv], rv], dim=2)
-    ro = _attend(rq, keys, vals, r_bias, attn.scaling)  # (B, H, T, D)
+    ro = _attend(rq, keys, vals, lay.r_mask, r_bias, attn.scaling)  # (B, H, T, D)
     out = torch.cat(
         [
             po.transpose(1, 2).reshape(lay.U * lay.Lp, H * D)[lay.p_idx],
@@ -279,7 +288,7 @@ class Decoder:
             keys, vals = cache.update(k.unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
             qg = q.view(N, KV, H // KV, D)  # the query heads of each key/value head
             s = torch.matmul(qg, keys.transpose(2, 3)).mul_(a.scaling).add_(bias)
-            o = torch.matmul(s.softmax(-1), vals)  # (N, KV, H / KV, D)
+            o = torch.matmul(s.float().softmax(-1).to(vals.dtype), vals)  # (N, KV, H / KV, D)
             x = x + a.o_proj(o.view(N, H * D))
             x = x + _mlp(mlp, _rms(x, ln2.weight, ln2.variance_epsilon), w_gu)
         return self.model.lm_head(_rms(x, inner.norm.weight, inner.norm.variance_epsilon))
