@@ -23,7 +23,7 @@ matmul attention over the engine's cache (at one query per row the CPU's fused a
 more than the rest of a layer).
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` with full attention on every layer.
-Anything else (sliding windows, other architectures, gradient checkpointing) uses the model's own
+Anything else (sliding windows, other architectures, gradient checkpointing, attention dropout) uses the model's own
 forward; ``model.fast_forward=false`` forces that everywhere.
 """
 
@@ -48,6 +48,8 @@ def unsupported_reason(model) -> str | None:
     )
     if getattr(model, ckpt, False):
         return "gradient checkpointing is on"
+    if getattr(cfg, "attention_dropout", 0.0):  # the model drops attention weights in training; we do not
+        return "attention dropout is on"
     types = getattr(cfg, "layer_types", None)
     if types is not None and any(t != "full_attention" for t in types):
         return "some layers use sliding-window attention"

@@ -170,6 +170,27 @@ def test_logits_equal_model_forward(family, layout):
     assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
 
 
+def test_columns_of_padding_only_change_nothing():
+    """Rows cut from a wider batch keep columns that are padding in every row (2 more on the left of the
+    prompts, 3 more on the right of the responses): the logits are the same, plus 3 zero columns."""
+    model, ro = tiny("qwen3"), batch("distinct")
+    wide = Rollouts(
+        torch.nn.functional.pad(ro.prompt_ids, (2, 0), value=PAD),
+        torch.nn.functional.pad(ro.prompt_mask, (2, 0)),
+        torch.nn.functional.pad(ro.response_ids, (0, 3), value=PAD),
+        torch.nn.functional.pad(ro.response_mask, (0, 3)),
+        ro.truncated,
+    )
+    with torch.no_grad():
+        got, narrow = fast(model, wide), fast(model, ro)
+        want = reference(model, wide)
+    assert got.shape == (4, 9, 60)
+    torch.testing.assert_close(got[:, :6], narrow, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:, 6:], torch.zeros_like(got[:, 6:]))
+    valid = wide.response_mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+
+
 def test_masked_positions_are_zero_and_counted():
     """The mixed batch has 8 * 6 - 33 = 15 masked response positions; every one of them is exactly 0."""
     model, ro = tiny("llama"), batch("mixed")
@@ -322,6 +343,17 @@ def test_checkpointing_is_refused(switch):
     assert fast_forward.unsupported_reason(model) is None
 
 
+def test_attention_dropout_is_refused():
+    """A config with attention dropout drops attention weights in training mode, which our forward does not
+    do (the logits differ by far more than rounding), so such a model must use its own forward."""
+    model, ro = tiny("llama", attention_dropout=0.5).train(), batch("mixed")
+    valid = ro.response_mask.bool()
+    with torch.no_grad():
+        assert (fast(model, ro)[valid] - reference(model, ro)[valid]).abs().max() > 0.1
+    assert fast_forward.unsupported_reason(model) == "attention dropout is on"
+    assert fast_forward.unsupported_reason(tiny("llama", attention_dropout=0.0)) is None
+
+
 @pytest.mark.parametrize(
     "family, overrides, refused",
     [
@@ -395,20 +427,27 @@ def greedy(**kw):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_decoder_greedy_equals_model_forward_and_generate(family, shipped):
     """Greedy rollouts with the fast decoder equal the model's forward in the same engine and
-    ``model.generate`` token for token (prompts of 2..7 tokens, n=2, 12 new tokens). EOS is made likely
-    enough that rows retire at different steps, so the decoder also runs on a compacted cache."""
+    ``model.generate`` token for token (prompts of 2..7 tokens, n=2, 12 new tokens), and each decode
+    step's logits agree within 1e-5. EOS is made likely enough that rows retire at different steps, so
+    the decoder also runs on a compacted cache."""
     model, tok = tiny(family), shipped[1]
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 4.0
     prompts = [A, B, C, D]
-    a = KVEngine(model, tok, fast=True).generate(prompts, greedy())
-    b = KVEngine(model, tok, fast=False).generate(prompts, greedy())
+    quick, plain = KVEngine(model, tok, fast=True), KVEngine(model, tok, fast=False)
+    quick.trace, plain.trace = [], []
+    a, b = quick.generate(prompts, greedy()), plain.generate(prompts, greedy())
     c = HFBackend(model, tok).generate(prompts, greedy())
     for other in (b, c):
         assert torch.equal(a.response_ids, other.response_ids)
         assert torch.equal(a.response_mask, other.response_mask)
     lengths = a.response_mask.sum(1)
     assert lengths.min() < lengths.max()
+    # beyond the argmax: every step's logits, row for row (the first step is the shared prefill)
+    assert len(quick.trace) == len(plain.trace) == a.response_ids.shape[1]
+    for (rows_q, logits_q), (rows_p, logits_p) in zip(quick.trace, plain.trace):
+        assert torch.equal(rows_q, rows_p)
+        torch.testing.assert_close(logits_q, logits_p, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
