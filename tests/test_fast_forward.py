@@ -192,13 +192,14 @@ def test_columns_of_padding_only_change_nothing():
 
 
 def test_masked_positions_are_zero_and_counted():
-    """The mixed batch has 8 * 6 - 33 = 15 masked response positions; every one of them is exactly 0."""
+    """The mixed batch has 8 * 6 - 33 = 15 masked response positions: exactly those, and no valid one,
+    have an all-zero logit vector."""
     model, ro = tiny("llama"), batch("mixed")
     with torch.no_grad():
         got = fast(model, ro)
     assert int(ro.response_mask.sum()) == 33
-    zero_rows = (got == 0).all(-1)
-    assert torch.equal(zero_rows, ro.response_mask == 0)
+    all_zero = (got == 0).all(-1)  # (B, T): True where the whole logit vector is 0
+    assert torch.equal(all_zero, ro.response_mask == 0)
 
 
 def test_each_unique_prompt_is_embedded_once():
@@ -256,8 +257,9 @@ def test_temperature_through_trainer_entry_point():
 def test_gradients_equal_model_forward(family):
     """d(sum of response log-probs)/d(every parameter) equals the reference's on the mixed batch. The
     prompt of a group is computed once and gathered into its 3 rows: a gradient from only one of them
-    (or a detached gather) would leave the embedding and layer gradients short by the others' parts."""
-    model, ro = tiny(family), batch("mixed")
+    (or a detached gather) would leave the embedding and layer gradients short by the others' parts.
+    Training mode, as in the trainer's update."""
+    model, ro = tiny(family).train(), batch("mixed")
     grads = []
     for fn in (fast, reference):
         model.zero_grad(set_to_none=True)
