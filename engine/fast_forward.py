@@ -49,7 +49,9 @@ def unsupported_reason(model) -> str | None:
     types = getattr(cfg, "layer_types", None)
     if types is not None and any(t != "full_attention" for t in types):
         return "some layers use sliding-window attention"
-    if types is None and getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+    window = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+    # Mistral's modeling applies sliding_window to every layer and never reads layer_types
+    if window and (types is None or mt == "mistral"):
         return "the model uses sliding-window attention"
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):

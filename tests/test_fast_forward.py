@@ -28,7 +28,6 @@ from transformers import (
 )
 
 import engine.fast_forward as ff
-import engine.kv_engine as ke
 from engine.config import load_config
 from engine.evaluate import encode_prompts
 from engine.kv_engine import KVEngine
@@ -199,7 +198,7 @@ def grads(model, ro: Rollouts, fast: bool) -> tuple[float, dict]:
     model.zero_grad(set_to_none=True)
     loss = masked_logprob_sum(trainer_logits(model, ro, 1.0, fast=fast), ro)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -262,6 +261,7 @@ def test_gradient_checkpointing_unsupported():
     "family, over",
     [
         # MistralConfig's default sliding_window is 4096 and its modeling always applies it
+        # (at 4096 it cannot change these short sequences: only the reason is checked)
         pytest.param("mistral", dict(sliding_window=4096), id="mistral-default-window"),
         # Mistral's modeling reads sliding_window only, never layer_types: a window is still a window
         pytest.param(
@@ -276,7 +276,9 @@ def test_sliding_window_unsupported(family, over):
     model = tiny(family, **over)
     reason = ff.unsupported_reason(model)
     assert reason is not None and "sliding" in reason
-    # and the window really changes the model's logits here, so running it on full attention would be wrong
+    if model.config.sliding_window > 13:
+        return
+    # a window of 4 over 13-token rows really changes the model's logits: full attention would be wrong
     ro = make_batch(*MIXED)
     with torch.no_grad():
         ref = trainer_logits(model, ro, 1.0, fast=False)
@@ -376,7 +378,7 @@ def test_decoder_with_retirement(shipped, prompts, monkeypatch):
     """Rows finish at different steps (EOS), so the Decoder keeps stepping a compacted cache: the logits of
     every later step still match the model's forward on the same rows."""
     model, tok = shipped
-    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=24, seed=3)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=40, seed=0)
     calls = count_steps(monkeypatch)
     a, trace_a = traced(model, tok, prompts, params, fast=True)
     b, trace_b = traced(model, tok, prompts, params, fast=False)
@@ -408,7 +410,7 @@ def test_trainer_fast_switch_same_step(tmp_path):
     base = [
         "train.prompts_per_step=4",
         "rollout.n=4",
-        "rollout.max_new_tokens=16",
+        "rollout.max_new_tokens=48",  # long enough for some correct answers: non-zero advantages
         "actor.mini_batches=2",
         "train.threads=1",
         "train.steps=2",
@@ -426,11 +428,13 @@ def test_trainer_fast_switch_same_step(tmp_path):
         out[fast]["weights"] = [p.detach().clone() for p in tr.model.parameters()]
     slow, fast = out[False], out[True]
     assert slow.keys() == fast.keys()
-    assert slow["grad_norm"] > 0
+    assert slow["grad_norm"] > 0 and 0 < slow["reward"] < 1  # a real update happened
     for k, v in slow.items():
         if k == "weights":
+            # AdamW (lr 1e-4) divides by sqrt(v): an entry whose gradient is tiny still moves by up to ~lr, so
+            # float rounding in that gradient can shift it by a fraction of lr; 3e-5 is well under one step
             for a, b in zip(fast[k], v):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-5)
         elif isinstance(v, float) and not math.isnan(v):
             assert fast[k] == pytest.approx(v, abs=1e-4, rel=1e-4), k
         else:
