@@ -29,8 +29,6 @@ forward; ``model.fast_forward=false`` forces that everywhere.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +41,11 @@ def unsupported_reason(model) -> str | None:
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED:
         return f"model_type {mt!r} is not one of {', '.join(SUPPORTED)}"
-    ckpt = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    ckpt = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     if getattr(model, ckpt, False):
         return "gradient checkpointing is on"
     types = getattr(cfg, "layer_types", None)
@@ -59,27 +61,63 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _rope_fn(attn):
-    """The model family's own ``apply_rotary_pos_emb`` (same tensor ops as its attention)."""
-    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+def _project(attn, h: torch.Tensor, w_qkv, b_qkv, cos, sin) -> torch.Tensor:
+    """Packed hidden states ``(N, C)`` -> ``(N, H + 2 KV, D)``: rotated queries and keys, then values.
 
-
-def _qkv(attn, h: torch.Tensor):
-    """Projections of packed hidden states ``(N, C)`` -> q ``(N, H, D)``, k, v ``(N, KV, D)``, normed per head
-    where the family does it (Qwen3's ``q_norm``/``k_norm``)."""
-    D = attn.head_dim
-    q = attn.q_proj(h).view(h.shape[0], -1, D)
-    k = attn.k_proj(h).view(h.shape[0], -1, D)
-    v = attn.v_proj(h).view(h.shape[0], -1, D)
+    One product with the q/k/v weights stacked (``w_qkv``/``b_qkv``), the family's per-head q/k norms
+    where it has them (Qwen3), and the rotary embedding on queries and keys together."""
+    N, D = h.shape[0], attn.head_dim
+    qkv = F.linear(h, w_qkv, b_qkv).view(N, -1, D)
+    KV = attn.k_proj.weight.shape[0] // D
+    qk, v = qkv[:, :-KV], qkv[:, -KV:]
     if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return q, k, v
+        H = qk.shape[1] - KV
+        qn, kn = attn.q_norm, attn.k_norm
+        qk = torch.cat(
+            [_rms(qk[:, :H], qn.weight, qn.variance_epsilon), _rms(qk[:, H:], kn.weight, kn.variance_epsilon)], 1
+        )
+    return torch.cat([_rope(qk, cos, sin), v], dim=1)
 
 
-def _sdpa(q, k, v, mask, scale):
-    """``(B, H, Tq, D)`` x ``(B, KV, Tk, D)`` with a boolean ``(B, 1, Tq, Tk)`` mask (True = attend)."""
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+def _stacked(attn):
+    """The q/k/v weights (and biases) stacked for one product: ``(w_qkv, b_qkv)``."""
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    b = None
+    if attn.q_proj.bias is not None:
+        b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    return w, b
+
+
+def _stacked_mlp(mlp):
+    """The gate and up weights (and biases, Llama's ``mlp_bias``) stacked for one product: ``(w, b)``."""
+    b = None
+    if mlp.gate_proj.bias is not None:
+        b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+    return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), b
+
+
+def _mlp(mlp, h: torch.Tensor, w_gu) -> torch.Tensor:
+    """The gated MLP, ``down(act(gate h) * up h)``, with gate and up as one product (``w_gu = (w, b)``)."""
+    g, u = F.linear(h, *w_gu).chunk(2, -1)
+    return mlp.down_proj(mlp.act_fn(g) * u)
+
+
+def _attend(q, k, v, mask, bias, scale):
+    """Softmax attention. q ``(B, H, Tq, D)``, k/v ``(B, KV, Tk, D)``; ``mask`` ``(B, 1, Tq, Tk)`` boolean
+    (True = attend), ``bias`` the same as an additive ``(B * H, Tq, Tk)`` float32 tensor, or None.
+
+    With ``bias`` (float32 on CPU): a batched product and a softmax. At the short lengths of CPU runs
+    the CPU's fused attention kernel, forward and backward, is the slower of the two. Otherwise (GPU,
+    half precision) ``scaled_dot_product_attention`` with the boolean mask: its fused kernels keep the
+    scores out of memory and accumulate in float32."""
+    B, H, Tq, D = q.shape
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != H)
+    if k.shape[1] != H:  # grouped-query attention: each key/value head serves H / KV query heads
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    Tk = k.shape[2]
+    s = torch.baddbmm(bias, q.reshape(B * H, Tq, D), k.reshape(B * H, Tk, D).transpose(1, 2), alpha=scale)
+    return torch.bmm(s.softmax(-1), v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
 
 
 class _Layout:
@@ -115,6 +153,22 @@ class _Layout:
         causal_r = torch.ones(self.T, self.T, dtype=torch.bool, device=dev).tril()
         r_self = (causal_r & rm[:, None, :]) | torch.eye(self.T, dtype=torch.bool, device=dev)
         self.r_mask = torch.cat([upm[inv][:, None, :].expand(-1, self.T, -1), r_self], dim=2)[:, None]
+        self._bias: dict = {}
+
+    def biases(self, heads: int, dtype):
+        """The two masks as additive ``(rows * heads, Tq, Tk)`` biases for ``_attend`` (made once per forward);
+        ``(None, None)`` off CPU or below float32, where ``_attend`` uses the fused kernel instead."""
+        if self.p_mask.device.type != "cpu" or dtype != torch.float32:
+            return None, None
+        if heads not in self._bias:
+
+            def add(mask):
+                rows, _, tq, tk = mask.shape
+                b = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+                return b.expand(rows, heads, tq, tk).reshape(rows * heads, tq, tk)
+
+            self._bias[heads] = (add(self.p_mask), add(self.r_mask))
+        return self._bias[heads]
 
     def grid(self, x: torch.Tensor, idx: torch.Tensor, rows: int, width: int) -> torch.Tensor:
         """Packed ``(n, *rest)`` -> zero-padded ``(rows, width, *rest)`` at the flat positions ``idx``."""
@@ -124,17 +178,17 @@ class _Layout:
 
 def _attention(attn, h, cos, sin, lay: _Layout):
     """One attention block on packed ``(N, C)`` hidden states; returns ``(N, C)`` (after ``o_proj``)."""
-    q, k, v = _qkv(attn, h)
-    q, k = _rope_fn(attn)(q, k, cos, sin, unsqueeze_dim=1)  # (N, heads, D) with cos (N, D)
-    Np = lay.Np
+    qkv = _project(attn, h, *_stacked(attn), cos, sin)  # (N, H + 2 KV, D)
+    D, KV = attn.head_dim, attn.k_proj.weight.shape[0] // attn.head_dim
+    H = qkv.shape[1] - 2 * KV
+    p_bias, r_bias = lay.biases(H, qkv.dtype)
     # (rows, heads, width, D) rectangles of the prompt part and of the response part
-    pq, pk, pv = (lay.grid(t[:Np], lay.p_idx, lay.U, lay.Lp).transpose(1, 2) for t in (q, k, v))
-    rq, rk, rv = (lay.grid(t[Np:], lay.r_idx, lay.B, lay.T).transpose(1, 2) for t in (q, k, v))
-    po = _sdpa(pq, pk, pv, lay.p_mask, attn.scaling)  # (U, H, Lp, D)
+    pq, pk, pv = lay.grid(qkv[: lay.Np], lay.p_idx, lay.U, lay.Lp).transpose(1, 2).split([H, KV, KV], dim=1)
+    rq, rk, rv = lay.grid(qkv[lay.Np :], lay.r_idx, lay.B, lay.T).transpose(1, 2).split([H, KV, KV], dim=1)
+    po = _attend(pq, pk, pv, lay.p_mask, p_bias, attn.scaling)  # (U, H, Lp, D)
     keys = torch.cat([pk[lay.inv], rk], dim=2)  # each row sees its own prompt's keys, computed once
     vals = torch.cat([pv[lay.inv], rv], dim=2)
-    ro = _sdpa(rq, keys, vals, lay.r_mask, attn.scaling)  # (B, H, T, D)
-    H, D = q.shape[1], q.shape[2]
+    ro = _attend(rq, keys, vals, lay.r_mask, r_bias, attn.scaling)  # (B, H, T, D)
     out = torch.cat(
         [
             po.transpose(1, 2).reshape(lay.U * lay.Lp, H * D)[lay.p_idx],
@@ -157,7 +211,7 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     cos, sin = cos[0], sin[0]  # (N, D)
     for layer in inner.layers:
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, lay)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x), _stacked_mlp(layer.mlp))
     # hidden states that predict: prompt's last token (t = 0), response tokens 0..T-2 (t >= 1)
     p_last = lay.grid(x[: lay.Np], lay.p_idx, lay.U, lay.Lp)[:, -1]  # (U, C)
     r_grid = lay.grid(x[lay.Np :], lay.r_idx, lay.B, lay.T)  # (B, T, C)
@@ -215,11 +269,8 @@ class Decoder:
         self.plan = []
         for layer in self.inner.layers:
             a, mlp = layer.self_attn, layer.mlp
-            b_qkv = None
-            if a.q_proj.bias is not None:
-                b_qkv = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            w_qkv, b_qkv = _stacked(a)
+            w_gu = _stacked_mlp(mlp)
             self.plan.append((layer.input_layernorm, w_qkv, b_qkv, a, layer.post_attention_layernorm, w_gu, mlp))
 
     @torch.no_grad()
@@ -233,21 +284,13 @@ class Decoder:
         bias = bias[:, None, None, :]
         for (ln1, w_qkv, b_qkv, a, ln2, w_gu, mlp), cache in zip(self.plan, self.cache):
             D = a.head_dim
-            qkv = F.linear(_rms(x, ln1.weight, ln1.variance_epsilon), w_qkv, b_qkv).view(N, -1, D)
+            qkv = _project(a, _rms(x, ln1.weight, ln1.variance_epsilon), w_qkv, b_qkv, cos, sin)
             KV = (qkv.shape[1] - H) // 2
-            qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
-            if hasattr(a, "q_norm"):
-                qk = torch.cat(
-                    [_rms(qk[:, :H], a.q_norm.weight, a.q_norm.variance_epsilon), _rms(qk[:, H:], a.k_norm.weight, a.k_norm.variance_epsilon)],
-                    dim=1,
-                )
-            qk = _rope(qk, cos, sin)
-            q, k = qk[:, :H], qk[:, H:]
+            q, k, v = qkv.split([H, KV, KV], dim=1)
             keys, vals = cache.update(k.unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
             qg = q.view(N, KV, H // KV, D)  # the query heads of each key/value head
             s = torch.matmul(qg, keys.transpose(2, 3)).mul_(a.scaling).add_(bias)
-            o = torch.matmul(s.softmax(-1), vals)  # (N, KV, H / KV, D)
+            o = torch.matmul(s.float().softmax(-1).to(vals.dtype), vals)  # (N, KV, H / KV, D)
             x = x + a.o_proj(o.view(N, H * D))
-            g, u = F.linear(_rms(x, ln2.weight, ln2.variance_epsilon), w_gu).chunk(2, -1)
-            x = x + mlp.down_proj(mlp.act_fn(g) * u)
+            x = x + _mlp(mlp, _rms(x, ln2.weight, ln2.variance_epsilon), w_gu)
         return self.model.lm_head(_rms(x, inner.norm.weight, inner.norm.variance_epsilon))

@@ -77,6 +77,22 @@ def close(a, b, tol=1e-4):
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
+def near_tie_swaps(a, b, tol=1e-5):
+    """Rows of two token tables whose key-token flag differs, checked to be swaps of near-tied tokens.
+
+    Key tokens are the lowest/highest-probability ones of each response: two tokens whose log-probs
+    agree to float rounding (e.g. both at probability ~1) may trade places between two forwards that
+    round differently. Anything else is a real difference. Returns the boolean mask of swapped rows."""
+    diff = a["is_key"].to_numpy() != b["is_key"].to_numpy()
+    for _, rows in a[diff].groupby("rollout_idx"):
+        gained = rows[rows["is_key"]]  # key in a only
+        lost = rows[~rows["is_key"]]  # key in b only
+        assert len(gained) == len(lost), "a different number of key tokens in one response"
+        for x, y in zip(sorted(gained["logprob"]), sorted(lost["logprob"])):
+            assert abs(x - y) < tol, ("a key token changed that is not a near tie", x, y)
+    return diff
+
+
 @pytest.mark.parametrize("mini_batches,algo", [(2, "a3po"), (1, "a3po"), (2, "dapo")])
 def test_recorded_and_recomputed_old_logprobs_give_the_same_step(tmp_path, monkeypatch, mini_batches, algo):
     # dapo: dynamic sampling may merge groups from several generation rounds (recorded log-probs merged too)
@@ -91,9 +107,11 @@ def test_recorded_and_recomputed_old_logprobs_give_the_same_step(tmp_path, monke
     # the per-token tables (log-probs, entropies, key tokens) agree too
     a, b = rec_tables["tokens"], re_tables["tokens"]
     assert a.num_rows == b.num_rows > 0
-    for col in ("logprob", "entropy", "adv_shaped"):
+    for col in ("logprob", "entropy"):
         assert abs(a[col].to_numpy() - b[col].to_numpy()).max() < 1e-4, col
-    assert a["is_key"].to_pylist() == b["is_key"].to_pylist()
+    swapped = near_tie_swaps(a.to_pandas(), b.to_pandas())
+    keep = ~swapped
+    assert abs(a["adv_shaped"].to_numpy()[keep] - b["adv_shaped"].to_numpy()[keep]).max() < 1e-4
     if mini_batches == 2:
         # recompute: 1 no-grad old-policy forward + 2 mini-batch forwards; recorded: the 2 mini-batch ones only
         assert (re_calls, rec_calls) == (3, 2)
