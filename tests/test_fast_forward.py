@@ -1,7 +1,7 @@
 """engine/fast_forward.py against the models' own forward.
 
 Tiny random models of the four supported families are built with transformers' real classes (GQA in
-three of them, Qwen2's q/k/v bias, Qwen3's q_norm/k_norm) and every weight, norms and biases included,
+three of them, Qwen2's q/k/v bias, Llama with its optional biases, Qwen3's q_norm/k_norm) and every weight, norms and biases included,
 is redrawn so that a skipped norm or bias changes the numbers. On a hand-made batch (prompts of
 different lengths, groups of three rows sharing a prompt, single-row prompts, responses of length 1
 up to the full width) the packed forward must give the reference logits and gradients to float
@@ -53,6 +53,8 @@ COMMON = dict(
 )
 FAMILIES = {
     "llama": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2)),
+    # Llama's optional biases on every projection (attention_bias, mlp_bias)
+    "llama-bias": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
     "mistral": (MistralForCausalLM, MistralConfig, dict(num_key_value_heads=1, sliding_window=None)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=4)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(num_key_value_heads=2, head_dim=8)),
@@ -126,10 +128,39 @@ def test_logits_equal_model_forward(family):
     assert torch.all(fast[~ro.response_mask.bool()] == 0)  # exactly zero where the response is padding
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fused_attention_path_float64(family, monkeypatch):
+    """Off CPU float32 the packed forward attends with ``scaled_dot_product_attention`` and boolean masks
+    (the GPU path); float64 on CPU takes that branch too, so it is checked here, values and gradients.
+    transformers' RMSNorm normalises in float32 even for float64 inputs, so the gradients carry float32
+    rounding (seen: up to 2e-7 of their scale) and get 1e-6 of scale; the logits agree to 1e-10."""
+    model = tiny(family).double()
+    ro = make_batch(*MIXED)
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    loss_f, g_fast = grads(model, ro, fast=True)
+    assert len(calls) == 2 * 2  # two layers, each one call for the prompts and one for the responses
+    loss_r, g_ref = grads(model, ro, fast=False)
+    assert loss_f == pytest.approx(loss_r, rel=1e-10)
+    for name, g in g_ref.items():
+        torch.testing.assert_close(g_fast[name], g, atol=1e-6 * max(1.0, float(g.abs().max())), rtol=1e-6, msg=name)
+    with torch.no_grad():
+        fast = ff.response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
+        ref = trainer_logits(model, ro, 1.0, fast=False)
+    torch.testing.assert_close(valid(fast, ro), valid(ref, ro), atol=1e-10, rtol=1e-10)
+    assert torch.all(fast[~ro.response_mask.bool()] == 0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama-bias"])
 def test_family_extras_matter(family):
-    """The extras the forward must apply (Qwen2's q/k/v bias, Qwen3's q_norm/k_norm) really change the
-    logits of these random models: zeroing them moves the reference by far more than the tolerance."""
+    """The extras the forward must apply (Qwen2's q/k/v bias, Qwen3's q_norm/k_norm, Llama's MLP bias) really
+    change the logits of these random models: resetting one moves the reference by far more than the tolerance
+    (and the packed forward follows)."""
     model = tiny(family)
     ro = make_batch(*MIXED)
     with torch.no_grad():
@@ -137,8 +168,10 @@ def test_family_extras_matter(family):
         attn = model.model.layers[0].self_attn
         if family == "qwen2":
             attn.q_proj.bias.zero_()
-        else:
+        elif family == "qwen3":
             attn.q_norm.weight.fill_(1.0)
+        else:
+            model.model.layers[0].mlp.gate_proj.bias.zero_()
         after = trainer_logits(model, ro, 1.0, fast=False)
         fast = ff.response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
     assert (valid(before, ro) - valid(after, ro)).abs().max() > 1e-2
@@ -249,6 +282,7 @@ def test_gpt2_unsupported():
     assert "gpt2" in ff.unsupported_reason(model)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 renames it activation checkpointing
 def test_gradient_checkpointing_unsupported():
     model = tiny("llama")
     model.gradient_checkpointing_enable()
