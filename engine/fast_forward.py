@@ -35,6 +35,19 @@ import torch.nn.functional as F
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def sliding_window(cfg) -> bool:
+    """True when some layer of a model with this config attends through a sliding window.
+
+    transformers 5 marks such layers in ``layer_types``; older configs only set ``sliding_window``
+    (Qwen2 gates it with ``use_sliding_window``). Mistral's modeling applies ``sliding_window`` to every
+    layer and never reads ``layer_types``, so there a window counts whatever ``layer_types`` says."""
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return True
+    window = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+    return bool(window and (types is None or getattr(cfg, "model_type", None) == "mistral"))
+
+
 def unsupported_reason(model) -> str | None:
     """None when ``model`` can run here; else why not (one phrase)."""
     cfg = getattr(model, "config", None)
@@ -48,12 +61,7 @@ def unsupported_reason(model) -> str | None:
     )
     if getattr(model, ckpt, False):
         return "gradient checkpointing is on"
-    types = getattr(cfg, "layer_types", None)
-    if types is not None and any(t != "full_attention" for t in types):
-        return "some layers use sliding-window attention"
-    window = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
-    # Mistral's modeling applies sliding_window to every layer and never reads layer_types
-    if window and (types is None or mt == "mistral"):
+    if sliding_window(cfg):
         return "the model uses sliding-window attention"
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
