@@ -7,6 +7,7 @@ alternately in one process so that machine noise hits both alike.
     python bench/bench_step.py [--steps 20] [--prompts 16] [--n 8] [key=value ...]
     python bench/bench_step.py --backends [--steps 10] [key=value ...]   # HFBackend vs the kv engine
     python bench/bench_step.py --caches [--steps 10]      # kv engine: preallocated cache vs DynamicCache
+    python bench/bench_step.py --fast [--steps 10] [key=value ...]   # the model's forward vs fast_forward
 
 A bare step = generate + score + group advantages + one forward/backward + optimiser step, nothing
 stored and no entropy. A full step = ``Trainer.step`` (A3PO shaping, entropy, all metrics) plus
@@ -15,7 +16,9 @@ writing the step's rollouts and tokens to the store.
 ``--backends`` instead runs full steps of two trainers that differ only in ``rollout.backend``
 (``hf``: transformers ``generate``; ``kv``: our engine, which also records the old-policy log-probs so
 the separate old-policy forward is skipped), alternating one step of each, on the issue's workload:
-16 prompts x 8 rollouts, <= 48 new tokens, T=1, 2 torch threads.
+16 prompts x 8 rollouts, <= 48 new tokens, T=1, 2 torch threads. ``--fast`` does the same for
+``model.fast_forward`` (both on the kv engine): the model's own forward vs engine/fast_forward.py in the
+update and the decode steps.
 """
 
 from __future__ import annotations
@@ -81,8 +84,9 @@ def full_step(tr: Trainer, step: int) -> dict:
     return out
 
 
-def compare_backends(a) -> None:
-    """Full steps, HFBackend vs the kv engine, alternated so machine noise hits both alike."""
+def compare_variants(a, variants: dict[str, list[str]]) -> None:
+    """Full steps of two trainers that differ only in ``variants`` (name -> overrides), alternated so
+    machine noise hits both alike; the second is reported over the first."""
     base = [
         f"train.prompts_per_step={a.prompts}",
         f"rollout.n={a.n}",
@@ -92,18 +96,19 @@ def compare_backends(a) -> None:
         "train.threads=2",
         *a.overrides,
     ]
-    rows: dict[str, list[dict]] = {"hf": [], "kv": []}
+    rows: dict[str, list[dict]] = {name: [] for name in variants}
+    first, second = variants
     with tempfile.TemporaryDirectory() as d:
         trs = {
             b: Trainer(
-                load_config(demo_config(), [*base, f"rollout.backend={b}", f"name={b}"]),
+                load_config(demo_config(), [*base, *over, f"name={b}"]),
                 Store(Path(d) / b),
                 log=lambda s: None,
             )
-            for b in rows
+            for b, over in variants.items()
         }
         for i in range(1, a.warmup + a.steps + 1):
-            order = ("hf", "kv") if i % 2 else ("kv", "hf")
+            order = (first, second) if i % 2 else (second, first)
             for b in order:  # same step index: same prompts for both
                 f = full_step(trs[b], i)
                 if i > a.warmup:
@@ -114,13 +119,14 @@ def compare_backends(a) -> None:
     def med(b, k):
         return statistics.median(r.get(k, 0.0) for r in rows[b])
 
-    cfg = trs["hf"].cfg
+    cfg = trs[first].cfg
     print(
         f"model {cfg.model.path}, {a.prompts} prompts x {a.n} rollouts, max_new_tokens {cfg.rollout.max_new_tokens}, "
         f"T={cfg.rollout.temperature}, mini_batches {cfg.actor.mini_batches}, {a.steps} alternating steps after "
         f"{a.warmup} warm-up, torch threads {torch.get_num_threads()}"
     )
-    print(f"{'phase':14s} {'hf (s)':>10s} {'kv (s)':>10s} {'kv/hf':>7s}")
+    ratio = f"{second}/{first}"
+    print(f"{'phase':14s} {first + ' (s)':>12s} {second + ' (s)':>12s} {ratio:>12s}")
     for k, label in (
         ("generate", "generate"),
         ("forward", "old-forward"),
@@ -128,8 +134,8 @@ def compare_backends(a) -> None:
         ("store", "store"),
         ("total", "step"),
     ):
-        h, v = med("hf", k), med("kv", k)
-        print(f"{label:14s} {h:10.4f} {v:10.4f} {v / h if h else float('nan'):7.2f}")
+        h, v = med(first, k), med(second, k)
+        print(f"{label:14s} {h:12.4f} {v:12.4f} {v / h if h else float('nan'):12.2f}")
     for b, rs in rows.items():
         print(f"{b}: generated tokens/s {statistics.median(r['tokens'] / r['generate'] for r in rs):.0f}")
 
@@ -180,13 +186,22 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--backends", action="store_true", help="compare rollout.backend=hf with rollout.backend=kv")
     ap.add_argument("--caches", action="store_true", help="kv engine: preallocated cache vs DynamicCache")
+    ap.add_argument(
+        "--fast", action="store_true", help="kv engine: model.fast_forward=false vs true (engine/fast_forward.py)"
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     if a.caches:
         compare_caches(a)
         return
     if a.backends:
-        compare_backends(a)
+        compare_variants(a, {"hf": ["rollout.backend=hf"], "kv": ["rollout.backend=kv"]})
+        return
+    if a.fast:
+        kv = "rollout.backend=kv"
+        compare_variants(
+            a, {"model-fwd": [kv, "model.fast_forward=false"], "fast-fwd": [kv, "model.fast_forward=true"]}
+        )
         return
     cfg = load_config(
         demo_config(), [f"train.prompts_per_step={a.prompts}", f"rollout.n={a.n}", "train.steps=1000", *a.overrides]

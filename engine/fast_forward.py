@@ -23,8 +23,8 @@ matmul attention over the engine's cache (at one query per row the CPU's fused a
 more than the rest of a layer).
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` with full attention on every layer.
-Anything else (sliding windows, other architectures, gradient checkpointing, attention dropout) uses the model's own
-forward; ``model.fast_forward=false`` forces that everywhere.
+Anything else (sliding windows, other architectures, gradient checkpointing, attention dropout) uses
+the model's own forward; ``model.fast_forward=false`` forces that everywhere.
 """
 
 from __future__ import annotations
@@ -33,6 +33,19 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def sliding_window(cfg) -> bool:
+    """True when some layer of a model with this config attends through a sliding window.
+
+    transformers 5 marks such layers in ``layer_types``; older configs only set ``sliding_window``
+    (Qwen2 gates it with ``use_sliding_window``). Mistral's modeling applies ``sliding_window`` to every
+    layer and never reads ``layer_types``, so there a window counts whatever ``layer_types`` says."""
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return True
+    window = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+    return bool(window and (types is None or getattr(cfg, "model_type", None) == "mistral"))
 
 
 def unsupported_reason(model) -> str | None:
@@ -50,10 +63,7 @@ def unsupported_reason(model) -> str | None:
         return "gradient checkpointing is on"
     if getattr(cfg, "attention_dropout", 0.0):  # the model drops attention weights in training; we do not
         return "attention dropout is on"
-    types = getattr(cfg, "layer_types", None)
-    if types is not None and any(t != "full_attention" for t in types):
-        return "some layers use sliding-window attention"
-    if types is None and getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+    if sliding_window(cfg):
         return "the model uses sliding-window attention"
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):

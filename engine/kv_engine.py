@@ -32,7 +32,7 @@ import inspect
 
 import torch
 
-from engine.fast_forward import Decoder, retire_order, unsupported_reason
+from engine.fast_forward import Decoder, retire_order, sliding_window, unsupported_reason
 from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
 
 
@@ -162,10 +162,7 @@ def _cache_kwarg(model) -> str:
 
 def _plain_attention(config) -> bool:
     """True when every layer is plain full attention (our slot cache does not model sliding windows)."""
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return all(t == "full_attention" for t in types)
-    return getattr(config, "sliding_window", None) is None
+    return not sliding_window(config)
 
 
 class _RowCache:
@@ -260,7 +257,11 @@ class KVEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
         # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
         rc.expand(params.n)
-        dec = Decoder(self.model, rc.cache.layers) if self.fast and rc.slot and unsupported_reason(self.model) is None else None
+        dec = (
+            Decoder(self.model, rc.cache.layers)
+            if self.fast and rc.slot and unsupported_reason(self.model) is None
+            else None
+        )
         logits = out.logits[:, -1].repeat_interleave(params.n, 0)
         att = mask.repeat_interleave(params.n, 0)
         rows = torch.arange(B, device=device)  # original row of each active row

@@ -384,7 +384,9 @@ class Trainer:
         ref_lp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_lp = token_logprobs(response_logits(self.ref, ro, temp, self.fast), ro.response_ids, chunk_size=chunk)
+                ref_lp = token_logprobs(
+                    response_logits(self.ref, ro, temp, self.fast), ro.response_ids, chunk_size=chunk
+                )
         return OldPolicy(old_lp, ent, ref_lp, live)
 
     def step(self, step: int) -> StepResult:
