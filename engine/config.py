@@ -76,7 +76,8 @@ class ModelConfig:
         "Run Llama-family policies (llama, mistral, qwen2, qwen3; full attention) through our own forward "
         "(engine/fast_forward.py): the update skips padding and computes each prompt once for its whole group, "
         "and the kv engine decodes with it. Same logits as the model's forward to float rounding. false = "
-        "always the model's own forward (other architectures and gradient checkpointing use it anyway).",
+        "always the model's own forward (other architectures, sliding windows, attention dropout and gradient "
+        "checkpointing use it anyway).",
     )
     logit_chunk: int = _f(
         1024, "Rows per chunk for log-prob/entropy, bounds the float32 softmax to chunk x vocab.", min=1, max=MAX_TOKENS
