@@ -11,8 +11,11 @@ old-policy log-probs. This engine
 * retires a row at its EOS: the active batch is compacted and the cache rows are gathered, so a
   finished row costs nothing afterwards;
 * samples with the same semantics as transformers (temperature, then top-k, then top-p, with the
-  same tie and keep-at-least-one rules; temperature 0 is greedy argmax) from its own
-  ``torch.Generator``, so a seed reproduces a rollout whatever else touched the global RNG;
+  same tie and keep-at-least-one rules; temperature 0 is greedy argmax), drawing by inverse CDF from
+  its own ``torch.Generator``, so a seed reproduces a rollout whatever else touched the global RNG
+  (the same distribution as transformers' ``multinomial``, not the same random stream);
+* steps supported Llama-family models with ``engine.fast_forward.Decoder`` (stacked projections, a
+  plain attention over this cache) and any other model with its own forward;
 * records, for each sampled token, its log-prob and the entropy of the full distribution it was
   sampled from (``logits / temperature`` before top-k/top-p truncation), which is exactly what the
   trainer recomputes with ``response_logits(..., temperature)`` + ``token_logprobs``/``token_entropy``.
