@@ -260,6 +260,10 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+# rope types whose cos/sin depend on the position only (not on the sequence length seen so far)
+_STATIC_ROPE = ("default", "linear", "llama3")
+
+
 class Decoder:
     """One-token steps of the kv engine for a supported model: fused projections, plain attention.
 
@@ -269,38 +273,73 @@ class Decoder:
     layers and runs three q/k/v and two gate/up products where one each will do; and its attention
     (CPU's fused kernel with a mask) costs more than the rest of the layer at one query per row. A
     batched matrix product against the cache, an additive mask and a softmax are several times
-    cheaper there. Weights are read when the ``Decoder`` is made (one ``generate``: they do not change
-    inside it).
+    cheaper there. At this size the Python around each kernel counts too, so everything a step reads
+    is looked up once here: the stacked weights and biases, norm epsilons, head counts, and (for rope
+    types that depend on the position only) the cos/sin of every position up to ``max_positions``.
+    Weights are read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
     """
 
-    def __init__(self, model, layers):
-        self.model, self.inner, self.cache = model, model.model, layers
-        self.H = model.config.num_attention_heads
+    def __init__(self, model, layers, max_positions: int):
+        inner = model.model
+        self.model, self.inner, self.cache = model, inner, layers
+        self.H = H = model.config.num_attention_heads
+        self.emb = inner.embed_tokens.weight
         self.plan = []
-        for layer in self.inner.layers:
+        for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
-            w_qkv, b_qkv = _stacked(a)
-            w_gu = _stacked_mlp(mlp)
-            self.plan.append((layer.input_layernorm, w_qkv, b_qkv, a, layer.post_attention_layernorm, w_gu, mlp))
+            D = a.head_dim
+            KV = a.k_proj.weight.shape[0] // D
+            qk_norms = None
+            if hasattr(a, "q_norm"):
+                qk_norms = (a.q_norm.weight, a.q_norm.variance_epsilon, a.k_norm.weight, a.k_norm.variance_epsilon)
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            act = F.silu if isinstance(mlp.act_fn, torch.nn.SiLU) else mlp.act_fn
+            self.plan.append(
+                (
+                    (ln1.weight, ln1.variance_epsilon),
+                    _stacked(a),
+                    qk_norms,
+                    (H, KV, D, a.scaling),
+                    (a.o_proj.weight, a.o_proj.bias),
+                    (ln2.weight, ln2.variance_epsilon),
+                    _stacked_mlp(mlp),
+                    act,
+                    (mlp.down_proj.weight, mlp.down_proj.bias),
+                )
+            )
+        self.final = (inner.norm.weight, inner.norm.variance_epsilon)
+        self.table = None
+        if getattr(inner.rotary_emb, "rope_type", "default") in _STATIC_ROPE:
+            with torch.no_grad():
+                positions = torch.arange(max_positions, device=self.emb.device)[None]
+                cos, sin = inner.rotary_emb(self.emb[:1][None], positions)
+            self.table = (cos[0], sin[0])  # (max_positions, D)
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Append the active rows' tokens ``tok`` at positions ``pos`` (both ``(N,)``); ``bias``: ``(N, L)``
         additive mask (0 or -inf) over the cached positions including the new one. Returns ``(N, V)`` logits."""
-        inner, N, H = self.inner, tok.shape[0], self.H
-        x = inner.embed_tokens(tok)  # (N, C)
-        cos, sin = inner.rotary_emb(x[None], pos[None])
-        cos, sin = cos[0], sin[0]
+        N = tok.shape[0]
+        x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
+        if self.table is not None:
+            cos, sin = self.table[0][pos], self.table[1][pos]
+        else:
+            cos, sin = self.inner.rotary_emb(x[None], pos[None])
+            cos, sin = cos[0], sin[0]
+        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D): broadcast over heads
         bias = bias[:, None, None, :]
-        for (ln1, w_qkv, b_qkv, a, ln2, w_gu, mlp), cache in zip(self.plan, self.cache):
-            D = a.head_dim
-            qkv = _project(a, _rms(x, ln1.weight, ln1.variance_epsilon), w_qkv, b_qkv, cos, sin)
-            KV = (qkv.shape[1] - H) // 2
-            q, k, v = qkv.split([H, KV, KV], dim=1)
-            keys, vals = cache.update(k.unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
-            qg = q.view(N, KV, H // KV, D)  # the query heads of each key/value head
-            s = torch.matmul(qg, keys.transpose(2, 3)).mul_(a.scaling).add_(bias)
+        for ((w1, e1), w_qkv, qkn, (H, KV, D, scale), wo, (w2, e2), w_gu, act, wd), cache in zip(self.plan, self.cache):
+            qkv = F.linear(_rms(x, w1, e1), *w_qkv).view(N, H + 2 * KV, D)
+            qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
+            if qkn is not None:
+                qk = torch.cat([_rms(qk[:, :H], qkn[0], qkn[1]), _rms(qk[:, H:], qkn[2], qkn[3])], dim=1)
+            half = D // 2
+            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, rotate-half form
+            keys, vals = cache.update(qk[:, H:].unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
+            qg = qk[:, :H].view(N, KV, H // KV, D)  # the query heads of each key/value head
+            s = torch.matmul(qg, keys.transpose(2, 3)).mul_(scale).add_(bias)
             o = torch.matmul(s.float().softmax(-1).to(vals.dtype), vals)  # (N, KV, H / KV, D)
-            x = x + a.o_proj(o.view(N, H * D))
-            x = x + _mlp(mlp, _rms(x, ln2.weight, ln2.variance_epsilon), w_gu)
-        return self.model.lm_head(_rms(x, inner.norm.weight, inner.norm.variance_epsilon))
+            x = x + F.linear(o.view(N, H * D), *wo)
+            g, u = F.linear(_rms(x, w2, e2), *w_gu).chunk(2, -1)
+            x = x + F.linear(act(g) * u, *wd)
+        return self.model.lm_head(_rms(x, *self.final))

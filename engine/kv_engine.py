@@ -261,7 +261,7 @@ class KVEngine:
         # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
         rc.expand(params.n)
         dec = (
-            Decoder(self.model, rc.cache.layers)
+            Decoder(self.model, rc.cache.layers, ids.shape[1] + T)
             if self.fast and rc.slot and unsupported_reason(self.model) is None
             else None
         )
