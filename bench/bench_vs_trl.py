@@ -7,6 +7,10 @@ them alike. Medians are over all measured steps of a contender. The load average
 start and the end: the benchmark's own threads add about 2 to it; a start value above 1, or an end
 value above threads + 0.5, means other work shared the 2 cores and the figures are noisy.
 
+Because the machine's speed also drifts between whole runs, the ratios to tuned TRL are also given
+round by round (each round's segments ran next to each other), with their geometric mean and a 95%
+t-interval over rounds.
+
     python bench/bench_vs_trl.py [--task countdown|arith] [--rounds 3] [--steps 6] [--warmup 2]
 
 The workload, identical for all three: the embedded model of the task (``builtin:tiny-countdown`` on
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -268,6 +273,31 @@ def rate(rows: list[dict], over: str) -> float:
     return statistics.median(r["tokens"] / r[over] for r in rows if r[over] > 0)
 
 
+def per_round(a, rows: dict[str, list[dict]]) -> None:
+    """The ratios to tuned TRL round by round, and their spread.
+
+    The machine's speed drifts between runs by more than the pooled medians show (the same code has
+    measured 0.52 and 0.64 in two back-to-back runs), so each round, whose segments ran next to each
+    other, gives one ratio; the summary is the geometric mean over rounds with a 95% t-interval on the
+    log ratios (df = rounds - 1)."""
+    from engine.stats import paired_interval
+
+    if a.rounds < 2:
+        return
+    for key, label in (("step", "step time ours/trl-tuned"), ("generate", "tokens/s (generate) ours/trl-tuned")):
+        logs = []
+        for r in range(a.rounds):
+            ours = [x for x in rows["ours"] if x["round"] == r]
+            trl = [x for x in rows["trl-tuned"] if x["round"] == r]
+            ratio = med(ours, "step") / med(trl, "step") if key == "step" else rate(ours, key) / rate(trl, key)
+            logs.append(math.log(ratio))
+        ci = paired_interval(logs)
+        print(
+            f"per round, {label}: " + " ".join(f"{math.exp(x):.2f}" for x in logs) + f"; geometric mean "
+            f"{math.exp(ci.mean):.2f}, 95% t-interval [{math.exp(ci.ci_low):.2f}, {math.exp(ci.ci_high):.2f}]"
+        )
+
+
 def report(a, rows: dict[str, list[dict]], load0, load1, wall) -> None:
     def cell(x, fmt):
         return f"{'n/a':>14s}" if x is None else f"{x:{fmt}}"
@@ -291,6 +321,7 @@ def report(a, rows: dict[str, list[dict]], load0, load1, wall) -> None:
             f"tokens/s (generate) ours/{k} = {rate(rows['ours'], 'generate') / rate(rows[k], 'generate'):.2f}; "
             f"tokens/s (step) ours/{k} = {rate(rows['ours'], 'step') / rate(rows[k], 'step'):.2f}"
         )
+    per_round(a, rows)
     for k in ("trl-tuned", "trl-defaults"):
         r0 = rows[k][0]
         print(f"{k}: bf16={r0['bf16']} gradient_checkpointing={r0['gradient_checkpointing']} threads={r0['threads']}")
@@ -324,7 +355,7 @@ def main():
     for r in range(a.rounds):
         order = ["trl-tuned", "ours", "trl-defaults", "ours"]
         for kind in order if r % 2 == 0 else order[::-1]:
-            rows[kind] += run_segment(a, kind, a.seed + r)
+            rows[kind] += [dict(x, round=r) for x in run_segment(a, kind, a.seed + r)]
             print(f"round {r + 1}/{a.rounds}: {kind} done", file=sys.stderr, flush=True)
     report(a, rows, load0, os.getloadavg(), time.perf_counter() - t0)
 
