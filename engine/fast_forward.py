@@ -13,10 +13,10 @@ Norms, projections and MLPs run on the packed ``(tokens, hidden)`` matrix. Only 
 rectangle: prompt queries attend causally within their prompt; response queries attend to their
 prompt's keys/values (gathered from the unique prompts, so the backward sums the ``G`` gradients into
 the one prompt computation) and causally to their own response. The math is the model's: its own
-embedding, norms, MLPs, projections, rotary embedding (every rope type transformers implements) and
-``apply_rotary_pos_emb``, then scaled-dot-product attention with the module's ``scaling``. Logits
-agree with ``model(...)`` to float rounding (tests/test_fast_forward.py, fp32: < 1e-5, and the
-gradients too).
+embedding, norms, output/down projections and cos/sin (every rope type transformers implements);
+its q/k/v and gate/up weights stacked into one product each; the rotate-half rotary formula the four
+families share; softmax attention with the module's ``scaling``. Logits agree with ``model(...)`` to
+float rounding (tests/test_fast_forward.py, fp32: < 1e-5, and the gradients too).
 
 It also provides the ``kv`` engine's one-token step (``Decoder``): fused projections and a plain
 matmul attention over the engine's cache (at one query per row the CPU's fused attention kernel costs
