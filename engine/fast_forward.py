@@ -71,22 +71,43 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _project(attn, h: torch.Tensor, w_qkv, b_qkv, cos, sin) -> torch.Tensor:
-    """Packed hidden states ``(N, C)`` -> ``(N, H + 2 KV, D)``: rotated queries and keys, then values.
+def _heads(attn) -> tuple[int, int, int]:
+    """``(H, KV, D)``: query heads, key/value heads and head size of an attention module."""
+    D = attn.head_dim
+    return attn.q_proj.weight.shape[0] // D, attn.k_proj.weight.shape[0] // D, D
 
-    One product with the q/k/v weights stacked (``w_qkv``/``b_qkv``), the family's per-head q/k norms
-    where it has them (Qwen3), and the rotary embedding on queries and keys together."""
-    N, D = h.shape[0], attn.head_dim
-    qkv = F.linear(h, w_qkv, b_qkv).view(N, -1, D)
-    KV = attn.k_proj.weight.shape[0] // D
-    qk, v = qkv[:, :-KV], qkv[:, -KV:]
-    if hasattr(attn, "q_norm"):
-        H = qk.shape[1] - KV
-        qn, kn = attn.q_norm, attn.k_norm
-        qk = torch.cat(
-            [_rms(qk[:, :H], qn.weight, qn.variance_epsilon), _rms(qk[:, H:], kn.weight, kn.variance_epsilon)], 1
-        )
-    return torch.cat([_rope(qk, cos, sin), v], dim=1)
+
+def _qk_norms(attn):
+    """Qwen3's per-head q/k norms as ``(q_weight, q_eps, k_weight, k_eps)``; None for the other families."""
+    if not hasattr(attn, "q_norm"):
+        return None
+    return attn.q_norm.weight, attn.q_norm.variance_epsilon, attn.k_norm.weight, attn.k_norm.variance_epsilon
+
+
+def _cos_sin(inner, x: torch.Tensor, pos: torch.Tensor):
+    """The model's own rotary cos/sin for positions ``pos`` ``(N,)``, shaped ``(N, 1, D)`` for ``_rope``."""
+    cos, sin = inner.rotary_emb(x[None], pos[None])
+    return cos[0][:, None], sin[0][:, None]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``(N, heads, D)`` with ``cos``/``sin`` ``(N, 1, D)``: the rotate-half form that
+    llama, mistral, qwen2 and qwen3 share (their ``apply_rotary_pos_emb``), on q and k in one go."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
+def _qkv(h: torch.Tensor, w_qkv, heads, norms, cos, sin):
+    """Packed hidden states ``(N, C)`` -> rotated queries and keys ``(N, H + KV, D)`` and values ``(N, KV, D)``.
+
+    One product with the q/k/v weights stacked (``w_qkv = (w, b)``), the per-head q/k norms where the
+    family has them (``norms``, Qwen3), and the rotary embedding on queries and keys together."""
+    H, KV, D = heads
+    qkv = F.linear(h, *w_qkv).view(h.shape[0], H + 2 * KV, D)
+    qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
+    if norms is not None:
+        qk = torch.cat([_rms(qk[:, :H], norms[0], norms[1]), _rms(qk[:, H:], norms[2], norms[3])], dim=1)
+    return _rope(qk, cos, sin), v
 
 
 def _stacked(attn):
@@ -106,10 +127,20 @@ def _stacked_mlp(mlp):
     return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), b
 
 
-def _mlp(mlp, h: torch.Tensor, w_gu) -> torch.Tensor:
+def _act(mlp):
+    """The MLP's activation; plain ``F.silu`` for SiLU (the four families' choice), skipping a module call."""
+    return F.silu if isinstance(mlp.act_fn, torch.nn.SiLU) else mlp.act_fn
+
+
+def _mlp(h: torch.Tensor, w_gu, act, w_down) -> torch.Tensor:
     """The gated MLP, ``down(act(gate h) * up h)``, with gate and up as one product (``w_gu = (w, b)``)."""
     g, u = F.linear(h, *w_gu).chunk(2, -1)
-    return mlp.down_proj(mlp.act_fn(g) * u)
+    return F.linear(act(g) * u, *w_down)
+
+
+def _down(mlp):
+    """The down projection's ``(weight, bias)``."""
+    return mlp.down_proj.weight, mlp.down_proj.bias
 
 
 def _attend(q, k, v, mask, bias, scale):
@@ -188,9 +219,8 @@ class _Layout:
 
 def _attention(attn, h, cos, sin, lay: _Layout):
     """One attention block on packed ``(N, C)`` hidden states; returns ``(N, C)`` (after ``o_proj``)."""
-    qkv = _project(attn, h, *_stacked(attn), cos, sin)  # (N, H + 2 KV, D)
-    D, KV = attn.head_dim, attn.k_proj.weight.shape[0] // attn.head_dim
-    H = qkv.shape[1] - 2 * KV
+    H, KV, D = heads = _heads(attn)
+    qkv = torch.cat(_qkv(h, _stacked(attn), heads, _qk_norms(attn), cos, sin), dim=1)  # (N, H + 2 KV, D)
     p_bias, r_bias = lay.biases(H, qkv.dtype)
     # (rows, heads, width, D) rectangles of the prompt part and of the response part
     pq, pk, pv = lay.grid(qkv[: lay.Np], lay.p_idx, lay.U, lay.Lp).transpose(1, 2).split([H, KV, KV], dim=1)
@@ -217,11 +247,11 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     lay = _Layout(prompt_ids, prompt_mask, response_ids, response_mask)
     inner = model.model
     x = inner.embed_tokens(lay.ids)  # (N, C)
-    cos, sin = inner.rotary_emb(x[None], lay.pos[None])
-    cos, sin = cos[0], sin[0]  # (N, D)
+    cos, sin = _cos_sin(inner, x, lay.pos)
     for layer in inner.layers:
+        mlp = layer.mlp
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, lay)
-        x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x), _stacked_mlp(layer.mlp))
+        x = x + _mlp(layer.post_attention_layernorm(x), _stacked_mlp(mlp), _act(mlp), _down(mlp))
     # hidden states that predict: prompt's last token (t = 0), response tokens 0..T-2 (t >= 1)
     p_last = lay.grid(x[: lay.Np], lay.p_idx, lay.U, lay.Lp)[:, -1]  # (U, C)
     r_grid = lay.grid(x[lay.Np :], lay.r_idx, lay.B, lay.T)  # (B, T, C)
@@ -229,29 +259,6 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     flat = pred.reshape(lay.B * lay.T, -1)[lay.r_idx]
     logits = model.lm_head(inner.norm(flat))
     return lay.grid(logits, lay.r_idx, lay.B, lay.T)
-
-
-def retire_order(done: torch.Tensor):
-    """Compaction plan when the rows where ``done`` finish: ``(order, holes, sources)``.
-
-    The surviving rows become the first ``a`` rows; finished rows inside that prefix (``holes``) are
-    filled with the surviving rows beyond it (``sources``), so only those rows' cache is copied.
-    ``order[i]`` is the old index of the row now at ``i`` (apply it to every per-row tensor)."""
-    keep = (~done).nonzero().squeeze(1)
-    a = keep.numel()
-    order = torch.arange(a, device=done.device)
-    holes = done[:a].nonzero().squeeze(1)
-    sources = keep[keep >= a]
-    order[holes] = sources
-    return order, holes, sources
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``(N, heads, D)`` with ``cos``/``sin`` ``(N, D)``: the rotate-half form that
-    llama, mistral, qwen2 and qwen3 share (their ``apply_rotary_pos_emb``), on q and k in one go."""
-    h = x.shape[-1] // 2
-    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-    return x * cos[:, None] + rot * sin[:, None]
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -282,38 +289,30 @@ class Decoder:
     def __init__(self, model, layers, max_positions: int):
         inner = model.model
         self.model, self.inner, self.cache = model, inner, layers
-        self.H = H = model.config.num_attention_heads
-        self.emb = inner.embed_tokens.weight
         self.plan = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
-            D = a.head_dim
-            KV = a.k_proj.weight.shape[0] // D
-            qk_norms = None
-            if hasattr(a, "q_norm"):
-                qk_norms = (a.q_norm.weight, a.q_norm.variance_epsilon, a.k_norm.weight, a.k_norm.variance_epsilon)
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-            act = F.silu if isinstance(mlp.act_fn, torch.nn.SiLU) else mlp.act_fn
             self.plan.append(
                 (
                     (ln1.weight, ln1.variance_epsilon),
                     _stacked(a),
-                    qk_norms,
-                    (H, KV, D, a.scaling),
+                    _qk_norms(a),
+                    _heads(a),
+                    a.scaling,
                     (a.o_proj.weight, a.o_proj.bias),
                     (ln2.weight, ln2.variance_epsilon),
                     _stacked_mlp(mlp),
-                    act,
-                    (mlp.down_proj.weight, mlp.down_proj.bias),
+                    _act(mlp),
+                    _down(mlp),
                 )
             )
         self.final = (inner.norm.weight, inner.norm.variance_epsilon)
         self.table = None
         if getattr(inner.rotary_emb, "rope_type", "default") in _STATIC_ROPE:
+            emb = inner.embed_tokens.weight
             with torch.no_grad():
-                positions = torch.arange(max_positions, device=self.emb.device)[None]
-                cos, sin = inner.rotary_emb(self.emb[:1][None], positions)
-            self.table = (cos[0], sin[0])  # (max_positions, D)
+                self.table = _cos_sin(inner, emb[:1], torch.arange(max_positions, device=emb.device))
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -321,25 +320,18 @@ class Decoder:
         additive mask (0 or -inf) over the cached positions including the new one. Returns ``(N, V)`` logits."""
         N = tok.shape[0]
         x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
-        if self.table is not None:
+        if self.table is not None:  # (max_positions, 1, D)
             cos, sin = self.table[0][pos], self.table[1][pos]
         else:
-            cos, sin = self.inner.rotary_emb(x[None], pos[None])
-            cos, sin = cos[0], sin[0]
-        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D): broadcast over heads
+            cos, sin = _cos_sin(self.inner, x, pos)
         bias = bias[:, None, None, :]
-        for ((w1, e1), w_qkv, qkn, (H, KV, D, scale), wo, (w2, e2), w_gu, act, wd), cache in zip(self.plan, self.cache):
-            qkv = F.linear(_rms(x, w1, e1), *w_qkv).view(N, H + 2 * KV, D)
-            qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
-            if qkn is not None:
-                qk = torch.cat([_rms(qk[:, :H], qkn[0], qkn[1]), _rms(qk[:, H:], qkn[2], qkn[3])], dim=1)
-            half = D // 2
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin  # rotary, rotate-half form
+        for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), cache in zip(self.plan, self.cache):
+            H, KV, D = heads
+            qk, v = _qkv(_rms(x, w1, e1), w_qkv, heads, qkn, cos, sin)
             keys, vals = cache.update(qk[:, H:].unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
             qg = qk[:, :H].view(N, KV, H // KV, D)  # the query heads of each key/value head
             s = torch.matmul(qg, keys.transpose(2, 3)).mul_(scale).add_(bias)
             o = torch.matmul(s.float().softmax(-1).to(vals.dtype), vals)  # (N, KV, H / KV, D)
             x = x + F.linear(o.view(N, H * D), *wo)
-            g, u = F.linear(_rms(x, w2, e2), *w_gu).chunk(2, -1)
-            x = x + F.linear(act(g) * u, *wd)
+            x = x + _mlp(_rms(x, w2, e2), w_gu, act, wd)
         return self.model.lm_head(_rms(x, *self.final))

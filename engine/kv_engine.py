@@ -35,7 +35,7 @@ import inspect
 
 import torch
 
-from engine.fast_forward import Decoder, retire_order, sliding_window, unsupported_reason
+from engine.fast_forward import Decoder, sliding_window, unsupported_reason
 from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
 
 
@@ -168,6 +168,21 @@ def _plain_attention(config) -> bool:
     return not sliding_window(config)
 
 
+def retire_order(done: torch.Tensor):
+    """Compaction plan when the rows where ``done`` finish: ``(order, holes, sources)``.
+
+    The surviving rows become the first ``a`` rows; finished rows inside that prefix (``holes``) are
+    filled with the surviving rows beyond it (``sources``), so only those rows' cache is copied.
+    ``order[i]`` is the old index of the row now at ``i`` (apply it to every per-row tensor)."""
+    keep = (~done).nonzero().squeeze(1)
+    a = keep.numel()
+    order = torch.arange(a, device=done.device)
+    holes = done[:a].nonzero().squeeze(1)
+    sources = keep[keep >= a]
+    order[holes] = sources
+    return order, holes, sources
+
+
 class _RowCache:
     """The decode loop's view of the cache: build it, and drop finished rows from it.
 
@@ -204,7 +219,7 @@ class _RowCache:
 
     def drop(self, done: torch.Tensor) -> torch.Tensor:
         """Remove the rows where ``done``; return the permutation to apply to per-row state
-        (``fast_forward.retire_order``)."""
+        (``retire_order``)."""
         if not self.slot:
             keep = (~done).nonzero().squeeze(1)
             self.cache.batch_select_indices(keep)

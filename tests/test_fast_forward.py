@@ -33,7 +33,7 @@ from transformers import (
 import engine.fast_forward as ff
 from engine.config import load_config
 from engine.evaluate import encode_prompts
-from engine.kv_engine import KVEngine
+from engine.kv_engine import KVEngine, retire_order
 from engine.policy import load_policy
 from engine.rollout import HFBackend, Rollouts, SamplingParams
 from engine.store import Store
@@ -472,7 +472,7 @@ def test_activation_checkpointing_unsupported():
 # ------------------------------------------------------------------ retire_order
 def test_retire_order_hand_example():
     done = torch.tensor([False, True, False, True, False, False])
-    order, holes, sources = ff.retire_order(done)
+    order, holes, sources = retire_order(done)
     # survivors 0, 2, 4, 5 fill the first four slots; holes 1 and 3 take the tail rows 4 and 5
     assert holes.tolist() == [1, 3]
     assert sources.tolist() == [4, 5]
@@ -489,7 +489,7 @@ def test_retire_order_hand_example():
     ],
 )
 def test_retire_order_cases(done, order, holes):
-    o, h, s = ff.retire_order(torch.tensor(done))
+    o, h, s = retire_order(torch.tensor(done))
     assert o.tolist() == order
     assert h.tolist() == holes
     assert s.tolist() == [i for i in order if i >= len(order)]  # the survivors beyond the prefix move
