@@ -14,8 +14,9 @@ rectangle: prompt queries attend causally within their prompt; response queries 
 prompt's keys/values (gathered from the unique prompts, so the backward sums the ``G`` gradients into
 the one prompt computation) and causally to their own response. The math is the model's: its own
 embedding, norms, output/down projections and cos/sin (every rope type transformers implements);
-its q/k/v and gate/up weights stacked into one product each; the rotate-half rotary formula the four
-families share; softmax attention with the module's ``scaling``. Logits agree with ``model(...)`` to
+its q/k/v and gate/up weights stacked into one product each; the rotate-half rotary embedding the four
+families share, done as one complex product (q/k weight rows reordered so that each rotated pair of
+dims sits side by side, ``_pairs``: q . k is unchanged); softmax attention with the module's ``scaling``. Logits agree with ``model(...)`` to
 float rounding (tests/test_fast_forward.py, fp32: < 1e-5, and the gradients too).
 
 It also provides the ``kv`` engine's one-token step (``Decoder``): fused projections and a plain
@@ -77,46 +78,76 @@ def _heads(attn) -> tuple[int, int, int]:
     return attn.q_proj.weight.shape[0] // D, attn.k_proj.weight.shape[0] // D, D
 
 
-def _qk_norms(attn):
-    """Qwen3's per-head q/k norms as ``(q_weight, q_eps, k_weight, k_eps)``; None for the other families."""
-    if not hasattr(attn, "q_norm"):
-        return None
-    return attn.q_norm.weight, attn.q_norm.variance_epsilon, attn.k_norm.weight, attn.k_norm.variance_epsilon
+def _pairs(D: int, device) -> torch.Tensor:
+    """The head-dim order ``[0, D/2, 1, D/2 + 1, ...]``: rotate-half's partner dims made adjacent.
+
+    Rotate-half rotary embedding (llama, mistral, qwen2, qwen3) turns dims ``i`` and ``i + D/2`` of a head
+    as one complex number. With the q and k weight rows of each head reordered like this, every pair sits
+    side by side and the rotary embedding is one complex product. Scores ``q . k`` do not change when q
+    and k are permuted alike, and values are not permuted, so the attention output is the model's."""
+    h = D // 2
+    return torch.stack([torch.arange(h, device=device), torch.arange(h, D, device=device)], 1).flatten()
 
 
-def _cos_sin(inner, x: torch.Tensor, pos: torch.Tensor):
-    """The model's own rotary cos/sin for positions ``pos`` ``(N,)``, shaped ``(N, 1, D)`` for ``_rope``."""
-    cos, sin = inner.rotary_emb(x[None], pos[None])
-    return cos[0][:, None], sin[0][:, None]
+def _rotation(inner, ref: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The model's own rotary cos/sin for positions ``pos`` ``(N,)`` as ``cos + i sin``, ``(N, 1, D/2)`` complex.
+
+    All four families build cos/sin as two equal halves (``cat(freqs, freqs)``), so the first half is
+    the whole table. Made in float32 (float64 for float64 models); ``ref`` gives the device."""
+    dt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    cos, sin = inner.rotary_emb(ref.new_empty((1, 1), dtype=dt), pos[None])
+    h = cos.shape[-1] // 2
+    return torch.complex(cos[0, :, :h], sin[0, :, :h])[:, None]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``(N, heads, D)`` with ``cos``/``sin`` ``(N, 1, D)``: the rotate-half form that
-    llama, mistral, qwen2 and qwen3 share (their ``apply_rotary_pos_emb``), on q and k in one go."""
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+def _rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``(N, heads, D)`` in ``_pairs`` order by ``rot`` ``(N, 1, D/2)``: one complex
+    product (in float32 for half-precision inputs, cast back)."""
+    xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    out = torch.view_as_real(torch.view_as_complex(xc.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _qkv(h: torch.Tensor, w_qkv, heads, norms, cos, sin):
+def _qkv(h: torch.Tensor, w_qkv, heads, norms, rot):
     """Packed hidden states ``(N, C)`` -> rotated queries and keys ``(N, H + KV, D)`` and values ``(N, KV, D)``.
 
-    One product with the q/k/v weights stacked (``w_qkv = (w, b)``), the per-head q/k norms where the
-    family has them (``norms``, Qwen3), and the rotary embedding on queries and keys together."""
+    One product with the q/k/v weights stacked (``w_qkv = (w, b)`` from ``_stacked``: q and k in
+    ``_pairs`` order), the per-head q/k norms where the family has them (``norms``, Qwen3), and the
+    rotary embedding on queries and keys together."""
     H, KV, D = heads
     qkv = F.linear(h, *w_qkv).view(h.shape[0], H + 2 * KV, D)
     qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
     if norms is not None:
         qk = torch.cat([_rms(qk[:, :H], norms[0], norms[1]), _rms(qk[:, H:], norms[2], norms[3])], dim=1)
-    return _rope(qk, cos, sin), v
+    return _rotate(qk, rot), v
+
+
+def _qk_rows(heads, device) -> torch.Tensor:
+    """Row order of the stacked q/k/v weight: q and k rows in ``_pairs`` order within each head, v as is."""
+    H, KV, D = heads
+    within = _pairs(D, device)
+    qk = (torch.arange(H + KV, device=device)[:, None] * D + within).flatten()
+    return torch.cat([qk, torch.arange((H + KV) * D, (H + 2 * KV) * D, device=device)])
 
 
 def _stacked(attn):
-    """The q/k/v weights (and biases) stacked for one product: ``(w_qkv, b_qkv)``."""
+    """The q/k/v weights (and biases) stacked for one product, q/k rows in ``_pairs`` order: ``(w, b)``."""
     w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    rows = _qk_rows(_heads(attn), w.device)
     b = None
     if attn.q_proj.bias is not None:
-        b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-    return w, b
+        b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])[rows]
+    return w[rows], b
+
+
+def _qk_norms(attn):
+    """Qwen3's per-head q/k norms as ``(q_weight, q_eps, k_weight, k_eps)`` in ``_pairs`` order; None for
+    the other families."""
+    if not hasattr(attn, "q_norm"):
+        return None
+    order = _pairs(attn.head_dim, attn.q_norm.weight.device)
+    qn, kn = attn.q_norm, attn.k_norm
+    return qn.weight[order], qn.variance_epsilon, kn.weight[order], kn.variance_epsilon
 
 
 def _stacked_mlp(mlp):
@@ -217,10 +248,10 @@ class _Layout:
         return out.index_copy(0, idx, x).view(rows, width, *x.shape[1:])
 
 
-def _attention(attn, h, cos, sin, lay: _Layout):
+def _attention(attn, h, rot, lay: _Layout):
     """One attention block on packed ``(N, C)`` hidden states; returns ``(N, C)`` (after ``o_proj``)."""
     H, KV, D = heads = _heads(attn)
-    qkv = torch.cat(_qkv(h, _stacked(attn), heads, _qk_norms(attn), cos, sin), dim=1)  # (N, H + 2 KV, D)
+    qkv = torch.cat(_qkv(h, _stacked(attn), heads, _qk_norms(attn), rot), dim=1)  # (N, H + 2 KV, D)
     p_bias, r_bias = lay.biases(H, qkv.dtype)
     # (rows, heads, width, D) rectangles of the prompt part and of the response part
     pq, pk, pv = lay.grid(qkv[: lay.Np], lay.p_idx, lay.U, lay.Lp).transpose(1, 2).split([H, KV, KV], dim=1)
@@ -247,10 +278,10 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     lay = _Layout(prompt_ids, prompt_mask, response_ids, response_mask)
     inner = model.model
     x = inner.embed_tokens(lay.ids)  # (N, C)
-    cos, sin = _cos_sin(inner, x, lay.pos)
+    rot = _rotation(inner, x, lay.pos)
     for layer in inner.layers:
         mlp = layer.mlp
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, lay)
+        x = x + _attention(layer.self_attn, layer.input_layernorm(x), rot, lay)
         x = x + _mlp(layer.post_attention_layernorm(x), _stacked_mlp(mlp), _act(mlp), _down(mlp))
     # hidden states that predict: prompt's last token (t = 0), response tokens 0..T-2 (t >= 1)
     p_last = lay.grid(x[: lay.Np], lay.p_idx, lay.U, lay.Lp)[:, -1]  # (U, C)
@@ -262,7 +293,10 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama/Qwen RMSNorm: normalise in float32, cast back, scale."""
+    """transformers' Llama/Qwen RMSNorm: normalise in float32, cast back, scale (in float32 that is
+    exactly ``F.rms_norm``, one kernel)."""
+    if x.dtype == torch.float32 and w.dtype == torch.float32:
+        return F.rms_norm(x, w.shape, w, eps)
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -308,30 +342,38 @@ class Decoder:
                 )
             )
         self.final = (inner.norm.weight, inner.norm.variance_epsilon)
+        emb = inner.embed_tokens.weight
         self.table = None
         if getattr(inner.rotary_emb, "rope_type", "default") in _STATIC_ROPE:
-            emb = inner.embed_tokens.weight
             with torch.no_grad():
-                self.table = _cos_sin(inner, emb[:1], torch.arange(max_positions, device=emb.device))
+                self.table = _rotation(inner, emb, torch.arange(max_positions, device=emb.device))
+        # keys already in the cache (the prefill, by the model's forward) into our ``_pairs`` order
+        with torch.no_grad():
+            for cache, layer in zip(layers, inner.layers):
+                if getattr(cache, "keys", None) is not None and cache.keys.numel():
+                    cache.keys.copy_(cache.keys[..., _pairs(layer.self_attn.head_dim, emb.device)])
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Append the active rows' tokens ``tok`` at positions ``pos`` (both ``(N,)``); ``bias``: ``(N, L)``
         additive mask (0 or -inf) over the cached positions including the new one. Returns ``(N, V)`` logits."""
-        N = tok.shape[0]
+        N, L = bias.shape
         x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
-        if self.table is not None:  # (max_positions, 1, D)
-            cos, sin = self.table[0][pos], self.table[1][pos]
-        else:
-            cos, sin = _cos_sin(self.inner, x, pos)
-        bias = bias[:, None, None, :]
-        for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), cache in zip(self.plan, self.cache):
+        rot = self.table[pos] if self.table is not None else _rotation(self.inner, x, pos)
+        biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
+        for ((w1, e1), w_qkv, qkn, heads, scale, (wo, bo), (w2, e2), w_gu, act, (wd, bd)), cache in zip(
+            self.plan, self.cache
+        ):
             H, KV, D = heads
-            qk, v = _qkv(_rms(x, w1, e1), w_qkv, heads, qkn, cos, sin)
+            qk, v = _qkv(_rms(x, w1, e1), w_qkv, heads, qkn, rot)
             keys, vals = cache.update(qk[:, H:].unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
-            qg = qk[:, :H].view(N, KV, H // KV, D)  # the query heads of each key/value head
-            s = torch.matmul(qg, keys.transpose(2, 3)).mul_(scale).add_(bias)
-            o = torch.matmul(s.float().softmax(-1).to(vals.dtype), vals)  # (N, KV, H / KV, D)
-            x = x + F.linear(o.view(N, H * D), *wo)
-            x = x + _mlp(_rms(x, w2, e2), w_gu, act, wd)
+            if KV not in biases:
+                biases[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
+            q = qk[:, :H].reshape(N * KV, H // KV, D)  # the query heads of each key/value head
+            s = torch.baddbmm(biases[KV], q, keys.reshape(N * KV, L, D).transpose(1, 2), alpha=scale)
+            p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
+            o = torch.bmm(p, vals.reshape(N * KV, L, D)).view(N, H * D)
+            x = torch.addmm(x, o, wo.t()) if bo is None else torch.addmm(x + bo, o, wo.t())
+            g, u = F.linear(_rms(x, w2, e2), *w_gu).chunk(2, -1)
+            x = torch.addmm(x, act(g).mul_(u), wd.t()) if bd is None else torch.addmm(x + bd, act(g).mul_(u), wd.t())
         return self.model.lm_head(_rms(x, *self.final))

@@ -67,13 +67,14 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     ``torch.multinomial`` does the same job with an exponential draw per vocabulary entry; this takes
     one uniform per row, a cumulative sum and a binary search (a third of the time per decode step on
     the embedded model). A zero-probability entry is never returned: the search finds the first entry
-    whose cumulative sum exceeds ``u * total``, and the result is capped at the last positive entry
-    in case ``u * total`` rounds up to the total."""
+    whose cumulative sum exceeds ``u * total``, and the result is capped at the first entry where the
+    cumulative sum reaches the total (it has a positive probability) in case ``u * total`` rounds up
+    to the total."""
     cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
     u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
-    last = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(tok, last)
+    tok = torch.searchsorted(cdf, u * total, right=True).squeeze(1)
+    return torch.minimum(tok, (cdf < total).sum(-1))
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
@@ -85,15 +86,16 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     x = logits.float()
     full = x / params.temperature if params.temperature > 0 and params.temperature != 1.0 else x
     logp = torch.log_softmax(full, dim=-1)
+    p = logp.exp()
     if params.temperature > 0:
         truncated = (params.top_k and params.top_k > 0) or (params.top_p is not None and params.top_p < 1.0)
-        probs = warp_logits(x, params.temperature, params.top_k, params.top_p).softmax(-1) if truncated else logp.exp()
+        probs = warp_logits(x, params.temperature, params.top_k, params.top_p).softmax(-1) if truncated else p
         tok = draw(probs, generator)
     else:
         tok = x.argmax(-1)
     picked = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-    safe = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
-    ent = -(logp.exp() * safe).sum(-1)
+    # a -inf logit (a masked token) has p = 0 and contributes 0, not 0 * -inf
+    ent = -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
     return tok, picked, ent
 
 
@@ -267,47 +269,56 @@ class KVEngine:
         """The token loop. Returns ``(B, T)`` tokens, log-probs and entropies (pad / 0 after a row's EOS)."""
         B, T, eos = ids.shape[0] * params.n, params.max_new_tokens, self.tok.eos_token_id
         generator = torch.Generator(device=device).manual_seed(int(params.seed))
-        gen = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long, device=device)
-        lp = torch.zeros((B, T), dtype=torch.float32, device=device)
-        ent = torch.zeros((B, T), dtype=torch.float32, device=device)
         rc = _RowCache(self.model.config, ids.shape[1] + T)
         kw = {_cache_kwarg(self.model): rc.cache, "use_cache": True}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
-        # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
-        rc.expand(params.n)
         dec = (
             Decoder(self.model, rc.cache.layers, ids.shape[1] + T)
             if self.fast and rc.slot and unsupported_reason(self.model) is None
             else None
         )
+        # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
+        rc.expand(params.n)
         logits = out.logits[:, -1].repeat_interleave(params.n, 0)
         att = mask.repeat_interleave(params.n, 0)
         rows = torch.arange(B, device=device)  # original row of each active row
         pos = att.long().sum(1)  # next position id of each active row
-        if dec is not None:  # additive mask over the cached positions: 0 = attend, -inf = left padding
-            att = torch.zeros(att.shape, dtype=logits.dtype, device=device).masked_fill(att == 0, float("-inf"))
+        L = ids.shape[1]  # cached positions
+        if dec is not None:  # additive mask over every position the cache can hold: 0 = attend, -inf = left padding
+            bias = torch.zeros((B, L + T), dtype=logits.dtype, device=device)
+            bias[:, :L].masked_fill_(att == 0, float("-inf"))
+        steps = []  # per step: (original rows, tokens, log-probs, entropies) of the rows that sampled
         for t in range(T):
             if self.trace is not None:
                 self.trace.append((rows.clone(), logits.float().clone()))
             tok, tlp, tent = sample_tokens(logits, params, generator)
-            gen[rows, t], lp[rows, t], ent[rows, t] = tok, tlp, tent
+            steps.append((rows, tok, tlp, tent))
             done = tok == eos
-            if done.any():
-                if done.all():
-                    break
-                order = rc.drop(done)
-                rows, att, pos, tok = rows[order], att[order], pos[order], tok[order]
-            if t == T - 1:
+            finished = int(done.sum())
+            if finished == rows.numel() or t == T - 1:
                 break
+            if finished:
+                order = rc.drop(done)
+                rows, pos, tok = rows[order], pos[order], tok[order]
+                att = att[order] if dec is None else att
+                bias = bias[order] if dec is not None else None
+            L += 1
             if dec is not None:
-                att = torch.cat([att, att.new_zeros((att.shape[0], 1))], dim=1)
-                logits = dec.step(tok, pos, att)
+                logits = dec.step(tok, pos, bias[:, :L])
             else:
                 att = torch.cat([att, att.new_ones((att.shape[0], 1))], dim=1)
                 logits = self.model(
                     input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=pos.unsqueeze(1), **kw
                 ).logits[:, -1]
             pos = pos + 1
+        gen = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long, device=device)
+        lp = torch.zeros((B, T), dtype=torch.float32, device=device)
+        ent = torch.zeros((B, T), dtype=torch.float32, device=device)
+        at = torch.cat([r for r, *_ in steps])
+        col = torch.cat([torch.full_like(r, t) for t, (r, *_) in enumerate(steps)])
+        gen[at, col] = torch.cat([x[1] for x in steps])
+        lp[at, col] = torch.cat([x[2] for x in steps])
+        ent[at, col] = torch.cat([x[3] for x in steps])
         return gen, lp, ent
 
     def _pack(self, ids, mask, gen, lp, ent) -> Rollouts:

@@ -136,7 +136,9 @@ def test_fused_attention_path_float64(family, monkeypatch):
     """Off CPU float32 the packed forward attends with ``scaled_dot_product_attention`` and boolean masks
     (the GPU path); float64 on CPU takes that branch too, so it is checked here, values and gradients.
     transformers' RMSNorm normalises in float32 even for float64 inputs, so the gradients carry float32
-    rounding (seen: up to 2e-7 of their scale) and get 1e-6 of scale; the logits agree to 1e-10."""
+    rounding (seen: up to 2e-7 of their scale) and get 1e-6 of scale; the logits agree to 1e-10. Qwen3's
+    per-head q/k norms are float32 sums too, and the fast path sums each head's dims in its rotary pair
+    order (``_pairs``), so there the loss and logits carry float32 rounding (seen: 6e-7) and get 2e-6."""
     model = tiny(family).double()
     ro = make_batch(*MIXED)
     calls, real = [], torch.nn.functional.scaled_dot_product_attention
@@ -149,13 +151,14 @@ def test_fused_attention_path_float64(family, monkeypatch):
     loss_f, g_fast = grads(model, ro, fast=True)
     assert len(calls) == 2 * 2  # two layers, each one call for the prompts and one for the responses
     loss_r, g_ref = grads(model, ro, fast=False)
-    assert loss_f == pytest.approx(loss_r, rel=1e-10)
+    tol = 2e-6 if family == "qwen3" else 1e-10
+    assert loss_f == pytest.approx(loss_r, rel=tol)
     for name, g in g_ref.items():
         torch.testing.assert_close(g_fast[name], g, atol=1e-6 * max(1.0, float(g.abs().max())), rtol=1e-6, msg=name)
     with torch.no_grad():
         fast = ff.response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
         ref = trainer_logits(model, ro, 1.0, fast=False)
-    torch.testing.assert_close(valid(fast, ro), valid(ref, ro), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(valid(fast, ro), valid(ref, ro), atol=tol, rtol=tol)
     assert torch.all(fast[~ro.response_mask.bool()] == 0)
 
 
