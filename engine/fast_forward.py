@@ -193,10 +193,12 @@ def _attend(q, k, v, mask, bias, scale):
 
 
 class _Layout:
-    """Where each real token of a mini-batch lives in the packed matrix, and the attention masks.
+    """Where each input token of a mini-batch lives in the packed matrix, and the attention masks.
 
-    Packed order: the unique prompts' real tokens (row-major), then every row's real response tokens.
-    ``U`` unique prompts of width ``Lp``; ``B`` rows with responses of width ``T``.
+    Packed order: the unique prompts' real tokens (row-major), then every row's response tokens but
+    its last one. The last response token predicts nothing here and no query that counts sees it
+    (causal attention), so it is never computed. ``U`` unique prompts of width ``Lp``; ``B`` rows with
+    responses of width ``T`` (response inputs: width ``Ti = T - 1``).
     """
 
     def __init__(self, prompt_ids, prompt_mask, response_ids, response_mask):
@@ -208,23 +210,28 @@ class _Layout:
         upm = uniq >= 0  # (U, Lp): the unique prompts' masks (same left padding as their rows)
         self.U, self.Lp = upm.shape
         self.B, self.T = rm.shape
+        self.Ti = self.T - 1
+        rin = rm[:, 1:]  # response inputs: a token is one when a next response token follows it
         self.p_idx = upm.flatten().nonzero().squeeze(1)  # flat (U*Lp) index of each packed prompt token
-        self.r_idx = rm.flatten().nonzero().squeeze(1)  # flat (B*T) index of each packed response token
+        self.i_idx = rin.flatten().nonzero().squeeze(1)  # flat (B*Ti) index of each packed response input
+        self.r_idx = rm.flatten().nonzero().squeeze(1)  # flat (B*T) index of each predicted response token
         self.Np = self.p_idx.numel()
+        # one scatter fills both rectangles: prompts at [0, U*Lp), response inputs after
+        self.idx = torch.cat([self.p_idx, self.U * self.Lp + self.i_idx])
         p_len = upm.sum(1)
         # position ids: 0.. within each prompt; responses continue after their prompt
         p_pos = upm.long().cumsum(1) - 1
-        r_pos = p_len[inv].unsqueeze(1) + torch.arange(self.T, device=dev)
-        self.pos = torch.cat([p_pos.flatten()[self.p_idx], r_pos.flatten()[self.r_idx]])
-        self.ids = torch.cat([uniq.flatten()[self.p_idx], response_ids.flatten()[self.r_idx]])
+        r_pos = p_len[inv].unsqueeze(1) + torch.arange(self.Ti, device=dev)
+        self.pos = torch.cat([p_pos.flatten()[self.p_idx], r_pos.flatten()[self.i_idx]])
+        self.ids = torch.cat([uniq.flatten()[self.p_idx], response_ids[:, : self.Ti].flatten()[self.i_idx]])
         # prompt queries: causal within the prompt; a padding query attends to itself (its output is dropped)
         eye_p = torch.eye(self.Lp, dtype=torch.bool, device=dev)
         causal_p = torch.ones(self.Lp, self.Lp, dtype=torch.bool, device=dev).tril()
         self.p_mask = ((causal_p & upm[:, None, :]) | eye_p)[:, None]
         # response queries: their prompt's real tokens, then causal within the response
-        causal_r = torch.ones(self.T, self.T, dtype=torch.bool, device=dev).tril()
-        r_self = (causal_r & rm[:, None, :]) | torch.eye(self.T, dtype=torch.bool, device=dev)
-        self.r_mask = torch.cat([upm[inv][:, None, :].expand(-1, self.T, -1), r_self], dim=2)[:, None]
+        causal_r = torch.ones(self.Ti, self.Ti, dtype=torch.bool, device=dev).tril()
+        r_self = (causal_r & rin[:, None, :]) | torch.eye(self.Ti, dtype=torch.bool, device=dev)
+        self.r_mask = torch.cat([upm[inv][:, None, :].expand(-1, self.Ti, -1), r_self], dim=2)[:, None]
         self._bias: dict = {}
 
     def biases(self, heads: int, dtype):
@@ -242,10 +249,16 @@ class _Layout:
             self._bias[heads] = (add(self.p_mask), add(self.r_mask))
         return self._bias[heads]
 
-    def grid(self, x: torch.Tensor, idx: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-        """Packed ``(n, *rest)`` -> zero-padded ``(rows, width, *rest)`` at the flat positions ``idx``."""
-        out = x.new_zeros((rows * width, *x.shape[1:]))
-        return out.index_copy(0, idx, x).view(rows, width, *x.shape[1:])
+    def grids(self, x: torch.Tensor):
+        """Packed ``(n, *rest)`` -> zero-padded ``(U, Lp, *rest)`` prompts and ``(B, Ti, *rest)`` response inputs."""
+        out = x.new_zeros((self.U * self.Lp + self.B * self.Ti, *x.shape[1:])).index_copy(0, self.idx, x)
+        p, r = out.split([self.U * self.Lp, self.B * self.Ti])
+        return p.view(self.U, self.Lp, *x.shape[1:]), r.view(self.B, self.Ti, *x.shape[1:])
+
+    def packed(self, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``grids``: ``(U, Lp, *rest)`` and ``(B, Ti, *rest)`` -> packed ``(n, *rest)``."""
+        flat = torch.cat([p.flatten(0, 1), r.flatten(0, 1)])
+        return flat.index_select(0, self.idx)
 
 
 def _attention(attn, h, rot, lay: _Layout):
@@ -254,19 +267,15 @@ def _attention(attn, h, rot, lay: _Layout):
     qkv = torch.cat(_qkv(h, _stacked(attn), heads, _qk_norms(attn), rot), dim=1)  # (N, H + 2 KV, D)
     p_bias, r_bias = lay.biases(H, qkv.dtype)
     # (rows, heads, width, D) rectangles of the prompt part and of the response part
-    pq, pk, pv = lay.grid(qkv[: lay.Np], lay.p_idx, lay.U, lay.Lp).transpose(1, 2).split([H, KV, KV], dim=1)
-    rq, rk, rv = lay.grid(qkv[lay.Np :], lay.r_idx, lay.B, lay.T).transpose(1, 2).split([H, KV, KV], dim=1)
+    pg, rg = lay.grids(qkv)
+    pq, pk, pv = pg.transpose(1, 2).split([H, KV, KV], dim=1)
+    rq, rk, rv = rg.transpose(1, 2).split([H, KV, KV], dim=1)
     po = _attend(pq, pk, pv, lay.p_mask, p_bias, attn.scaling)  # (U, H, Lp, D)
-    keys = torch.cat([pk[lay.inv], rk], dim=2)  # each row sees its own prompt's keys, computed once
-    vals = torch.cat([pv[lay.inv], rv], dim=2)
-    ro = _attend(rq, keys, vals, lay.r_mask, r_bias, attn.scaling)  # (B, H, T, D)
-    out = torch.cat(
-        [
-            po.transpose(1, 2).reshape(lay.U * lay.Lp, H * D)[lay.p_idx],
-            ro.transpose(1, 2).reshape(lay.B * lay.T, H * D)[lay.r_idx],
-        ]
-    )
-    return attn.o_proj(out)
+    # each row sees its own prompt's keys, computed once
+    keys = torch.cat([pk.index_select(0, lay.inv), rk], dim=2)
+    vals = torch.cat([pv.index_select(0, lay.inv), rv], dim=2)
+    ro = _attend(rq, keys, vals, lay.r_mask, r_bias, attn.scaling)  # (B, H, Ti, D)
+    return attn.o_proj(lay.packed(po.transpose(1, 2).flatten(2), ro.transpose(1, 2).flatten(2)))
 
 
 def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
@@ -281,22 +290,45 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     rot = _rotation(inner, x, lay.pos)
     for layer in inner.layers:
         mlp = layer.mlp
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), rot, lay)
-        x = x + _mlp(layer.post_attention_layernorm(x), _stacked_mlp(mlp), _act(mlp), _down(mlp))
-    # hidden states that predict: prompt's last token (t = 0), response tokens 0..T-2 (t >= 1)
-    p_last = lay.grid(x[: lay.Np], lay.p_idx, lay.U, lay.Lp)[:, -1]  # (U, C)
-    r_grid = lay.grid(x[lay.Np :], lay.r_idx, lay.B, lay.T)  # (B, T, C)
-    pred = torch.cat([p_last[lay.inv].unsqueeze(1), r_grid[:, :-1]], dim=1)  # (B, T, C)
-    flat = pred.reshape(lay.B * lay.T, -1)[lay.r_idx]
-    logits = model.lm_head(inner.norm(flat))
-    return lay.grid(logits, lay.r_idx, lay.B, lay.T)
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        x = x + _attention(layer.self_attn, _rms(x, ln1.weight, ln1.variance_epsilon), rot, lay)
+        x = x + _mlp(_rms(x, ln2.weight, ln2.variance_epsilon), _stacked_mlp(mlp), _act(mlp), _down(mlp))
+    # hidden states that predict: prompt's last token (t = 0), response inputs 0..T-2 (t >= 1)
+    p_grid, r_grid = lay.grids(x)
+    pred = torch.cat([p_grid[:, -1].index_select(0, lay.inv).unsqueeze(1), r_grid], dim=1)  # (B, T, C)
+    logits = model.lm_head(
+        _rms(pred.flatten(0, 1).index_select(0, lay.r_idx), inner.norm.weight, inner.norm.variance_epsilon)
+    )
+    out = logits.new_zeros((lay.B * lay.T, logits.shape[-1])).index_copy(0, lay.r_idx, logits)
+    return out.view(lay.B, lay.T, -1)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """transformers' RMSNorm in float32, ``w * x * rsqrt(mean(x^2) + eps)`` (the same kernels, so the same
+    numbers), with a hand-written backward: five kernels where autograd's chain of pow / mean / rsqrt /
+    mul nodes runs about twice as many. ``dx = r (g w - x^ mean(g w x^))``, ``dw = sum(g x^)``, with
+    ``x^ = x r`` and ``r = rsqrt(mean(x^2) + eps)``."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        xh = x * r
+        ctx.save_for_backward(xh, r, w)
+        return xh * w
+
+    @staticmethod
+    def backward(ctx, gy):
+        xh, r, w = ctx.saved_tensors
+        gw = (gy * xh).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        gxh = gy * w
+        gx = gxh.sub_(xh * (gxh * xh).mean(-1, keepdim=True)).mul_(r) if ctx.needs_input_grad[0] else None
+        return gx, gw, None
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama/Qwen RMSNorm: normalise in float32, cast back, scale (in float32 that is
-    exactly ``F.rms_norm``, one kernel)."""
+    """transformers' Llama/Qwen RMSNorm: normalise in float32, cast back, scale (float32: ``_RMSNorm``)."""
     if x.dtype == torch.float32 and w.dtype == torch.float32:
-        return F.rms_norm(x, w.shape, w, eps)
+        return _RMSNorm.apply(x, w, eps)
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 

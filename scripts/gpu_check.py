@@ -7,9 +7,9 @@
 2. A 20-step A3PO run of the embedded model in bf16 raises the mean reward (last 5 steps above the
    first 5); step time by phase and peak memory are printed.
 3. When vLLM imports: the vLLM backend's greedy outputs equal the HF backend's on 8 prompts.
-4. ``engine/fast_forward.py`` in bf16 on the device: response log-probs of 64 sampled rollouts agree
-   with the model's own forward (mean |diff| < 0.01, max < 0.25 nats: two bf16 computations of the
-   same math, batched differently), and the forward + backward time of both is printed.
+4. ``engine/fast_forward.py`` in bf16 on the device: on 64 sampled rollouts its response log-probs are
+   no further from the float32 forward of the same weights than the model's own bf16 forward is (mean
+   and max |diff|, with a 25% and one-bf16-step margin), and the forward + backward time of both is printed.
 
 ``--cpu`` runs the same legs on the CPU (still bf16, smaller sizes) so CI exercises the script.
 
@@ -150,8 +150,10 @@ def fast_forward_matches(device: str) -> None:
     prompts = encode_prompts(tok, load_problems("builtin:countdown", "train", limit=8))
     ro = KVEngine(model, tok).generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=48, seed=0))
     m = ro.response_mask.bool()
-    secs = {}
-    lps = {}
+    secs, err = {}, {}
+    with torch.no_grad():  # the same weights in float32: the truth both bf16 computations approximate
+        exact = token_logprobs(response_logits(model.float(), ro, 1.0, False), ro.response_ids).float()
+    model.to(torch.bfloat16)
     for fast in (False, True):
         _sync(device)
         t0 = time.perf_counter()
@@ -160,14 +162,18 @@ def fast_forward_matches(device: str) -> None:
         (lp * ro.response_mask).sum().backward()
         _sync(device)
         secs[fast] = time.perf_counter() - t0
-        lps[fast] = lp.detach().float()
+        err[fast] = (lp.detach().float() - exact).abs()[m]
         model.zero_grad(set_to_none=True)
-    d = (lps[True] - lps[False]).abs()[m]
     print(
-        f"[fast_forward] {int(m.sum())} response tokens, bf16: |log-prob diff| mean {d.mean():.2e} max {d.max():.2e}; "
-        f"forward+backward {secs[False]:.3f}s (model) vs {secs[True]:.3f}s (fast_forward)"
+        f"[fast_forward] {int(m.sum())} response tokens, bf16 |log-prob - float32|: model's forward mean "
+        f"{err[False].mean():.2e} max {err[False].max():.2e}, fast_forward mean {err[True].mean():.2e} max "
+        f"{err[True].max():.2e}; forward+backward {secs[False]:.3f}s (model) vs {secs[True]:.3f}s (fast_forward)"
     )
-    assert float(d.mean()) < 0.01 and float(d.max()) < 0.25, "fast_forward disagrees with the model's forward"
+    # two bf16 computations of the same math round differently (the rotary embedding, say, is bf16 in the
+    # model's forward and float32 in ours), so each is held to the float32 truth: ours no worse than the model's
+    ok = float(err[True].mean()) <= 1.25 * float(err[False].mean()) + 1e-4
+    ok = ok and float(err[True].max()) <= 1.25 * float(err[False].max()) + 0.0625
+    assert ok, "fast_forward in bf16 is further from the float32 forward than the model's own bf16 forward"
 
 
 def main() -> None:
