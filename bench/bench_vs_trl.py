@@ -11,7 +11,7 @@ Because the machine's speed also drifts between whole runs, the ratios to tuned 
 round by round (each round's segments ran next to each other), with their geometric mean and a 95%
 t-interval over rounds.
 
-    python bench/bench_vs_trl.py [--task countdown|arith] [--rounds 3] [--steps 6] [--warmup 2]
+    python bench/bench_vs_trl.py [--task countdown|arith] [--rounds 3] [--steps 6] [--warmup 2] [--workers 2]
 
 The workload, identical for all three: the embedded model of the task (``builtin:tiny-countdown`` on
 Countdown-lite, the demo's; ``builtin:tiny`` on arith), the same token ids per prompt (BOS + prompt),
@@ -41,8 +41,10 @@ TRL tuned, as a speed-minded user would set it (read from the installed TRL 1.16
     to read each step's completion length, its cost falls after the step's timer.
 
 Our engine, at its fastest honest settings: ``rollout.backend=kv`` (our KV-cache engine with EOS
-retirement), everything else as shipped: A3PO shaping, per-token entropy, and every token of every
-rollout written to the Parquet store inside the step.
+retirement) and ``rollout.workers=2`` (``--workers``: the prompts split between 2 decode processes of
+``threads / 2`` threads each, on the same cores TRL gets; the weights are shared, not copied; the
+processes start before the warm-up steps), everything else as shipped: A3PO shaping, per-token
+entropy, and every token of every rollout written to the Parquet store inside the step.
 
 Phases. Ours: the trainer's own timers (``t_generate``; the update = the loss forward + backward +
 optimiser step; store = building the tables + writing the segment). TRL: its own profiling timers
@@ -97,6 +99,7 @@ def our_segment(a, d) -> list[dict]:
             "rollout.top_k=0",
             "rollout.top_p=1.0",
             "rollout.backend=kv",
+            f"rollout.workers={a.workers}",
             "actor.mini_batches=1",
             "actor.ppo_epochs=1",
             "actor.lr=1e-4",
@@ -254,7 +257,7 @@ def child(a) -> None:
 # ------------------------------------------------------------------ driver
 def run_segment(a, kind: str, seed: int) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", kind, "--seed", str(seed)]
-    for k in ("task", "steps", "warmup", "prompts", "n", "threads", "max_new_tokens"):
+    for k in ("task", "steps", "warmup", "prompts", "n", "threads", "max_new_tokens", "workers"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -344,6 +347,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="ours: rollout.workers (decode processes)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", choices=KINDS)

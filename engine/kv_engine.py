@@ -240,18 +240,39 @@ class KVEngine:
 
     records_logprobs = True  # the trainer may use them as the old policy's (same model, same weights)
 
-    def __init__(self, model, tokenizer, fast: bool = True):
+    def __init__(self, model, tokenizer, fast: bool = True, workers: int = 1, threads: int | None = None):
         self.model = model
         self.tok = tokenizer
         self.fast = fast  # decode with engine.fast_forward when the model supports it (else the model's forward)
         self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
+        # workers > 1: CPU helper processes share the prompts (engine/kv_workers.py), started on first use
+        self.workers, self.threads = workers, threads or max(1, torch.get_num_threads() // max(1, workers))
+        self.pool = None
 
     def sync_weights(self, model) -> None:
+        if model is not self.model and self.pool is not None:  # helpers hold the old module: restart them
+            self.close()
         self.model = model  # the engine runs the policy itself: nothing to copy
 
-    @torch.no_grad()
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
         """``params.n`` responses per prompt, prompt-major, cut at the first EOS like ``cut_at_eos``."""
+        if self.workers > 1 and len(prompts) > 1:
+            if self.pool is None:
+                from engine.kv_workers import WorkerPool
+
+                self.pool = WorkerPool(self.model, self.tok, self.fast, self.workers, self.threads)
+            return self.pool.generate(prompts, params, self._generate)
+        return self._generate(prompts, params)
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
+        """One process's generation (all prompts, or one worker's share)."""
         model = self.model
         device = next(model.parameters()).device
         ids, mask = left_pad(prompts, self.tok.pad_token_id, device)  # one row per prompt: prefilled once

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -61,6 +62,27 @@ class Rollouts:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @staticmethod
+    def concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
+        """Several batches as one, rows in order: prompts left-padded and responses right-padded to the
+        longest; recorded log-probs / entropies kept when every part has them (0 on the padding)."""
+        Lp = max(p.prompt_ids.shape[1] for p in parts)
+        T = max(p.response_ids.shape[1] for p in parts)
+
+        def cat(xs, L, value, left=False):
+            return torch.cat([F.pad(x, (L - x.shape[1], 0) if left else (0, L - x.shape[1]), value=value) for x in xs])
+
+        recorded = all(p.logprobs is not None and p.entropy is not None for p in parts)
+        return Rollouts(
+            cat([p.prompt_ids for p in parts], Lp, pad_id, left=True),
+            cat([p.prompt_mask for p in parts], Lp, 0, left=True),
+            cat([p.response_ids for p in parts], T, pad_id),
+            cat([p.response_mask for p in parts], T, 0),
+            torch.cat([p.truncated for p in parts]),
+            cat([p.logprobs for p in parts], T, 0.0) if recorded else None,
+            cat([p.entropy for p in parts], T, 0.0) if recorded else None,
+        )
 
 
 class RolloutBackend(Protocol):
@@ -143,7 +165,11 @@ def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
     if name == "kv":
         from engine.kv_engine import KVEngine
 
-        return KVEngine(model, tokenizer, fast=cfg.model.fast_forward if cfg is not None else True)
+        if cfg is None:
+            return KVEngine(model, tokenizer)
+        workers = cfg.rollout.workers
+        threads = max(1, cfg.train.threads // workers)
+        return KVEngine(model, tokenizer, fast=cfg.model.fast_forward, workers=workers, threads=threads)
     if name == "vllm":
         try:
             import vllm  # noqa: F401

@@ -31,7 +31,6 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from engine import fast_forward
 from engine.advantage import gradient_push
@@ -103,23 +102,7 @@ class StepBatch:
     def concat(parts: list[StepBatch], pad_id: int, n: int, rounds: int) -> StepBatch:
         """Groups from several generation rounds as one batch: prompts left-padded and responses
         right-padded to the longest, groups renumbered 0.. in order."""
-        Lp = max(p.ro.prompt_ids.shape[1] for p in parts)
-        T = max(p.ro.response_ids.shape[1] for p in parts)
-
-        def cat(get, L, value, left=False):
-            xs = [get(p.ro) for p in parts]
-            return torch.cat([F.pad(x, (L - x.shape[1], 0) if left else (0, L - x.shape[1]), value=value) for x in xs])
-
-        recorded = all(p.ro.logprobs is not None and p.ro.entropy is not None for p in parts)
-        ro = Rollouts(
-            cat(lambda r: r.prompt_ids, Lp, pad_id, left=True),
-            cat(lambda r: r.prompt_mask, Lp, 0, left=True),
-            cat(lambda r: r.response_ids, T, pad_id),
-            cat(lambda r: r.response_mask, T, 0),
-            torch.cat([p.ro.truncated for p in parts]),
-            cat(lambda r: r.logprobs, T, 0.0) if recorded else None,  # the kv engine's recorded values
-            cat(lambda r: r.entropy, T, 0.0) if recorded else None,
-        )
+        ro = Rollouts.concat([p.ro for p in parts], pad_id)
         B = ro.response_ids.shape[0]
         return StepBatch(
             ro,

@@ -1,0 +1,198 @@
+"""Rollout worker processes of the kv engine (``rollout.workers``, engine/kv_workers.py).
+
+A pool of 2 on the shipped model: its output is exactly what one process gives for each prompt share
+with that share's seed, greedy output equals one process's, an in-place weight update in the trainer
+reaches the helper without a copy, a dead helper is one clear error, a user's unguarded script is not
+run again by the helper, and a helper whose parent is killed exits.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from engine.config import ConfigError, load_config
+from engine.evaluate import encode_prompts
+from engine.kv_engine import KVEngine
+from engine.kv_workers import chunk_seed, split
+from engine.policy import load_policy
+from engine.resources import demo_config
+from engine.rollout import Rollouts, SamplingParams
+from engine.tasks import load_problems
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_split_and_seeds_by_hand():
+    assert split(5, 2) == [slice(0, 3), slice(3, 5)]
+    assert split(16, 2) == [slice(0, 8), slice(8, 16)]
+    assert split(7, 3) == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    assert split(1, 4) == [slice(0, 1)]  # never an empty share
+    assert chunk_seed(7, 0) == 7
+    seeds = {chunk_seed(7, j) for j in range(8)} | {chunk_seed(8, j) for j in range(8)}
+    assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+    prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:6])
+    pool = KVEngine(model, tok, workers=2, threads=1)
+    yield model, tok, prompts, pool
+    pool.close()
+    torch.set_num_threads(n)
+
+
+def _equal(a: Rollouts, b: Rollouts, atol=1e-5):
+    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "truncated"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=atol, rtol=0)
+    torch.testing.assert_close(a.entropy, b.entropy, atol=atol, rtol=0)
+
+
+def test_pool_equals_one_process_per_share(setup):
+    """Each share is sampled with its own seed; the pooled result is the shares' results concatenated."""
+    model, tok, prompts, pool = setup
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=11)
+    got = pool.generate(prompts, params)
+    one = KVEngine(model, tok)
+    shares = split(len(prompts), 2)
+    want = Rollouts.concat(
+        [
+            one.generate(prompts[s], SamplingParams(**{**params.__dict__, "seed": chunk_seed(11, j)}))
+            for j, s in enumerate(shares)
+        ],
+        tok.pad_token_id,
+    )
+    assert pool.pool is not None and pool.pool.procs[0].is_alive()  # the helper really ran a share
+    _equal(got, want)
+    assert got.response_ids.shape[0] == len(prompts) * 4
+
+
+def test_greedy_equals_one_process(setup):
+    model, tok, prompts, pool = setup
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=24, seed=0)
+    _equal(pool.generate(prompts, params), KVEngine(model, tok).generate(prompts, params))
+
+
+def test_weight_update_reaches_the_helper(setup):
+    """The optimizer updates parameters in place; the helper's module is the same shared storage."""
+    model, tok, prompts, pool = setup
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=16, seed=0)
+    before = pool.generate(prompts, params)
+    w = model.model.layers[0].mlp.down_proj.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(-3.0)
+        after = pool.generate(prompts, params)
+        assert not torch.equal(after.response_ids, before.response_ids)  # the change matters
+        _equal(after, KVEngine(model, tok).generate(prompts, params))  # and the helper's share has it
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def test_dead_helper_is_one_clear_error():
+    model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+    prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
+    eng = KVEngine(model, tok, workers=2, threads=1)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=0)
+    try:
+        eng.generate(prompts, params)
+        eng.pool.procs[0].kill()
+        eng.pool.procs[0].join(10)
+        with pytest.raises(RuntimeError, match=r"rollout worker 1 died"):
+            eng.generate(prompts, params)
+    finally:
+        eng.close()
+
+
+def test_workers_need_the_kv_backend():
+    with pytest.raises(ConfigError, match="rollout.workers.*needs rollout.backend=kv"):
+        load_config(demo_config(), ["rollout.backend=hf", "rollout.workers=2"])
+
+
+def _run(script: str, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_unguarded_script_is_not_rerun(tmp_path):
+    """A user's script without ``if __name__ == "__main__"``: the helper must not execute it again."""
+    script = tmp_path / "user_script.py"
+    marker = tmp_path / "ran.txt"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import torch
+            from engine.evaluate import encode_prompts
+            from engine.kv_engine import KVEngine
+            from engine.policy import load_policy
+            from engine.rollout import SamplingParams
+            from engine.tasks import load_problems
+            with open({str(marker)!r}, "a") as f:
+                f.write("x")
+            model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+            prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
+            eng = KVEngine(model, tok, workers=2, threads=1)
+            ro = eng.generate(prompts, SamplingParams(n=2, max_new_tokens=8, seed=0))
+            print("rows", ro.response_ids.shape[0])
+            eng.close()
+            """
+        )
+    )
+    p = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "rows 8" in p.stdout
+    assert marker.read_text() == "x"  # the script body ran once, in the parent only
+
+
+def test_helper_exits_when_its_parent_is_killed():
+    p = _run(
+        """
+        import os, sys
+        from engine.evaluate import encode_prompts
+        from engine.kv_engine import KVEngine
+        from engine.policy import load_policy
+        from engine.rollout import SamplingParams
+        from engine.tasks import load_problems
+        model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+        prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
+        eng = KVEngine(model, tok, workers=2, threads=1)
+        eng.generate(prompts, SamplingParams(n=2, max_new_tokens=8, seed=0))
+        print(eng.pool.procs[0].pid, flush=True)
+        os._exit(0)  # no clean-up, as if killed
+        """
+    )
+    pid = int(p.stdout.split()[-1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):  # exited; only waiting to be reaped by whoever adopted it
+            return
+        time.sleep(0.2)
+    pytest.fail(f"rollout worker {pid} outlived its parent")
