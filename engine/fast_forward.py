@@ -7,7 +7,8 @@ avoid either: it takes a rectangular ``(B, L)`` batch. Here the same modules run
 
 * the *unique* prompts of the mini-batch (``torch.unique`` over the masked prompt rows), their real
   tokens only;
-* every row's real response tokens.
+* every row's real response tokens but its last (it predicts nothing, and causal attention lets no
+  earlier token see it).
 
 Norms, projections and MLPs run on the packed ``(tokens, hidden)`` matrix. Only attention needs a
 rectangle: prompt queries attend causally within their prompt; response queries attend to their
@@ -20,8 +21,8 @@ dims sits side by side, ``_pairs``: q . k is unchanged); softmax attention with 
 float rounding (tests/test_fast_forward.py, fp32: < 1e-5, and the gradients too).
 
 It also provides the ``kv`` engine's one-token step (``Decoder``): fused projections and a plain
-matmul attention over the engine's cache (at one query per row the CPU's fused attention kernel costs
-more than the rest of a layer).
+batched-product attention over the engine's cache (at one query per row the CPU's fused attention
+kernel costs more than the rest of a layer).
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` with full attention on every layer.
 Anything else (sliding windows, other architectures, gradient checkpointing, attention dropout) uses
