@@ -45,11 +45,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _user_errors():
     from engine.config import ConfigError
+    from engine.kv_workers import WorkerError
     from engine.policy import ModelError
     from engine.store import StoreError
     from engine.tasks import DatasetError
 
-    return (ConfigError, ModelError, StoreError, DatasetError, UsageError)
+    return (ConfigError, ModelError, StoreError, DatasetError, UsageError, WorkerError)
 
 
 # File system states a user can fix (permissions, space, a path of the wrong kind); other OSErrors,

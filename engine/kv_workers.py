@@ -37,6 +37,10 @@ from engine.rollout import Rollouts, SamplingParams
 _FIELDS = [f.name for f in dataclasses.fields(Rollouts)]
 
 
+class WorkerError(RuntimeError):
+    """A rollout worker process died or failed (the CLI reports it in one line; the run can be resumed)."""
+
+
 def chunk_seed(seed: int, j: int) -> int:
     """The sampling seed of prompt share ``j`` (share 0 keeps ``seed``)."""
     return seed if j == 0 else (int(seed) + j * 0x9E3779B97F4A7C15) % (2**63 - 1)
@@ -131,7 +135,7 @@ class WorkerPool:
             except OSError:  # BrokenPipeError: the helper is gone
                 for k, c in sent:  # collect what the others were given, then report
                     self._receive(k, c)
-                raise RuntimeError(self._gone(j)) from None
+                raise WorkerError(self._gone(j)) from None
             sent.append((j, conn))
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
@@ -146,19 +150,19 @@ class WorkerPool:
     def _gone(self, j: int) -> str:
         proc = self.procs[j - 1]
         proc.join(timeout=1)
-        return f"rollout worker {j} died (exit code {proc.exitcode}) — rerun, or set rollout.workers=1"
+        return f"rollout worker {j} died (exit code {proc.exitcode}) — resume the run, or set rollout.workers=1"
 
     def _receive(self, j: int, conn) -> Rollouts:
         proc = self.procs[j - 1]
         while not conn.poll(1.0):
             if not proc.is_alive():
-                raise RuntimeError(self._gone(j))
+                raise WorkerError(self._gone(j))
         try:
             status, payload = conn.recv()
         except (EOFError, OSError):
-            raise RuntimeError(self._gone(j)) from None
+            raise WorkerError(self._gone(j)) from None
         if status != "ok":
-            raise RuntimeError(f"rollout worker {j} failed: {payload}")
+            raise WorkerError(f"rollout worker {j} failed: {payload}")
         return Rollouts(*(None if payload[k] is None else torch.from_numpy(payload[k]) for k in _FIELDS))
 
     def close(self) -> None:

@@ -18,10 +18,10 @@ import torch
 from engine.config import ConfigError, load_config
 from engine.evaluate import encode_prompts
 from engine.kv_engine import KVEngine
-from engine.kv_workers import chunk_seed, split
+from engine.kv_workers import WorkerError, chunk_seed, split
 from engine.policy import load_policy
 from engine.resources import demo_config
-from engine.rollout import Rollouts, SamplingParams
+from engine.rollout import Rollouts, SamplingParams, make_backend
 from engine.tasks import load_problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,15 +108,25 @@ def test_dead_helper_is_one_clear_error():
         eng.generate(prompts, params)
         eng.pool.procs[0].kill()
         eng.pool.procs[0].join(10)
-        with pytest.raises(RuntimeError, match=r"rollout worker 1 died"):
+        with pytest.raises(WorkerError, match=r"rollout worker 1 died .* resume the run, or set rollout.workers=1"):
             eng.generate(prompts, params)
     finally:
         eng.close()
 
 
-def test_workers_need_the_kv_backend():
+def test_workers_need_the_kv_backend_and_a_cpu_policy():
     with pytest.raises(ConfigError, match="rollout.workers.*needs rollout.backend=kv"):
         load_config(demo_config(), ["rollout.backend=hf", "rollout.workers=2"])
+    cfg = load_config(demo_config(), ["rollout.backend=kv", "rollout.workers=2"])
+    model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+    with pytest.raises(ConfigError, match="rollout.workers.*policy is on a GPU"):
+        make_backend("kv", model.to("meta"), tok, cfg)
+
+
+def test_a_dead_worker_is_a_one_line_cli_error():
+    from engine.cli import _user_errors
+
+    assert WorkerError in _user_errors()
 
 
 def _run(script: str, timeout=120) -> subprocess.CompletedProcess:
