@@ -140,12 +140,12 @@ class WorkerPool:
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            parts = [local(prompts[shares[0]], params)]
+            mine = local(prompts[shares[0]], params)
         finally:
             torch.set_num_threads(before)
-            for j, conn in sent:  # always drain the helpers, so a failure here leaves no answer queued
-                parts.append(self._receive(j, conn))
-        return Rollouts.concat(parts, self.pad_id)
+            # always drain the helpers, so that a failure here leaves no answer queued for the next call
+            theirs = [self._receive(j, conn) for j, conn in sent]
+        return Rollouts.concat([mine, *theirs], self.pad_id)
 
     def _gone(self, j: int) -> str:
         proc = self.procs[j - 1]

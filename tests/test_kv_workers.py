@@ -114,6 +114,22 @@ def test_dead_helper_is_one_clear_error():
         eng.close()
 
 
+def test_a_local_failure_still_drains_the_helper(setup):
+    """When the calling process's share fails, its error surfaces and the helper's answer is consumed, so
+    the next call gets its own results."""
+    model, tok, prompts, pool = setup
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, seed=0)
+
+    pool.generate(prompts, params)  # the helper is running
+
+    def broken(prompts, params):
+        raise ValueError("local share failed")
+
+    with pytest.raises(ValueError, match="local share failed"):
+        pool.pool.generate(prompts, params, broken)
+    _equal(pool.generate(prompts, params), KVEngine(model, tok).generate(prompts, params))
+
+
 def test_workers_need_the_kv_backend_and_a_cpu_policy():
     with pytest.raises(ConfigError, match="rollout.workers.*needs rollout.backend=kv"):
         load_config(demo_config(), ["rollout.backend=hf", "rollout.workers=2"])
