@@ -132,8 +132,8 @@ class RolloutConfig:
         1,
         "backend=kv on CPU: decode in this many processes, each with train.threads / workers threads and "
         "a contiguous share of the prompts (the policy's weights are shared, not copied). On 2 cores, 2 "
-        "workers generate in about 3/4 of the time of 1 (a decode step is many kernels too small to split "
-        "across threads). Each share samples with its own seed, so the draw differs from workers=1 (same "
+        "workers generate in about 0.9x the time of 1, and vary less from run to run (a decode step is many "
+        "kernels too small to split across threads). Each share samples with its own seed, so the draw differs from workers=1 (same "
         "distribution; greedy output is identical). Costs one process start (a few seconds) per run.",
         min=1,
         max=64,

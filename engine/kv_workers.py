@@ -4,8 +4,9 @@ Why: decoding a small model on a CPU is a long chain of small kernels, one token
 threads inside one process barely speed those kernels up (each is too small to split well), and the
 Python between them runs on one core. Splitting the prompts between ``k`` processes of
 ``train.threads / k`` threads each keeps every core busy with a whole decode loop of its own. On the
-embedded workload (16 prompts x 8 samples, 2 cores) two processes of one thread generate in about
-three quarters of the time one process of two threads takes (bench/bench_step.py, README).
+embedded workload (16 prompts x 8 samples, 2 cores) two processes of one thread generate in 0.88x the
+time one process of two threads takes (95% interval [0.78, 0.99], README "Rollout workers"), and the
+two-thread process swings more from run to run.
 
 How:
 
