@@ -164,15 +164,25 @@ def _act(mlp):
     return F.silu if isinstance(mlp.act_fn, torch.nn.SiLU) else mlp.act_fn
 
 
-def _mlp(h: torch.Tensor, w_gu, act, w_down) -> torch.Tensor:
-    """The gated MLP, ``down(act(gate h) * up h)``, with gate and up as one product (``w_gu = (w, b)``)."""
+def _gated(h: torch.Tensor, w_gu, act) -> torch.Tensor:
+    """The gated MLP's inner activation ``act(gate h) * up h``, gate and up as one product (``w_gu = (w, b)``)."""
     g, u = F.linear(h, *w_gu).chunk(2, -1)
-    return F.linear(act(g) * u, *w_down)
+    return act(g) * u
 
 
-def _down(mlp):
-    """The down projection's ``(weight, bias)``."""
-    return mlp.down_proj.weight, mlp.down_proj.bias
+def _mlp(h: torch.Tensor, w_gu, act, w_down) -> torch.Tensor:
+    """The gated MLP, ``down(act(gate h) * up h)`` (``w_down = (w, b)``)."""
+    return F.linear(_gated(h, w_gu, act), *w_down)
+
+
+def _wb(linear) -> tuple:
+    """A linear module's ``(weight, bias)``."""
+    return linear.weight, linear.bias
+
+
+def _add_linear(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b) -> torch.Tensor:
+    """``x + linear(h, w, b)`` with the residual add inside the product (one ``addmm``)."""
+    return torch.addmm(x if b is None else x + b, h, w.t())
 
 
 def _attend(q, k, v, mask, bias, scale):
@@ -293,7 +303,7 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
         mlp = layer.mlp
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         x = x + _attention(layer.self_attn, _rms(x, ln1.weight, ln1.variance_epsilon), rot, lay)
-        x = x + _mlp(_rms(x, ln2.weight, ln2.variance_epsilon), _stacked_mlp(mlp), _act(mlp), _down(mlp))
+        x = x + _mlp(_rms(x, ln2.weight, ln2.variance_epsilon), _stacked_mlp(mlp), _act(mlp), _wb(mlp.down_proj))
     # hidden states that predict: prompt's last token (t = 0), response inputs 0..T-2 (t >= 1)
     p_grid, r_grid = lay.grids(x)
     pred = torch.cat([p_grid[:, -1].index_select(0, lay.inv).unsqueeze(1), r_grid], dim=1)  # (B, T, C)
@@ -367,11 +377,11 @@ class Decoder:
                     _qk_norms(a),
                     _heads(a),
                     a.scaling,
-                    (a.o_proj.weight, a.o_proj.bias),
+                    _wb(a.o_proj),
                     (ln2.weight, ln2.variance_epsilon),
                     _stacked_mlp(mlp),
                     _act(mlp),
-                    _down(mlp),
+                    _wb(mlp.down_proj),
                 )
             )
         self.final = (inner.norm.weight, inner.norm.variance_epsilon)
@@ -394,9 +404,7 @@ class Decoder:
         x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
         rot = self.table[pos] if self.table is not None else _rotation(self.inner, x, pos)
         biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
-        for ((w1, e1), w_qkv, qkn, heads, scale, (wo, bo), (w2, e2), w_gu, act, (wd, bd)), cache in zip(
-            self.plan, self.cache
-        ):
+        for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), cache in zip(self.plan, self.cache):
             H, KV, D = heads
             qk, v = _qkv(_rms(x, w1, e1), w_qkv, heads, qkn, rot)
             keys, vals = cache.update(qk[:, H:].unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
@@ -406,7 +414,6 @@ class Decoder:
             s = torch.baddbmm(biases[KV], q, keys.reshape(N * KV, L, D).transpose(1, 2), alpha=scale)
             p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
             o = torch.bmm(p, vals.reshape(N * KV, L, D)).view(N, H * D)
-            x = torch.addmm(x, o, wo.t()) if bo is None else torch.addmm(x + bo, o, wo.t())
-            g, u = F.linear(_rms(x, w2, e2), *w_gu).chunk(2, -1)
-            x = torch.addmm(x, act(g).mul_(u), wd.t()) if bd is None else torch.addmm(x + bd, act(g).mul_(u), wd.t())
+            x = _add_linear(x, o, *wo)
+            x = _add_linear(x, _gated(_rms(x, w2, e2), w_gu, act), *wd)
         return self.model.lm_head(_rms(x, *self.final))

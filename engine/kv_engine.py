@@ -246,6 +246,13 @@ class KVEngine:
         self.fast = fast  # decode with engine.fast_forward when the model supports it (else the model's forward)
         self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
         # workers > 1: CPU helper processes share the prompts (engine/kv_workers.py), started on first use
+        if workers > 1 and any(p.device.type != "cpu" for p in model.parameters()):
+            from engine.config import ConfigError
+
+            raise ConfigError(
+                f"config key 'rollout.workers' ({workers}) splits decoding between CPU processes, but the "
+                "policy is on a GPU — set rollout.workers=1 (or rollout.backend=vllm)"
+            )
         self.workers, self.threads = workers, threads or max(1, torch.get_num_threads() // max(1, workers))
         self.pool = None
 
@@ -321,8 +328,10 @@ class KVEngine:
             if finished:
                 order = rc.drop(done)
                 rows, pos, tok = rows[order], pos[order], tok[order]
-                att = att[order] if dec is None else att
-                bias = bias[order] if dec is not None else None
+                if dec is None:
+                    att = att[order]
+                else:
+                    bias = bias[order]
             L += 1
             if dec is not None:
                 logits = dec.step(tok, pos, bias[:, :L])

@@ -35,8 +35,6 @@ import torch.multiprocessing as mp
 
 from engine.rollout import Rollouts, SamplingParams
 
-_FIELDS = [f.name for f in dataclasses.fields(Rollouts)]
-
 
 class WorkerError(RuntimeError):
     """A rollout worker process died or failed (the CLI reports it in one line; the run can be resumed)."""
@@ -94,7 +92,7 @@ def _serve(conn, model, ids, fast: bool, threads: int) -> None:
         prompts, params = msg
         try:
             ro = engine.generate(prompts, params)
-            conn.send(("ok", {k: None if getattr(ro, k) is None else getattr(ro, k).numpy() for k in _FIELDS}))
+            conn.send(("ok", [None if x is None else x.numpy() for x in ro._tensors()]))
         except Exception as e:  # reported to the trainer, which raises it
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
@@ -108,8 +106,6 @@ class WorkerPool:
     def __init__(self, model, tokenizer, fast: bool, workers: int, threads: int):
         if workers < 2:
             raise ValueError(f"a worker pool needs at least 2 workers, got {workers}")
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            raise ValueError("rollout.workers > 1 decodes in CPU processes; the policy is not on the CPU")
         self.workers, self.threads = workers, threads
         self.pad_id = tokenizer.pad_token_id
         model.share_memory()
@@ -164,7 +160,7 @@ class WorkerPool:
             raise WorkerError(self._gone(j)) from None
         if status != "ok":
             raise WorkerError(f"rollout worker {j} failed: {payload}")
-        return Rollouts(*(None if payload[k] is None else torch.from_numpy(payload[k]) for k in _FIELDS))
+        return Rollouts(*(None if x is None else torch.from_numpy(x) for x in payload))
 
     def close(self) -> None:
         """Stop the helpers (they also stop on their own when this process exits)."""

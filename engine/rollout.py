@@ -168,13 +168,6 @@ def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
         if cfg is None:
             return KVEngine(model, tokenizer)
         workers = cfg.rollout.workers
-        if workers > 1 and any(p.device.type != "cpu" for p in model.parameters()):
-            from engine.config import ConfigError
-
-            raise ConfigError(
-                f"config key 'rollout.workers' ({workers}) splits decoding between CPU processes, but the "
-                "policy is on a GPU — set rollout.workers=1 (or rollout.backend=vllm)"
-            )
         threads = max(1, cfg.train.threads // workers)
         return KVEngine(model, tokenizer, fast=cfg.model.fast_forward, workers=workers, threads=threads)
     if name == "vllm":
