@@ -76,12 +76,35 @@ def _main_hidden():
         main.__dict__.update(saved)
 
 
-def _serve(conn, model, ids, fast: bool, threads: int) -> None:
-    """A helper process: generate for each ``(prompts, params)`` received until the pipe closes."""
+def _grad_views(params: list[torch.Tensor], buffer: torch.Tensor) -> list[torch.Tensor]:
+    """Views of a flat ``buffer`` shaped like each of ``params`` (a model's trainable parameters, in order)."""
+    views, at = [], 0
+    for p in params:
+        views.append(buffer[at : at + p.numel()].view_as(p))
+        at += p.numel()
+    return views
+
+
+def _grad_buffer(model) -> torch.Tensor:
+    """A zeroed shared-memory buffer for one copy of ``model``'s trainable gradients."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(n, dtype=dtype).share_memory_()
+
+
+def _serve(conn, model, ids, fast: bool, threads: int, grads: torch.Tensor) -> None:
+    """A helper process: run each job received until the pipe closes.
+
+    ``("generate", prompts, params)``: rollouts, sent back as arrays. ``("backward", share, spec)``: the
+    share's loss backward (``engine.update.backward``), its gradients written into ``grads`` (shared with
+    the trainer), its log-probs and loss parts sent back."""
     from engine.kv_engine import KVEngine
+    from engine.update import backward
 
     torch.set_num_threads(threads)
     engine = KVEngine(model, ids, fast=fast)
+    params = [p for p in model.parameters() if p.requires_grad]
+    views = _grad_views(params, grads)
     while True:
         try:
             msg = conn.recv()
@@ -89,18 +112,28 @@ def _serve(conn, model, ids, fast: bool, threads: int) -> None:
             return
         if msg is None:
             return
-        prompts, params = msg
         try:
-            ro = engine.generate(prompts, params)
-            conn.send(("ok", [None if x is None else x.numpy() for x in ro._tensors()]))
+            if msg[0] == "generate":
+                ro = engine.generate(*msg[1:])
+                conn.send(("ok", [None if x is None else x.numpy() for x in ro._tensors()]))
+            else:
+                model.train()
+                for p in params:
+                    p.grad = None
+                res = backward(model, *msg[1:])
+                for v, p in zip(views, params):
+                    v.zero_() if p.grad is None else v.copy_(p.grad)
+                conn.send(("ok", (res.loss, res.kl, res.logprobs.numpy())))
         except Exception as e:  # reported to the trainer, which raises it
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 class WorkerPool:
-    """``workers - 1`` helper processes that generate next to the calling process.
+    """``workers - 1`` helper processes that generate, and back-propagate update shares, next to the
+    calling process.
 
-    ``local(prompts, params)`` generates one share in the calling process (the engine's own loop).
+    Each call gives the helpers their jobs, runs the first job in the calling process (``local``, with
+    ``threads`` threads) and then collects the helpers' answers.
     """
 
     def __init__(self, model, tokenizer, fast: bool, workers: int, threads: int):
@@ -111,24 +144,54 @@ class WorkerPool:
         model.share_memory()
         ids = SimpleNamespace(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         ctx = mp.get_context("spawn")
-        self.conns, self.procs = [], []
+        self.conns, self.procs, self.grads = [], [], []
         for j in range(1, workers):
             parent, child = ctx.Pipe()
+            grads = _grad_buffer(model)
             proc = ctx.Process(
-                target=_serve, args=(child, model, ids, fast, threads), name=f"a3po-kv-worker-{j}", daemon=True
+                target=_serve, args=(child, model, ids, fast, threads, grads), name=f"a3po-kv-worker-{j}", daemon=True
             )
             with _main_hidden():
                 proc.start()
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
+            self.grads.append(grads)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, local) -> Rollouts:
         shares = split(len(prompts), self.workers)
+        jobs = [
+            ("generate", prompts[share], dataclasses.replace(params, seed=chunk_seed(params.seed, j)))
+            for j, share in enumerate(shares)
+        ]
+        mine, theirs = self._run(jobs, lambda job: local(*job[1:]))
+        theirs = [Rollouts(*(None if x is None else torch.from_numpy(x) for x in payload)) for payload in theirs]
+        return Rollouts.concat([mine, *theirs], self.pad_id)
+
+    def backward(self, shares: list, spec, params: list[torch.Tensor], local) -> list:
+        """Back-propagate ``shares`` (``engine.update.Share``, one per process, at most ``workers``): the first
+        here with ``local(share)``, which accumulates into ``params``' gradients, the others in the helpers,
+        whose gradients are then added to ``params``' (zeroed by the caller before). Returns one
+        ``engine.update.ShareResult`` per share."""
+        from engine.update import ShareResult
+
+        mine, theirs = self._run([("backward", share, spec) for share in shares], lambda job: local(job[1]))
+        out = [mine]
+        for j, (loss, kl, lp) in enumerate(theirs, start=1):
+            for p, g in zip(params, _grad_views(params, self.grads[j - 1])):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.add_(g)
+            out.append(ShareResult(loss, kl, torch.from_numpy(lp)))
+        return out
+
+    def _run(self, jobs: list, local):
+        """Send ``jobs[1:]`` to helpers 1.., run ``local(jobs[0])`` here, collect the helpers' payloads."""
         sent = []
-        for j, (share, conn) in enumerate(zip(shares[1:], self.conns), start=1):
+        for j, (job, conn) in enumerate(zip(jobs[1:], self.conns), start=1):
             try:
-                conn.send((prompts[share], dataclasses.replace(params, seed=chunk_seed(params.seed, j))))
+                conn.send(job)
             except OSError:  # BrokenPipeError: the helper is gone
                 for k, c in sent:  # collect what the others were given, then report
                     self._receive(k, c)
@@ -137,19 +200,19 @@ class WorkerPool:
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            mine = local(prompts[shares[0]], params)
+            mine = local(jobs[0])
         finally:
             torch.set_num_threads(before)
             # always drain the helpers, so that a failure here leaves no answer queued for the next call
             theirs = [self._receive(j, conn) for j, conn in sent]
-        return Rollouts.concat([mine, *theirs], self.pad_id)
+        return mine, theirs
 
     def _gone(self, j: int) -> str:
         proc = self.procs[j - 1]
         proc.join(timeout=1)
         return f"rollout worker {j} died (exit code {proc.exitcode}) — resume the run, or set rollout.workers=1"
 
-    def _receive(self, j: int, conn) -> Rollouts:
+    def _receive(self, j: int, conn):
         proc = self.procs[j - 1]
         while not conn.poll(1.0):
             if not proc.is_alive():
@@ -160,7 +223,7 @@ class WorkerPool:
             raise WorkerError(self._gone(j)) from None
         if status != "ok":
             raise WorkerError(f"rollout worker {j} failed: {payload}")
-        return Rollouts(*(None if x is None else torch.from_numpy(x) for x in payload))
+        return payload
 
     def close(self) -> None:
         """Stop the helpers (they also stop on their own when this process exits)."""

@@ -17,29 +17,67 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
+def agg_weights(
+    mask: torch.Tensor, mode: str = "token-mean", norm_len: float | None = None, dtype=torch.float32
+) -> torch.Tensor:
+    """Per-token weights ``(B, T)`` of a loss aggregation: ``aggregate_loss(l) == (l * w).sum()``.
+
+    Why weights: the aggregation is linear in the per-token loss, so any split of the rows (the CPU
+    workers' shares of a mini-batch) adds up to the whole batch's loss and gradient when each share
+    sums its tokens with these weights, which are computed once over the whole mini-batch.
+
+    - ``token-mean``: ``1 / (valid tokens)`` (DAPO, TRL ``dapo``).
+    - ``seq-mean-token-sum``: ``1 / B``: per response sum, then mean over the B responses.
+    - ``seq-mean-token-mean``: ``1 / (B * valid tokens of the row)`` (original GRPO).
+    - ``seq-mean-token-sum-norm``: ``1 / norm_len`` (default the padded length T): Dr. GRPO's constant
+      normaliser, so long and short responses weigh their tokens equally.
+
+    Zero where ``mask`` is 0; an empty mask gives all zeros."""
+    m = mask.to(dtype)
+    if mode == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-sum":
+        return m / max(m.shape[0], 1)
+    if mode == "seq-mean-token-mean":
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * max(m.shape[0], 1))
+    if mode == "seq-mean-token-sum-norm":
+        return m / float(m.shape[-1] if norm_len is None else norm_len)
+    raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
+
+
 def aggregate_loss(
     loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_len: float | None = None
 ) -> torch.Tensor:
-    """Reduce a per-token loss ``(B, T)`` to a scalar.
+    """Reduce a per-token loss ``(B, T)`` to a scalar with ``agg_weights`` (modes documented there)."""
+    return (loss * agg_weights(mask, mode, norm_len, loss.dtype)).sum()
 
-    - ``token-mean``: sum over all valid tokens / number of valid tokens (DAPO, TRL ``dapo``).
-    - ``seq-mean-token-sum``: per response sum, then mean over the B responses.
-    - ``seq-mean-token-mean``: per response mean, then mean over responses (original GRPO).
-    - ``seq-mean-token-sum-norm``: total sum / ``norm_len`` (default the padded length T): Dr. GRPO's
-      constant normaliser, so long and short responses weigh their tokens equally.
-    """
-    m = mask.to(loss.dtype)
-    lm = loss * m
-    if mode == "token-mean":
-        return lm.sum() / m.sum().clamp(min=1.0)
-    if mode == "seq-mean-token-sum":
-        return lm.sum(-1).mean()
-    if mode == "seq-mean-token-mean":
-        return (lm.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if mode == "seq-mean-token-sum-norm":
-        denom = float(loss.shape[-1] if norm_len is None else norm_len)
-        return lm.sum() / denom
-    raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
+
+def _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip):
+    """Per-token clipped surrogate (``policy_loss``) and its parts: ``(per_token, pg1, pg2, lower, ratio)``."""
+    adv = advantages.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(pg1, pg2)
+    per_token = clipped
+    lower = torch.zeros(clipped.shape, dtype=torch.bool, device=clipped.device)
+    if dual_clip is not None:
+        pg3 = -adv * float(dual_clip)
+        neg = adv < 0
+        lower = neg & (clipped > pg3)
+        per_token = torch.where(neg, torch.minimum(clipped, pg3), clipped)
+    return per_token, pg1, pg2, lower, ratio
+
+
+def _metrics(pg1, pg2, lower, ratio, logprobs, old_logprobs, mask) -> dict[str, float]:
+    with torch.no_grad():
+        return {
+            "clipfrac": float(masked_mean((pg2 > pg1).float(), mask)),
+            "clipfrac_lower": float(masked_mean(lower.float(), mask)),
+            "approx_kl": float(masked_mean((old_logprobs - logprobs).float(), mask)),
+            "ratio_mean": float(masked_mean(ratio.float(), mask)),
+        }
 
 
 def policy_loss(
@@ -53,40 +91,40 @@ def policy_loss(
     dual_clip: float | None = 3.0,
     agg: str = "token-mean",
     norm_len: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate with clip-higher and dual clip, all tensors ``(B, T)``.
 
     Per token: ``r = exp(logprobs - old_logprobs)``;
     ``l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``; where ``A < 0`` and ``dual_clip``
-    is set, ``l = min(l, -A dual_clip)`` (Ye et al. 2020). Aggregated by ``aggregate_loss``.
+    is set, ``l = min(l, -A dual_clip)`` (Ye et al. 2020). Aggregated by ``aggregate_loss``, or, when
+    ``weights`` ``(B, T)`` are given (``agg_weights`` of a larger batch that these rows are a share
+    of), summed with them.
 
-    Returns ``(loss, metrics)``; metrics are floats: ``clipfrac`` (share of valid tokens where the
-    clipped term is strictly larger), ``clipfrac_lower`` (share where the dual clip binds),
-    ``approx_kl`` (masked mean of old - new log-prob), ``ratio_mean``.
+    Returns ``(loss, metrics)``; metrics are floats over ``response_mask`` (``clip_metrics``).
     """
     mask = response_mask.bool()
-    adv = advantages.to(logprobs.dtype)
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    clipped = torch.maximum(pg1, pg2)
-    per_token = clipped
-    lower = torch.zeros_like(mask)
-    if dual_clip is not None:
-        pg3 = -adv * float(dual_clip)
-        neg = adv < 0
-        lower = neg & (clipped > pg3)
-        per_token = torch.where(neg, torch.minimum(clipped, pg3), clipped)
-    loss = aggregate_loss(per_token, mask, agg, norm_len)
+    per_token, pg1, pg2, lower, ratio = _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)
+    loss = aggregate_loss(per_token, mask, agg, norm_len) if weights is None else (per_token * weights).sum()
+    return loss, _metrics(pg1, pg2, lower, ratio, logprobs, old_logprobs, mask)
+
+
+def clip_metrics(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = 3.0,
+) -> dict[str, float]:
+    """``policy_loss``'s metrics without the loss, all tensors ``(B, T)``: ``clipfrac`` (share of valid
+    tokens where the clipped term is strictly larger), ``clipfrac_lower`` (share where the dual clip
+    binds), ``approx_kl`` (masked mean of old - new log-prob), ``ratio_mean``."""
     with torch.no_grad():
-        metrics = {
-            "clipfrac": float(masked_mean((pg2 > pg1).float(), mask)),
-            "clipfrac_lower": float(masked_mean(lower.float(), mask)),
-            "approx_kl": float(masked_mean((old_logprobs - logprobs).float(), mask)),
-            "ratio_mean": float(masked_mean(ratio.float(), mask)),
-        }
-    return loss, metrics
+        _, pg1, pg2, lower, ratio = _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)
+        return _metrics(pg1, pg2, lower, ratio, logprobs, old_logprobs, response_mask.bool())
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:

@@ -37,14 +37,15 @@ from engine.advantage import gradient_push
 from engine.algorithms import resolve, shape_advantages
 from engine.config import Config, config_from_dict
 from engine.evaluate import decode_responses, encode_prompts, evaluate
-from engine.loss import kl_penalty, masked_mean, policy_loss
+from engine.loss import agg_weights, clip_metrics, masked_mean
 from engine.ops import token_logprobs, token_logprobs_entropy
 from engine.policy import load_policy
 from engine.reward import overlong_penalty, resolve_verifier
-from engine.rollout import Rollouts, SamplingParams, make_backend, position_ids
+from engine.rollout import Rollouts, SamplingParams, make_backend
 from engine.schema import evals_table, step_tables
 from engine.store import Store, StoreError
 from engine.tasks import load_problems
+from engine.update import LossSpec, Share, backward, cut, group_shares, response_logits
 
 
 class Timer:
@@ -129,28 +130,6 @@ class StepResult(NamedTuple):
 
     metrics: dict[str, float]
     tables: dict[str, pa.Table]
-
-
-def response_logits(model, ro: Rollouts, temperature: float = 1.0, fast: bool = False):
-    """Forward prompt + response; return the logits that predict the response tokens, ``(B, T, V)``.
-
-    The logits are divided by the rollout ``temperature`` (when > 0), so log-probs, entropies, key
-    tokens and the PPO ratio all refer to the distribution the rollouts were sampled from (verl does
-    the same). ``fast``: through ``engine.fast_forward`` (no padding, one prompt computation per
-    group; logits are 0 where ``response_mask`` is 0); else the model's own forward, where only the
-    last ``T + 1`` positions go through the LM head (``logits_to_keep``)."""
-    if fast:
-        logits = fast_forward.response_logits(model, ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)
-    else:
-        ids, att = ro.input_ids, ro.attention_mask
-        T = ro.response_ids.shape[1]
-        out = model(
-            input_ids=ids, attention_mask=att, position_ids=position_ids(att), logits_to_keep=T + 1, use_cache=False
-        )
-        logits = out.logits[:, :-1, :]  # position t predicts token t+1: keep the T predictions of response tokens
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    return logits
 
 
 class Trainer:
@@ -359,6 +338,8 @@ class Trainer:
         chunk, temp = cfg.model.logit_chunk, cfg.rollout.temperature
         single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
         recorded = ro.logprobs is not None and ro.entropy is not None and not cfg.actor.recompute_old_logprobs
+        if single_pass and recorded and self._update_pool() is not None:
+            single_pass = False  # the workers split the loss's forward; the recorded log-probs are the old policy's
         dtype = next(self.model.parameters()).dtype
         live = None
         if single_pass or not recorded:
@@ -412,78 +393,86 @@ class Trainer:
     def _update(self, ro: Rollouts, old_lp, adv, ref_lp, lp_live) -> dict:
         """PPO epochs over mini-batches: forward, clipped surrogate (+ KL to the reference), step.
 
-        Each mini-batch is cut to its own columns (``_mini_batch``): the batch is padded to its longest
-        prompt and response, a mini-batch only to its own, and the padding columns it drops are
+        Each mini-batch is cut to its own columns (``engine.update.cut``): the batch is padded to its
+        longest prompt and response, a mini-batch only to its own, and the padding columns it drops are
         masked out of the loss anyway, so the numbers are the same with less forward/backward work.
         Log-probs are computed on the response tokens only. ``norm_len`` stays the batch's padded
-        length, which is what ``seq-mean-token-sum-norm`` divided by before the cut."""
+        length, which is what ``seq-mean-token-sum-norm`` divided by before the cut. With CPU rollout
+        workers (``_update_pool``) each mini-batch is split between them by whole groups
+        (``engine.update``) and their gradients are added before clipping and the optimizer step."""
         cfg = self.cfg
         B, T = adv.shape
         stats = {"clipfrac": [], "clipfrac_lower": [], "approx_kl": [], "kl_ref": [], "loss": [], "grad_norm": []}
         mbs = [self._mini_batch(ro, rows) for rows in torch.arange(B).chunk(cfg.actor.mini_batches)]
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.actor.grad_clip if cfg.actor.grad_clip > 0 else float("inf")
+        spec = LossSpec(
+            self.clip_low,
+            self.clip_high,
+            cfg.actor.clip_ratio_c,
+            cfg.rollout.temperature,
+            cfg.model.logit_chunk,
+            self.fast,
+            cfg.actor.kl_type,
+            cfg.actor.kl_coef,
+        )
+        pool = self._update_pool()
         for _epoch in range(cfg.actor.ppo_epochs):
             for rows, sub in mbs:
-                if lp_live is not None:  # on-policy single pass: the step's forward already has them
-                    lp, cols, m = lp_live, slice(None), ro.response_mask
-                else:
-                    cols, m = slice(0, sub.response_ids.shape[1]), sub.response_mask
-                    lp = token_logprobs(
-                        response_logits(self.model, sub, cfg.rollout.temperature, self.fast),
-                        sub.response_ids,
-                        chunk_size=cfg.model.logit_chunk,
-                        mask=m,
-                    )
-                loss, met = policy_loss(
-                    lp,
-                    old_lp[rows, cols],
-                    adv[rows, cols],
-                    m,
-                    clip_low=self.clip_low,
-                    clip_high=self.clip_high,
-                    dual_clip=cfg.actor.clip_ratio_c,
-                    agg=self.agg,
-                    norm_len=float(T),
-                )
-                if ref_lp is not None:
-                    kl = masked_mean(kl_penalty(lp, ref_lp[rows, cols], cfg.actor.kl_type), m)
-                    loss = loss + cfg.actor.kl_coef * kl
-                    stats["kl_ref"].append(float(kl.detach()))
+                live = lp_live is not None  # on-policy single pass: the step's forward already has them
+                if live:
+                    sub, rows = ro, torch.arange(B)
+                cols = slice(0, sub.response_ids.shape[1])
+                m = sub.response_mask
+                old, a = old_lp[rows, cols], adv[rows, cols]
+                ref = None if ref_lp is None else ref_lp[rows, cols]
+                w = agg_weights(m, self.agg, float(T), old.dtype)
+                kl_w = None if ref is None else agg_weights(m, "token-mean", None, old.dtype)
+                if live or pool is None:
+                    shares, jobs = [slice(0, B)], [Share(sub, old, a, w, ref, kl_w)]
+                else:  # each worker's rows, cut to their own columns
+                    shares = group_shares(sub.prompt_ids, sub.prompt_mask, sub.attention_mask.sum(1), pool.workers)
+                    jobs = []
+                    for sl in shares:
+                        part = cut(sub, torch.arange(sl.start, sl.stop))
+                        c = slice(0, part.response_ids.shape[1])
+                        pick = [None if x is None else x[sl, c] for x in (ref, kl_w)]
+                        jobs.append(Share(part, old[sl, c], a[sl, c], w[sl, c], *pick))
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(jobs) > 1:
+                    results = pool.backward(jobs, spec, params, lambda job: backward(self.model, job, spec))
+                else:
+                    results = [backward(self.model, jobs[0], spec, lp_live if live else None)]
+                lp = old.new_zeros(old.shape)
+                for sl, res in zip(shares, results):
+                    lp[sl, : res.logprobs.shape[1]] = res.logprobs
                 gn = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if torch.isfinite(gn):
                     self.opt.step()
                 else:
                     self.log("non-finite grad norm: update skipped")
-                stats["loss"].append(float(loss.detach()))
+                met = clip_metrics(
+                    lp, old, a, m, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=cfg.actor.clip_ratio_c
+                )
+                stats["loss"].append(sum(res.loss for res in results))
+                if ref is not None:
+                    stats["kl_ref"].append(sum(res.kl for res in results))
                 stats["grad_norm"].append(float(gn))
                 for k in ("clipfrac", "clipfrac_lower", "approx_kl"):
                     stats[k].append(met[k])
                 lp_live = None
         return {k: (float(np.mean(v)) if v else 0.0) for k, v in stats.items()}
 
+    def _update_pool(self):
+        """The kv engine's CPU worker pool when the update may be split between its processes, else None."""
+        if not self.cfg.actor.split_update:
+            return None
+        return getattr(self.backend, "pool", None)
+
     @staticmethod
     def _mini_batch(ro: Rollouts, rows: torch.Tensor) -> tuple[torch.Tensor, Rollouts]:
-        """Rows ``rows`` of the batch without the padding columns that all of them share.
-
-        Prompts are left-padded: leading columns where no row of the mini-batch has a prompt token
-        go. Responses are right-padded: columns after the mini-batch's longest response go (at least
-        one column is kept). Position ids come from the attention mask's cumsum, so they do not move."""
-        pm, rm = ro.prompt_mask[rows], ro.response_mask[rows]
-        used_p = pm.any(0).nonzero()
-        p0 = int(used_p[0]) if used_p.numel() else pm.shape[1] - 1
-        used_r = rm.any(0).nonzero()
-        r1 = int(used_r[-1]) + 1 if used_r.numel() else 1
-        sub = Rollouts(
-            ro.prompt_ids[rows, p0:],
-            pm[:, p0:],
-            ro.response_ids[rows, :r1],
-            rm[:, :r1],
-            ro.truncated[rows],
-        )
-        return rows, sub
+        """Rows ``rows`` of the batch without the padding columns that all of them share (``cut``)."""
+        return rows, cut(ro, rows)
 
     def _metrics(self, batch: StepBatch, ro, old: OldPolicy, shaped, polarity, scores, upd) -> dict:
         mask = ro.response_mask.bool()

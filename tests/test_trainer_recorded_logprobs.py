@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import engine.trainer as trainer_mod
+import engine.update as update_mod
 from engine.config import load_config
 from engine.store import Store
 from engine.trainer import Trainer
@@ -61,7 +62,8 @@ def one_step(tmp_path, monkeypatch, name, *overrides):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "response_logits", counting)
+    monkeypatch.setattr(trainer_mod, "response_logits", counting)  # the old policy's forward
+    monkeypatch.setattr(update_mod, "response_logits", counting)  # the update's
     cfg = load_config(None, [*BASE, f"name={name}", *overrides])
     tr = Trainer(cfg, Store(tmp_path / name), log=lambda s: None)
     try:

@@ -1,0 +1,141 @@
+"""The update split between CPU worker processes (``actor.split_update``, engine/update.py).
+
+The aggregation weights make any split of the rows add up to the whole mini-batch's loss; shares
+are cut at group starts with about equal tokens; the pool's gradient (helper's share + caller's
+share) equals one process's gradient of the whole mini-batch; and a trainer step with the split
+lands on the same weights as one without it.
+"""
+
+import tempfile
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.evaluate import encode_prompts
+from engine.kv_engine import KVEngine
+from engine.loss import AGG_MODES, agg_weights, aggregate_loss
+from engine.policy import load_policy
+from engine.resources import demo_config
+from engine.rollout import SamplingParams
+from engine.store import Store
+from engine.tasks import load_problems
+from engine.trainer import Trainer
+from engine.update import LossSpec, Share, backward, cut, group_shares
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_agg_weights_add_up_over_any_split_of_rows(mode):
+    g = torch.Generator().manual_seed(0)
+    loss = torch.randn(5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
+    w = agg_weights(mask, mode, 6.0)
+    whole = aggregate_loss(loss, mask, mode, 6.0)
+    parts = sum((loss[s] * w[s]).sum() for s in (slice(0, 2), slice(2, 3), slice(3, 5)))
+    torch.testing.assert_close(parts, whole)
+    assert (w[mask == 0] == 0).all()
+
+
+def test_agg_weights_by_hand():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(agg_weights(mask, "token-mean"), torch.tensor([[1 / 3, 1 / 3, 0], [1 / 3, 0, 0]]))
+    torch.testing.assert_close(agg_weights(mask, "seq-mean-token-sum"), torch.tensor([[0.5, 0.5, 0], [0.5, 0, 0]]))
+    torch.testing.assert_close(agg_weights(mask, "seq-mean-token-mean"), torch.tensor([[0.25, 0.25, 0], [0.5, 0, 0]]))
+    torch.testing.assert_close(agg_weights(mask, "seq-mean-token-sum-norm"), mask / 3.0)
+    torch.testing.assert_close(agg_weights(mask, "seq-mean-token-sum-norm", 4.0), mask / 4.0)
+    assert agg_weights(torch.zeros(2, 3), "token-mean").abs().sum() == 0  # empty mask: no weight, no nan
+    with pytest.raises(ValueError, match="unknown loss_agg_mode"):
+        agg_weights(mask, "sum")
+
+
+def test_group_shares_by_hand():
+    # prompts A A | B B B | C (left padding differs only where the mask is 0)
+    ids = torch.tensor([[0, 5], [0, 5], [6, 7], [6, 7], [6, 7], [0, 8]])
+    mask = (ids != 0).long()
+    tokens = torch.tensor([1, 1, 5, 5, 5, 1])
+    # total 18, half 9: cutting before row 2 leaves 2 tokens before, before row 5 leaves 17: row 2 wins
+    assert group_shares(ids, mask, tokens, 2) == [slice(0, 2), slice(2, 6)]
+    assert group_shares(ids, mask, torch.tensor([5, 5, 1, 1, 1, 1]), 2) == [slice(0, 2), slice(2, 6)]
+    assert group_shares(ids, mask, torch.tensor([1, 1, 1, 1, 1, 9]), 2) == [slice(0, 5), slice(5, 6)]
+    assert group_shares(ids, mask, tokens, 3) == [slice(0, 2), slice(2, 5), slice(5, 6)]
+    assert group_shares(ids, mask, tokens, 9) == [slice(0, 2), slice(2, 5), slice(5, 6)]  # at most one per group
+    assert group_shares(ids, mask, tokens, 1) == [slice(0, 6)]
+    one = torch.tensor([[3, 4]] * 4)
+    assert group_shares(one, torch.ones_like(one), torch.ones(4), 2) == [slice(0, 4)]  # one group: no split
+    # same ids but a different mask is a different prompt
+    pad = torch.tensor([[0, 5], [0, 5]])
+    assert group_shares(pad, torch.tensor([[0, 1], [1, 1]]), torch.ones(2), 2) == [slice(0, 1), slice(1, 2)]
+
+
+def _shares(ro, old, adv, mode, parts):
+    w = agg_weights(ro.response_mask, mode, float(ro.response_mask.shape[1]))
+    out = []
+    for sl in group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts):
+        part = cut(ro, torch.arange(sl.start, sl.stop))
+        c = slice(0, part.response_ids.shape[1])
+        out.append((sl, Share(part, old[sl, c], adv[sl, c], w[sl, c])))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_pool_gradient_equals_one_process(mode):
+    """Helper share + caller share, gradients added by the pool == one backward of the whole batch."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+    prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
+    engine = KVEngine(model, tok, workers=2, threads=1)
+    try:
+        ro = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=12, seed=3))
+        adv = torch.randn(ro.response_ids.shape, generator=torch.Generator().manual_seed(1))
+        old = ro.logprobs - 0.05  # ratios away from 1: some tokens clip
+        spec = LossSpec(0.2, 0.28, 3.0, 1.0, 0, True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        model.zero_grad(set_to_none=True)
+        (whole,) = _shares(ro, old, adv, mode, 1)
+        ref = backward(model, whole[1], spec)
+        ref_grads = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        shares = _shares(ro, old, adv, mode, 2)
+        assert len(shares) == 2
+        res = engine.pool.backward([s for _, s in shares], spec, params, lambda s: backward(model, s, spec))
+        assert sum(r.loss for r in res) == pytest.approx(ref.loss, rel=1e-5, abs=1e-7)
+        for p, g in zip(params, ref_grads):
+            torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+        for (sl, _), r in zip(shares, res):
+            torch.testing.assert_close(r.logprobs, ref.logprobs[sl, : r.logprobs.shape[1]], atol=1e-5, rtol=0)
+    finally:
+        engine.close()
+        torch.set_num_threads(n)
+
+
+def test_trainer_step_with_split_update_lands_on_the_same_weights():
+    """Two mini-batches (so both runs take the recorded old log-probs): split or not, same weights."""
+    base = [
+        "rollout.backend=kv",
+        "rollout.workers=2",
+        "train.threads=2",
+        "train.prompts_per_step=4",
+        "rollout.n=4",
+        "rollout.max_new_tokens=16",
+        "actor.mini_batches=2",
+        "actor.lr=1e-3",
+        "seed=5",
+    ]
+    weights, losses = {}, {}
+    n = torch.get_num_threads()
+    for split in (False, True):
+        cfg = load_config(demo_config(), [*base, f"actor.split_update={str(split).lower()}"])
+        with tempfile.TemporaryDirectory() as d:
+            tr = Trainer(cfg, Store(d), log=lambda s: None)
+            try:
+                m, _ = tr.step(1)
+                weights[split] = [p.detach().clone() for p in tr.model.parameters()]
+                losses[split] = m["loss"]
+            finally:
+                tr.backend.close()
+    torch.set_num_threads(n)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+    for a, b in zip(weights[True], weights[False]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
