@@ -18,7 +18,7 @@ Countdown-lite, the demo's; ``builtin:tiny`` on arith), the same token ids per p
 16 prompts x 8 rollouts, <= 48 new tokens, T = 1 with no top-k / top-p, 2 torch threads, float32
 weights, one generation round and one optimiser step per step (TRL: ``steps_per_generation = 1``,
 ``num_iterations = 1``, so it skips its old-policy forward; ours: ``actor.mini_batches = 1``, whose
-loss forward also gives the old log-probs), no KL term, lr 1e-4, the task's own 0/1 verifier.
+old log-probs are the kv engine's recorded ones), no KL term, lr 1e-4, the task's own 0/1 verifier.
 
 TRL defaults: only the workload above is set; everything else is GRPOConfig's default. On a CPU that
 means ``bf16=True`` (mixed-precision autocast) and ``gradient_checkpointing=True`` (both TRL 1.16
@@ -43,7 +43,8 @@ TRL tuned, as a speed-minded user would set it (read from the installed TRL 1.16
 Our engine, at its fastest honest settings: ``rollout.backend=kv`` (our KV-cache engine with EOS
 retirement) and ``rollout.workers=2`` (``--workers``: the prompts split between 2 decode processes of
 ``threads / 2`` threads each, on the same cores TRL gets; the weights are shared, not copied; the
-processes start before the warm-up steps), everything else as shipped: A3PO shaping, per-token
+processes start before the warm-up steps; the same processes then split each update's forward and
+backward, ``actor.split_update``, on by default), everything else as shipped: A3PO shaping, per-token
 entropy, and every token of every rollout written to the Parquet store inside the step.
 
 Phases. Ours: the trainer's own timers (``t_generate``; the update = the loss forward + backward +

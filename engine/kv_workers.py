@@ -13,12 +13,16 @@ How:
 * The policy's parameters are moved to shared memory once (``model.share_memory()``, in place: the
   optimizer keeps updating the same tensors) and each helper process receives the module through
   ``torch.multiprocessing``, so its parameters are the trainer's own storage. Nothing is copied after
-  an update; a helper only runs while ``generate`` waits for it, never during an optimizer step.
+  an update; a helper only runs while ``generate`` or ``backward`` waits for it, never during an
+  optimizer step.
 * ``generate`` gives each process a contiguous share of the prompts (whole groups), runs the first
   share itself with ``threads`` threads, and concatenates the results in prompt order.
 * Share ``j`` samples with the seed ``chunk_seed(seed, j)`` (share 0 keeps ``seed``): rollouts are
   reproducible for a given number of workers, and are a different (equally distributed) draw than
   with one worker. Greedy decoding gives the same tokens whatever the split.
+* ``backward`` runs the update's mini-batch shares (``engine.update``) the same way: the helper
+  back-propagates its share into its own ``.grad`` and copies it into a shared-memory buffer made at
+  start, which the trainer adds to its gradients before clipping and the optimizer step.
 * A helper that dies or fails is one clear error in the trainer; a helper whose trainer dies sees its
   pipe close and exits. Helpers are daemons, started with ``spawn`` (no fork of a threaded process).
 """

@@ -11,7 +11,8 @@ store as one atomic segment.
 
 When the update is a single on-policy mini-batch (``ppo_epochs=1, mini_batches=1``) the forward
 pass that computes the loss also provides the old log-probs (detached) and the entropies, so
-shaping and per-token logging cost no extra forward pass.
+shaping and per-token logging cost no extra forward pass. With the update split between CPU rollout
+workers (``actor.split_update``, engine/update.py) the kv engine's recorded log-probs serve instead.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from engine.config import load_config
 from engine.evaluate import encode_prompts
 from engine.kv_engine import KVEngine
+from engine.kv_workers import WorkerError
 from engine.loss import AGG_MODES, agg_weights, aggregate_loss
 from engine.policy import load_policy
 from engine.resources import demo_config
@@ -105,6 +106,13 @@ def test_pool_gradient_equals_one_process(mode):
             torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
         for (sl, _), r in zip(shares, res):
             torch.testing.assert_close(r.logprobs, ref.logprobs[sl, : r.logprobs.shape[1]], atol=1e-5, rtol=0)
+        # a share the helper cannot run is one clear error, and leaves no answer queued behind it
+        b, t = shares[1][1].old_logprobs.shape
+        bad = Share(shares[1][1].rollouts, torch.zeros(b + 1, t + 1), shares[1][1].advantages, shares[1][1].weights)
+        with pytest.raises(WorkerError, match="rollout worker 1 failed: RuntimeError"):
+            engine.pool.backward([shares[0][1], bad], spec, params, lambda s: backward(model, s, spec))
+        again = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=12, seed=3))
+        assert torch.equal(again.response_ids, ro.response_ids)
     finally:
         engine.close()
         torch.set_num_threads(n)
