@@ -70,16 +70,6 @@ def _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_cli
     return per_token, pg1, pg2, lower, ratio
 
 
-def _metrics(pg1, pg2, lower, ratio, logprobs, old_logprobs, mask) -> dict[str, float]:
-    with torch.no_grad():
-        return {
-            "clipfrac": float(masked_mean((pg2 > pg1).float(), mask)),
-            "clipfrac_lower": float(masked_mean(lower.float(), mask)),
-            "approx_kl": float(masked_mean((old_logprobs - logprobs).float(), mask)),
-            "ratio_mean": float(masked_mean(ratio.float(), mask)),
-        }
-
-
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -101,30 +91,21 @@ def policy_loss(
     ``weights`` ``(B, T)`` are given (``agg_weights`` of a larger batch that these rows are a share
     of), summed with them.
 
-    Returns ``(loss, metrics)``; metrics are floats over ``response_mask`` (``clip_metrics``).
+    Returns ``(loss, metrics)``; metrics are floats over ``response_mask``: ``clipfrac`` (share of valid
+    tokens where the clipped term is strictly larger), ``clipfrac_lower`` (share where the dual clip
+    binds), ``approx_kl`` (masked mean of old - new log-prob), ``ratio_mean``.
     """
     mask = response_mask.bool()
     per_token, pg1, pg2, lower, ratio = _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)
     loss = aggregate_loss(per_token, mask, agg, norm_len) if weights is None else (per_token * weights).sum()
-    return loss, _metrics(pg1, pg2, lower, ratio, logprobs, old_logprobs, mask)
-
-
-def clip_metrics(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    dual_clip: float | None = 3.0,
-) -> dict[str, float]:
-    """``policy_loss``'s metrics without the loss, all tensors ``(B, T)``: ``clipfrac`` (share of valid
-    tokens where the clipped term is strictly larger), ``clipfrac_lower`` (share where the dual clip
-    binds), ``approx_kl`` (masked mean of old - new log-prob), ``ratio_mean``."""
     with torch.no_grad():
-        _, pg1, pg2, lower, ratio = _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)
-        return _metrics(pg1, pg2, lower, ratio, logprobs, old_logprobs, response_mask.bool())
+        metrics = {
+            "clipfrac": float(masked_mean((pg2 > pg1).float(), mask)),
+            "clipfrac_lower": float(masked_mean(lower.float(), mask)),
+            "approx_kl": float(masked_mean((old_logprobs - logprobs).float(), mask)),
+            "ratio_mean": float(masked_mean(ratio.float(), mask)),
+        }
+    return loss, metrics
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:

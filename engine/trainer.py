@@ -38,7 +38,7 @@ from engine.advantage import gradient_push
 from engine.algorithms import resolve, shape_advantages
 from engine.config import Config, config_from_dict
 from engine.evaluate import decode_responses, encode_prompts, evaluate
-from engine.loss import agg_weights, clip_metrics, masked_mean
+from engine.loss import agg_weights, masked_mean, policy_loss
 from engine.ops import token_logprobs, token_logprobs_entropy
 from engine.policy import load_policy
 from engine.reward import overlong_penalty, resolve_verifier
@@ -452,9 +452,10 @@ class Trainer:
                     self.opt.step()
                 else:
                     self.log("non-finite grad norm: update skipped")
-                met = clip_metrics(
-                    lp, old, a, m, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=cfg.actor.clip_ratio_c
-                )
+                with torch.no_grad():  # the metrics over the whole mini-batch, whatever the split
+                    _, met = policy_loss(
+                        lp, old, a, m, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=spec.dual_clip
+                    )
                 stats["loss"].append(sum(res.loss for res in results))
                 if ref is not None:
                     stats["kl_ref"].append(sum(res.kl for res in results))
