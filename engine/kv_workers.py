@@ -241,4 +241,4 @@ class WorkerPool:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
-        self.conns, self.procs = [], []
+        self.conns, self.procs, self.grads = [], [], []

@@ -52,24 +52,6 @@ def aggregate_loss(
     return (loss * agg_weights(mask, mode, norm_len, loss.dtype)).sum()
 
 
-def _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip):
-    """Per-token clipped surrogate (``policy_loss``) and its parts: ``(per_token, pg1, pg2, lower, ratio)``."""
-    adv = advantages.to(logprobs.dtype)
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    clipped = torch.maximum(pg1, pg2)
-    per_token = clipped
-    lower = torch.zeros(clipped.shape, dtype=torch.bool, device=clipped.device)
-    if dual_clip is not None:
-        pg3 = -adv * float(dual_clip)
-        neg = adv < 0
-        lower = neg & (clipped > pg3)
-        per_token = torch.where(neg, torch.minimum(clipped, pg3), clipped)
-    return per_token, pg1, pg2, lower, ratio
-
-
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -96,7 +78,19 @@ def policy_loss(
     binds), ``approx_kl`` (masked mean of old - new log-prob), ``ratio_mean``.
     """
     mask = response_mask.bool()
-    per_token, pg1, pg2, lower, ratio = _surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip)
+    adv = advantages.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(pg1, pg2)
+    per_token = clipped
+    lower = torch.zeros_like(mask)
+    if dual_clip is not None:
+        pg3 = -adv * float(dual_clip)
+        neg = adv < 0
+        lower = neg & (clipped > pg3)
+        per_token = torch.where(neg, torch.minimum(clipped, pg3), clipped)
     loss = aggregate_loss(per_token, mask, agg, norm_len) if weights is None else (per_token * weights).sum()
     with torch.no_grad():
         metrics = {
