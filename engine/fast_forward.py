@@ -180,11 +180,6 @@ def _wb(linear) -> tuple:
     return linear.weight, linear.bias
 
 
-def _add_linear(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b) -> torch.Tensor:
-    """``x + linear(h, w, b)`` with the residual add inside the product (one ``addmm``)."""
-    return torch.addmm(x if b is None else x + b, h, w.t())
-
-
 def _attend(q, k, v, mask, bias, scale):
     """Softmax attention. q ``(B, H, Tq, D)``, k/v ``(B, KV, Tk, D)``; ``mask`` ``(B, 1, Tq, Tk)`` boolean
     (True = attend), ``bias`` the same as an additive ``(B * H, Tq, Tk)`` float32 tensor, or None.
@@ -337,8 +332,11 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama/Qwen RMSNorm: normalise in float32, cast back, scale (float32: ``_RMSNorm``)."""
+    """transformers' Llama/Qwen RMSNorm: normalise in float32, cast back, scale (float32: ``_RMSNorm``,
+    or its forward's kernels without the autograd node when no gradient is recorded, as in decoding)."""
     if x.dtype == torch.float32 and w.dtype == torch.float32:
+        if not torch.is_grad_enabled():
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * w
         return _RMSNorm.apply(x, w, eps)
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -351,16 +349,21 @@ _STATIC_ROPE = ("default", "linear", "llama3")
 class Decoder:
     """One-token steps of the kv engine for a supported model: fused projections, plain attention.
 
-    The keys/values live in the engine's preallocated cache (``layers``: objects whose
-    ``update(k, v)`` appends one position for the active rows and returns ``(N, KV, L, D)`` views).
+    The keys/values live in the engine's preallocated cache (``layers``: its slot layers, each with
+    ``kbuf``/``vbuf`` ``(rows, KV, capacity, D)`` buffers whose first ``length`` positions are filled,
+    and ``kc``, the keys as a complex view for float32/float64 buffers). A step writes the active rows'
+    new key/value at position ``length`` and advances it.
     Why not the model's forward: per step it rebuilds masks and position embeddings through generic
     layers and runs three q/k/v and two gate/up products where one each will do; and its attention
     (CPU's fused kernel with a mask) costs more than the rest of the layer at one query per row. A
     batched matrix product against the cache, an additive mask and a softmax are several times
-    cheaper there. At this size the Python around each kernel counts too, so everything a step reads
-    is looked up once here: the stacked weights and biases, norm epsilons, head counts, and (for rope
-    types that depend on the position only) the cos/sin of every position up to ``max_positions``.
-    Weights are read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
+    cheaper there. At this size the Python and dispatch around each kernel is a third of a step, so a
+    step issues as few operations as it can: everything it reads is looked up once here (the stacked
+    weights already transposed for ``mm``/``addmm``, biases, norm epsilons, head counts and, for rope
+    types that depend on the position only, the cos/sin of every position up to ``max_positions``);
+    the rotated keys are written into the cache by the rotary product itself (``out=``); the cache is
+    read through strided views, never copied; the gated MLP's activation runs in place. Weights are
+    read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
     """
 
     def __init__(self, model, layers, max_positions: int):
@@ -370,18 +373,19 @@ class Decoder:
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            (w_qkv, b_qkv), (w_gu, b_gu) = _stacked(a), _stacked_mlp(mlp)
             self.plan.append(
                 (
                     (ln1.weight, ln1.variance_epsilon),
-                    _stacked(a),
+                    (w_qkv.t(), b_qkv),
                     _qk_norms(a),
                     _heads(a),
                     a.scaling,
-                    _wb(a.o_proj),
+                    (a.o_proj.weight.t(), a.o_proj.bias),
                     (ln2.weight, ln2.variance_epsilon),
-                    _stacked_mlp(mlp),
+                    (w_gu.t(), b_gu),
                     _act(mlp),
-                    _wb(mlp.down_proj),
+                    (mlp.down_proj.weight.t(), mlp.down_proj.bias),
                 )
             )
         self.final = (inner.norm.weight, inner.norm.variance_epsilon)
@@ -393,8 +397,10 @@ class Decoder:
         # keys already in the cache (the prefill, by the model's forward) into our ``_pairs`` order
         with torch.no_grad():
             for cache, layer in zip(layers, inner.layers):
-                if getattr(cache, "keys", None) is not None and cache.keys.numel():
-                    cache.keys.copy_(cache.keys[..., _pairs(layer.self_attn.head_dim, emb.device)])
+                n = cache.length
+                if n:
+                    keys = cache.kbuf[:, :, :n]
+                    keys.copy_(keys[..., _pairs(layer.self_attn.head_dim, emb.device)])
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -404,16 +410,41 @@ class Decoder:
         x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
         rot = self.table[pos] if self.table is not None else _rotation(self.inner, x, pos)
         biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
-        for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), cache in zip(self.plan, self.cache):
+        for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), c in zip(self.plan, self.cache):
             H, KV, D = heads
-            qk, v = _qkv(_rms(x, w1, e1), w_qkv, heads, qkn, rot)
-            keys, vals = cache.update(qk[:, H:].unsqueeze(2), v.unsqueeze(2))  # (N, KV, L, D)
+            qkv = _product(_rms(x, w1, e1), *w_qkv).view(N, H + 2 * KV, D)
+            qk = qkv[:, : H + KV]
+            if qkn is not None:
+                qk = torch.cat([_rms(qk[:, :H], qkn[0], qkn[1]), _rms(qk[:, H:], qkn[2], qkn[3])], dim=1)
+            n, kb, vb = c.length, c.kbuf, c.vbuf
+            cap = kb.shape[2]
+            if c.kc is not None:  # float32/64: the rotary product writes the keys straight into the cache
+                qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+                q = torch.view_as_real(qc[:, :H] * rot).view(N * KV, H // KV, D)
+                torch.mul(qc[:, H:], rot, out=c.kc[:N, :, n])
+            else:
+                qk = _rotate(qk, rot)
+                q = qk[:, :H].reshape(N * KV, H // KV, D)
+                kb[:N, :, n] = qk[:, H:]
+            vb[:N, :, n] = qkv[:, H + KV :]
+            c.length = n + 1
             if KV not in biases:
                 biases[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
-            q = qk[:, :H].reshape(N * KV, H // KV, D)  # the query heads of each key/value head
-            s = torch.baddbmm(biases[KV], q, keys.reshape(N * KV, L, D).transpose(1, 2), alpha=scale)
+            # the first L positions of each row's keys (transposed) and values, as views of the cache
+            keys_t = kb.as_strided((N * KV, D, L), (cap * D, 1, D))
+            vals = vb.as_strided((N * KV, L, D), (cap * D, D, 1))
+            s = torch.baddbmm(biases[KV], q, keys_t, alpha=scale)
             p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
-            o = torch.bmm(p, vals.reshape(N * KV, L, D)).view(N, H * D)
-            x = _add_linear(x, o, *wo)
-            x = _add_linear(x, _gated(_rms(x, w2, e2), w_gu, act), *wd)
+            o = torch.bmm(p, vals).view(N, H * D)
+            x = torch.addmm(x if wo[1] is None else x + wo[1], o, wo[0])
+            g, u = _product(_rms(x, w2, e2), *w_gu).chunk(2, -1)
+            g = F.silu(g, inplace=True) if act is F.silu else act(g)
+            x = torch.addmm(x if wd[1] is None else x + wd[1], g.mul_(u), wd[0])
+        for c in self.cache:
+            c.sync()
         return self.model.lm_head(_rms(x, *self.final))
+
+
+def _product(h: torch.Tensor, w_t: torch.Tensor, b) -> torch.Tensor:
+    """``linear(h, w, b)`` from the transposed weight ``w_t`` (the same ``mm``/``addmm`` kernel ``F.linear`` runs)."""
+    return torch.mm(h, w_t) if b is None else torch.addmm(b, h, w_t)

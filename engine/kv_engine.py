@@ -32,6 +32,7 @@ copy the whole cache every token, which is what grows quadratically with longer 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -99,28 +100,83 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     return tok, picked, ent
 
 
+class _Arena:
+    """Memory that the slot cache reuses from one ``generate`` to the next (CPU only).
+
+    Why: on the embedded workload the cache's buffers are about 15 MB per process, fresh from the
+    operating system at every ``generate``, which zero-fills each page on first touch (about 3% of a
+    generate). The arena keeps one flat buffer, sized to what the previous ``generate`` asked for, and
+    hands out views of it; a request that does not fit gets an allocation of its own, and the next
+    ``generate`` makes the flat buffer big enough to cover it. It never shrinks (``KVEngine.close``
+    drops it)."""
+
+    ALIGN = 16  # elements: every view starts 64-byte aligned (and at an even offset, for complex views)
+
+    def __init__(self):
+        self.flat: torch.Tensor | None = None
+        self.used = self.need = 0
+        self.kind = None  # (dtype, device) of the last request
+
+    def begin(self) -> None:
+        """Start a ``generate``: grow the flat buffer to what the last one asked for (its dtype and device)."""
+        f = self.flat
+        if self.need and (f is None or f.numel() < self.need or (f.dtype, f.device) != self.kind):
+            self.flat = torch.empty(self.need, dtype=self.kind[0], device=self.kind[1])
+        self.used = self.need = 0
+
+    def take(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device."""
+        size = math.prod(shape)
+        n = -(-size // self.ALIGN) * self.ALIGN
+        if (like.dtype, like.device) != self.kind:
+            self.kind, self.need = (like.dtype, like.device), 0
+        self.need += n
+        f = self.flat
+        if f is None or f.dtype != like.dtype or f.device != like.device or self.used + n > f.numel():
+            return like.new_empty(shape)
+        self.used += n
+        return f[self.used - n : self.used - n + size].view(shape)
+
+
 def _slot_layer_class():
     """A preallocated KV layer: one ``(B, H, capacity, D)`` buffer per keys/values, written in place.
 
     The active rows are always the first ``k`` rows of the buffer. Retiring rows moves the last active
     rows into the holes (``retire``), so only the moved rows are copied, never the whole batch, and
-    the attention sees ``buffer[:k, :, :length]`` (a view, no copy).
+    the attention sees ``buffer[:k, :, :length]`` (a view, no copy). ``fast_forward.Decoder`` writes
+    its steps into ``kbuf``/``vbuf`` (``kc``: the keys as complex pairs) and calls ``sync``.
     """
     from transformers.cache_utils import DynamicLayer
 
     class _SlotLayer(DynamicLayer):
-        def __init__(self, capacity: int):
+        def __init__(self, capacity: int, arena: _Arena | None = None):
             super().__init__()
             self.capacity = capacity
             self.length = 0
             self.active = 0
+            self.arena = arena
+            self.kc = None
+
+        def _empty(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+            return like.new_empty(shape) if self.arena is None else self.arena.take(shape, like)
+
+        def _hold(self, kbuf: torch.Tensor, vbuf: torch.Tensor, active: int) -> None:
+            self.kbuf, self.vbuf, self.active = kbuf, vbuf, active
+            complex_ok = kbuf.dtype in (torch.float32, torch.float64) and kbuf.shape[-1] % 2 == 0
+            self.kc = torch.view_as_complex(kbuf.unflatten(-1, (-1, 2))) if complex_ok else None
+            self.sync()
+
+        def sync(self) -> None:
+            """Point ``keys``/``values`` (transformers' view of the layer) at the active rows' filled positions."""
+            k, n = self.active, self.length
+            self.keys, self.values = self.kbuf[:k, :, :n], self.vbuf[:k, :, :n]
 
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
             B, H, _, D = key_states.shape
-            self.kbuf = key_states.new_empty((B, H, self.capacity, D))
-            self.vbuf = value_states.new_empty((B, value_states.shape[1], self.capacity, value_states.shape[3]))
-            self.active = B
+            kbuf = self._empty((B, H, self.capacity, D), key_states)
+            vbuf = self._empty((B, value_states.shape[1], self.capacity, value_states.shape[3]), value_states)
+            self._hold(kbuf, vbuf, B)
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
@@ -132,7 +188,7 @@ def _slot_layer_class():
             self.kbuf[:k, :, n : n + s] = key_states
             self.vbuf[:k, :, n : n + s] = value_states
             self.length = n + s
-            self.keys, self.values = self.kbuf[:k, :, : n + s], self.vbuf[:k, :, : n + s]
+            self.sync()
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -141,12 +197,11 @@ def _slot_layer_class():
         def expand(self, n: int) -> None:
             """Each row becomes ``n`` consecutive rows (one prefill per prompt, ``n`` samples from it)."""
             k, L = self.active, self.length
-            kbuf = self.kbuf.new_empty((k * n, *self.kbuf.shape[1:]))
-            vbuf = self.vbuf.new_empty((k * n, *self.vbuf.shape[1:]))
+            kbuf = self._empty((k * n, *self.kbuf.shape[1:]), self.kbuf)
+            vbuf = self._empty((k * n, *self.vbuf.shape[1:]), self.vbuf)
             kbuf[:, :, :L] = self.kbuf[:k, :, :L].repeat_interleave(n, dim=0)
             vbuf[:, :, :L] = self.vbuf[:k, :, :L].repeat_interleave(n, dim=0)
-            self.kbuf, self.vbuf, self.active = kbuf, vbuf, k * n
-            self.keys, self.values = kbuf[:, :, :L], vbuf[:, :, :L]
+            self._hold(kbuf, vbuf, k * n)
 
         def retire(self, holes: torch.Tensor, sources: torch.Tensor, active: int) -> None:
             """Copy rows ``sources`` into ``holes`` and keep the first ``active`` rows."""
@@ -155,7 +210,7 @@ def _slot_layer_class():
                 self.kbuf[holes, :, :n] = self.kbuf[sources, :, :n]
                 self.vbuf[holes, :, :n] = self.vbuf[sources, :, :n]
             self.active = active
-            self.keys, self.values = self.kbuf[:active, :, :n], self.vbuf[:active, :, :n]
+            self.sync()
 
     return _SlotLayer
 
@@ -192,7 +247,7 @@ class _RowCache:
     ``DynamicCache``, compacted with ``batch_select_indices``.
     """
 
-    def __init__(self, config, capacity: int):
+    def __init__(self, config, capacity: int, arena: _Arena | None = None):
         from transformers import DynamicCache
         from transformers.cache_utils import Cache
 
@@ -200,7 +255,7 @@ class _RowCache:
         if self.slot:
             try:
                 layer = _slot_layer_class()
-                self.cache = Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
+                self.cache = Cache(layers=[layer(capacity, arena) for _ in range(config.num_hidden_layers)])
             except (ImportError, TypeError, AttributeError):  # older transformers (no per-layer cache API)
                 self.slot = False
         if not self.slot:
@@ -255,6 +310,7 @@ class KVEngine:
             )
         self.workers, self.threads = workers, threads or max(1, torch.get_num_threads() // max(1, workers))
         self.pool = None
+        self.arena = _Arena()  # the KV cache's memory, kept between generates on CPU
 
     def sync_weights(self, model) -> None:
         if model is not self.model and self.pool is not None:  # helpers hold the old module: restart them
@@ -262,10 +318,11 @@ class KVEngine:
         self.model = model  # the engine runs the policy itself: nothing to copy
 
     def close(self) -> None:
-        """Stop the worker processes, if any."""
+        """Stop the worker processes, if any, and free the cache memory kept between generates."""
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        self.arena = _Arena()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
         """``params.n`` responses per prompt, prompt-major, cut at the first EOS like ``cut_at_eos``."""
@@ -297,7 +354,10 @@ class KVEngine:
         """The token loop. Returns ``(B, T)`` tokens, log-probs and entropies (pad / 0 after a row's EOS)."""
         B, T, eos = ids.shape[0] * params.n, params.max_new_tokens, self.tok.eos_token_id
         generator = torch.Generator(device=device).manual_seed(int(params.seed))
-        rc = _RowCache(self.model.config, ids.shape[1] + T)
+        arena = self.arena if device.type == "cpu" else None  # GPU: the caching allocator already reuses memory
+        if arena is not None:
+            arena.begin()
+        rc = _RowCache(self.model.config, ids.shape[1] + T, arena)
         kw = {_cache_kwarg(self.model): rc.cache, "use_cache": True}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
         dec = (
