@@ -554,6 +554,29 @@ def test_decoder_greedy_equals_model_forward_and_hf(family, shipped, prompts, mo
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_decoder_other_dtypes(dtype, shipped, prompts, monkeypatch):
+    """float64 takes the same complex-product path as float32 (complex128); bfloat16 cannot be viewed as
+    complex, so its keys are rotated in float32 and copied into the cache. Both give the model forward's
+    logits at every step: float64 to 1e-5 (transformers computes the RMSNorm and the rotary cos/sin in
+    float32 even for a float64 model, so float32's level; the decoder before the lean step gave the
+    same differences), bfloat16 to its own rounding."""
+    _, tok = shipped
+    model = tiny("llama").to(dtype)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=8, seed=0)
+    calls = count_steps(monkeypatch)
+    a, trace_a = traced(model, tok, prompts, params, fast=True)
+    assert calls
+    b, trace_b = traced(model, tok, prompts, params, fast=False)
+    tol = 1e-5 if dtype == torch.float64 else 0.1
+    assert len(trace_a) == len(trace_b)
+    for (rows_a, la), (rows_b, lb) in zip(trace_a[:3], trace_b[:3]):
+        assert torch.equal(rows_a, rows_b)
+        torch.testing.assert_close(la, lb, atol=tol, rtol=tol)
+    if dtype == torch.float64:
+        assert torch.equal(a.response_ids, b.response_ids)
+
+
 def test_decoder_with_retirement(shipped, prompts, monkeypatch):
     """Rows finish at different steps (EOS), so the Decoder keeps stepping a compacted cache: the logits of
     every later step still match the model's forward on the same rows."""

@@ -211,6 +211,45 @@ def test_seeded_and_independent_of_global_rng(policy, prompts):
     assert not torch.equal(a.response_ids, c.response_ids)
 
 
+def test_cache_memory_is_reused_between_generates(policy, prompts):
+    """The second generate carves its cache out of the memory the first one asked for (no fresh pages),
+    and what it samples does not depend on it: the same as a fresh engine's, whatever the buffers held."""
+    model, tok = policy
+    eng = KVEngine(model, tok)
+    first = eng.generate(prompts, p(n=3, temperature=1.0, seed=5))
+    assert eng.arena.flat is None and eng.arena.need > 0  # the first generate sizes it
+    eng.generate(prompts[:5], p(n=2, temperature=1.0, seed=6))  # a smaller batch in between
+    flat = eng.arena.flat
+    assert flat is not None and flat.numel() >= eng.arena.need
+    flat.fill_(float("nan"))  # stale contents must never be read
+    again = eng.generate(prompts, p(n=3, temperature=1.0, seed=5))
+    assert eng.arena.flat is flat and eng.arena.used > 0  # the same memory, not a new allocation
+    for f in ("prompt_ids", "response_ids", "response_mask", "truncated", "logprobs", "entropy"):
+        assert torch.equal(getattr(first, f), getattr(again, f)), f
+    eng.close()
+    assert eng.arena.flat is None  # closing the engine frees it
+
+
+def test_arena_hands_out_aligned_views_and_falls_back():
+    arena = ke._Arena()
+    like = torch.empty(0)
+    a = arena.take((3, 5), like)  # nothing kept yet: its own allocation
+    assert a.shape == (3, 5) and arena.need == 16
+    arena.take((2, 2, 3), like)
+    arena.begin()
+    assert arena.flat.numel() == 32 and arena.used == 0
+    x, y = arena.take((3, 5), like), arena.take((2, 2, 3), like)
+    assert x.data_ptr() == arena.flat.data_ptr() and y.data_ptr() == arena.flat.data_ptr() + 16 * 4
+    z = arena.take((4,), like)  # does not fit: its own memory, and the next generate covers it
+    assert z.untyped_storage().data_ptr() != arena.flat.untyped_storage().data_ptr()
+    arena.begin()
+    assert arena.flat.numel() == 48
+    w = arena.take((4,), torch.empty(0, dtype=torch.float64))  # another dtype: not from the float32 buffer
+    assert w.dtype == torch.float64 and arena.need == 16
+    arena.begin()
+    assert arena.flat.dtype == torch.float64 and arena.flat.numel() == 16
+
+
 def test_restores_train_mode(policy, prompts):
     model, tok = policy
     model.train()
