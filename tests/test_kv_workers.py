@@ -18,11 +18,12 @@ import torch
 from engine.config import ConfigError, load_config
 from engine.evaluate import encode_prompts
 from engine.kv_engine import KVEngine
-from engine.kv_workers import WorkerError, chunk_seed, split
+from engine.kv_workers import WorkerError, chunk_seed, split, to_arrays, to_tensors
 from engine.policy import load_policy
 from engine.resources import demo_config
 from engine.rollout import Rollouts, SamplingParams, make_backend
 from engine.tasks import load_problems
+from engine.update import LossSpec, Share
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +36,41 @@ def test_split_and_seeds_by_hand():
     assert chunk_seed(7, 0) == 7
     seeds = {chunk_seed(7, j) for j in range(8)} | {chunk_seed(8, j) for j in range(8)}
     assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_jobs_cross_the_pipe_as_arrays():
+    """A job's tensors travel as numpy arrays inside the message (no shared-memory segment and file
+    descriptor per tensor), nested in tuples and dataclasses, and come back equal, dtypes included;
+    bfloat16, which numpy cannot hold, stays a tensor."""
+    ro = Rollouts(
+        torch.tensor([[0, 1, 5], [1, 6, 7]]),
+        torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        torch.tensor([[8, 2], [9, 0]]),
+        torch.tensor([[1, 1], [1, 0]]),
+        torch.tensor([False, True]),
+        logprobs=torch.tensor([[-0.5, -0.25], [-1.0, 0.0]]),
+    )
+    share = Share(ro, ro.logprobs.clone(), torch.ones(2, 2), torch.full((2, 2), 1 / 3), None, None)
+    spec = LossSpec(0.2, 0.28, None, 1.0, 1024, True)
+    job = ("backward", share, spec, [torch.zeros(3, dtype=torch.bfloat16)])
+    sent = to_arrays(job)
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, (tuple, list)):
+            return [t for v in x for t in tensors(v)]
+        if hasattr(x, "__dataclass_fields__"):
+            return [t for f in x.__dataclass_fields__ for t in tensors(getattr(x, f))]
+        return []
+
+    assert [t.dtype for t in tensors(sent)] == [torch.bfloat16]  # only what numpy cannot hold
+    back = to_tensors(sent)
+    assert back[0] == "backward" and back[2] == spec and back[3][0].dtype == torch.bfloat16
+    got, want = tensors(back[1]), tensors(share)
+    assert len(got) == len(want) == 9 and back[1].rollouts.entropy is None and back[1].ref_logprobs is None
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.fixture(scope="module")
