@@ -394,13 +394,58 @@ class Decoder:
         if getattr(inner.rotary_emb, "rope_type", "default") in _STATIC_ROPE:
             with torch.no_grad():
                 self.table = _rotation(inner, emb, torch.arange(max_positions, device=emb.device))
-        # keys already in the cache (the prefill, by the model's forward) into our ``_pairs`` order
-        with torch.no_grad():
-            for cache, layer in zip(layers, inner.layers):
-                n = cache.length
-                if n:
-                    keys = cache.kbuf[:, :, :n]
-                    keys.copy_(keys[..., _pairs(layer.self_attn.head_dim, emb.device)])
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Run left-padded prompts ``ids`` ``(B, P)`` (``mask``: 1 on real tokens; ``pos``: their position
+        ids) into the empty cache, which then holds ``P`` positions of ``B`` rows. Returns the last
+        position's logits ``(B, V)``. The same layers as ``step``, with ``P`` queries per row: causal over
+        the row's real tokens (a padding query sees only itself: its output is never read, but must not
+        be NaN, since its key and value sit in the cache under a -inf mask)."""
+        B, P = ids.shape
+        x = self.inner.embed_tokens(ids).flatten(0, 1)  # (B P, C)
+        flat = pos.flatten()
+        rot = self.table[flat] if self.table is not None else _rotation(self.inner, x, flat)  # (B P, 1, D/2)
+        eye = torch.eye(P, dtype=torch.bool, device=ids.device)
+        seen = (mask.bool()[:, None, :] & eye.logical_not().tril()) | eye  # (B, P queries, P keys)
+        bias = torch.zeros(seen.shape, dtype=x.dtype, device=x.device).masked_fill_(~seen, float("-inf"))
+        biases = {}
+        for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), c in zip(self.plan, self.cache):
+            H, KV, D = heads
+            R = H // KV  # query heads per key/value head
+            qkv = _product(_rms(x, w1, e1), *w_qkv).view(B * P, H + 2 * KV, D)
+            qk = qkv[:, : H + KV]
+            if qkn is not None:
+                qk = torch.cat([_rms(qk[:, :H], qkn[0], qkn[1]), _rms(qk[:, H:], qkn[2], qkn[3])], dim=1)
+            c.reserve(B, KV, D, x)
+            kb, vb = c.kbuf, c.vbuf
+            if c.kc is not None:
+                qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+                q = torch.view_as_real(qc[:, :H] * rot).flatten(-2)
+                r = rot.view(B, P, 1, D // 2).transpose(1, 2)
+                torch.mul(qc[:, H:].view(B, P, KV, D // 2).transpose(1, 2), r, out=c.kc[:B, :, :P])
+            else:
+                qk = _rotate(qk, rot)
+                q = qk[:, :H]
+                kb[:B, :, :P] = qk[:, H:].view(B, P, KV, D).transpose(1, 2)
+            vb[:B, :, :P] = qkv[:, H + KV :].view(B, P, KV, D).transpose(1, 2)
+            c.length = P
+            cap = kb.shape[2]
+            # queries grouped by key/value head: (B KV, R P, D); the mask repeated over a group's heads
+            q = q.reshape(B, P, KV, R, D).permute(0, 2, 3, 1, 4).reshape(B * KV, R * P, D)
+            if KV not in biases:
+                biases[KV] = bias[:, None, None].expand(B, KV, R, P, P).reshape(B * KV, R * P, P)
+            s = torch.baddbmm(biases[KV], q, kb.as_strided((B * KV, D, P), (cap * D, 1, D)), alpha=scale)
+            p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
+            o = torch.bmm(p, vb.as_strided((B * KV, P, D), (cap * D, D, 1)))
+            o = o.view(B, KV, R, P, D).permute(0, 3, 1, 2, 4).reshape(B * P, H * D)
+            x = torch.addmm(x if wo[1] is None else x + wo[1], o, wo[0])
+            g, u = _product(_rms(x, w2, e2), *w_gu).chunk(2, -1)
+            g = F.silu(g, inplace=True) if act is F.silu else act(g)
+            x = torch.addmm(x if wd[1] is None else x + wd[1], g.mul_(u), wd[0])
+        for c in self.cache:
+            c.sync()
+        return self.model.lm_head(_rms(x.view(B, P, -1)[:, -1], *self.final))
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

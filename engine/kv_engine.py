@@ -171,6 +171,14 @@ def _slot_layer_class():
             k, n = self.active, self.length
             self.keys, self.values = self.kbuf[:k, :, :n], self.vbuf[:k, :, :n]
 
+        def reserve(self, rows: int, heads: int, head_dim: int, like: torch.Tensor) -> None:
+            """Empty buffers for ``rows`` rows (``fast_forward.Decoder.prefill`` fills them)."""
+            shape = (rows, heads, self.capacity, head_dim)
+            self.device = like.device
+            self.length = 0
+            self._hold(self._empty(shape, like), self._empty(shape, like), rows)
+            self.is_initialized = True
+
         def lazy_initialization(self, key_states, value_states):
             self.device = key_states.device
             B, H, _, D = key_states.shape
@@ -359,15 +367,21 @@ class KVEngine:
             arena.begin()
         rc = _RowCache(self.model.config, ids.shape[1] + T, arena)
         kw = {_cache_kwarg(self.model): rc.cache, "use_cache": True}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw)
         dec = (
             Decoder(self.model, rc.cache.layers, ids.shape[1] + T)
             if self.fast and rc.slot and unsupported_reason(self.model) is None
             else None
         )
+        if dec is not None:
+            logits = dec.prefill(ids, mask, position_ids(mask))
+        else:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw
+            )
+            logits = out.logits[:, -1]
         # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
         rc.expand(params.n)
-        logits = out.logits[:, -1].repeat_interleave(params.n, 0)
+        logits = logits.repeat_interleave(params.n, 0)
         att = mask.repeat_interleave(params.n, 0)
         rows = torch.arange(B, device=device)  # original row of each active row
         pos = att.long().sum(1)  # next position id of each active row
