@@ -20,9 +20,9 @@ families share, done as one complex product (q/k weight rows reordered so that e
 dims sits side by side, ``_pairs``: q . k is unchanged); softmax attention with the module's ``scaling``. Logits agree with ``model(...)`` to
 float rounding (tests/test_fast_forward.py, fp32: < 1e-5, and the gradients too).
 
-It also provides the ``kv`` engine's one-token step (``Decoder``): fused projections and a plain
-batched-product attention over the engine's cache (at one query per row the CPU's fused attention
-kernel costs more than the rest of a layer).
+It also provides the ``kv`` engine's prefill and one-token step (``Decoder``): fused projections and
+a plain batched-product attention over the engine's cache (at one query per row the CPU's fused
+attention kernel costs more than the rest of a layer).
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` with full attention on every layer.
 Anything else (sliding windows, other architectures, gradient checkpointing, attention dropout) uses
@@ -399,9 +399,9 @@ class Decoder:
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Run left-padded prompts ``ids`` ``(B, P)`` (``mask``: 1 on real tokens; ``pos``: their position
         ids) into the empty cache, which then holds ``P`` positions of ``B`` rows. Returns the last
-        position's logits ``(B, V)``. The same layers as ``step``, with ``P`` queries per row: causal over
-        the row's real tokens (a padding query sees only itself: its output is never read, but must not
-        be NaN, since its key and value sit in the cache under a -inf mask)."""
+        position's logits ``(B, V)``. Queries attend causally over the row's real tokens; a padding query
+        sees only itself (its output is never read, but must not be NaN: its key and value sit in the
+        cache under a -inf mask)."""
         B, P = ids.shape
         x = self.inner.embed_tokens(ids).flatten(0, 1)  # (B P, C)
         flat = pos.flatten()
@@ -409,7 +409,28 @@ class Decoder:
         eye = torch.eye(P, dtype=torch.bool, device=ids.device)
         seen = (mask.bool()[:, None, :] & eye.logical_not().tril()) | eye  # (B, P queries, P keys)
         bias = torch.zeros(seen.shape, dtype=x.dtype, device=x.device).masked_fill_(~seen, float("-inf"))
-        biases = {}
+        for layer, c in zip(self.plan, self.cache):
+            _, KV, D = layer[3]  # its heads
+            c.reserve(B, KV, D, x)
+        x = self._layers(x, rot, B, P, bias)
+        return self.model.lm_head(_rms(x.view(B, P, -1)[:, -1], *self.final))
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Append the active rows' tokens ``tok`` at positions ``pos`` (both ``(N,)``); ``bias``: ``(N, L)``
+        additive mask (0 or -inf) over the cached positions including the new one. Returns ``(N, V)`` logits."""
+        x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
+        rot = self.table[pos] if self.table is not None else _rotation(self.inner, x, pos)
+        x = self._layers(x, rot, tok.shape[0], 1, bias[:, None])
+        return self.model.lm_head(_rms(x, *self.final))
+
+    def _layers(self, x: torch.Tensor, rot: torch.Tensor, B: int, P: int, bias: torch.Tensor) -> torch.Tensor:
+        """The decoder layers on ``P`` new positions of each of the first ``B`` cache rows.
+
+        ``x`` ``(B P, C)`` hidden states (row-major), ``rot`` ``(B P, 1, D/2)`` their rotary cos + i sin,
+        ``bias`` ``(B, P, L)`` the additive mask over the ``L = length + P`` positions they see. Writes
+        their keys and values at positions ``length .. length + P - 1`` and advances ``length``."""
+        biases = {}  # per key/value head count: the mask repeated over a group's query heads
         for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), c in zip(self.plan, self.cache):
             H, KV, D = heads
             R = H // KV  # query heads per key/value head
@@ -417,27 +438,27 @@ class Decoder:
             qk = qkv[:, : H + KV]
             if qkn is not None:
                 qk = torch.cat([_rms(qk[:, :H], qkn[0], qkn[1]), _rms(qk[:, H:], qkn[2], qkn[3])], dim=1)
-            c.reserve(B, KV, D, x)
-            kb, vb = c.kbuf, c.vbuf
-            if c.kc is not None:
+            n, kb, vb = c.length, c.kbuf, c.vbuf
+            L, cap = n + P, kb.shape[2]
+            new = slice(n, L)
+            if c.kc is not None:  # float32/64: the rotary product writes the keys straight into the cache
                 qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
                 q = torch.view_as_real(qc[:, :H] * rot).flatten(-2)
                 r = rot.view(B, P, 1, D // 2).transpose(1, 2)
-                torch.mul(qc[:, H:].view(B, P, KV, D // 2).transpose(1, 2), r, out=c.kc[:B, :, :P])
+                torch.mul(qc[:, H:].view(B, P, KV, D // 2).transpose(1, 2), r, out=c.kc[:B, :, new])
             else:
                 qk = _rotate(qk, rot)
                 q = qk[:, :H]
-                kb[:B, :, :P] = qk[:, H:].view(B, P, KV, D).transpose(1, 2)
-            vb[:B, :, :P] = qkv[:, H + KV :].view(B, P, KV, D).transpose(1, 2)
-            c.length = P
-            cap = kb.shape[2]
-            # queries grouped by key/value head: (B KV, R P, D); the mask repeated over a group's heads
+                kb[:B, :, new] = qk[:, H:].view(B, P, KV, D).transpose(1, 2)
+            vb[:B, :, new] = qkv[:, H + KV :].view(B, P, KV, D).transpose(1, 2)
+            c.length = L
+            # queries grouped by key/value head, (B KV, R P, D), against views of the first L cached positions
             q = q.reshape(B, P, KV, R, D).permute(0, 2, 3, 1, 4).reshape(B * KV, R * P, D)
             if KV not in biases:
-                biases[KV] = bias[:, None, None].expand(B, KV, R, P, P).reshape(B * KV, R * P, P)
-            s = torch.baddbmm(biases[KV], q, kb.as_strided((B * KV, D, P), (cap * D, 1, D)), alpha=scale)
+                biases[KV] = bias[:, None, None].expand(B, KV, R, P, L).reshape(B * KV, R * P, L)
+            s = torch.baddbmm(biases[KV], q, kb.as_strided((B * KV, D, L), (cap * D, 1, D)), alpha=scale)
             p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
-            o = torch.bmm(p, vb.as_strided((B * KV, P, D), (cap * D, D, 1)))
+            o = torch.bmm(p, vb.as_strided((B * KV, L, D), (cap * D, D, 1)))
             o = o.view(B, KV, R, P, D).permute(0, 3, 1, 2, 4).reshape(B * P, H * D)
             x = torch.addmm(x if wo[1] is None else x + wo[1], o, wo[0])
             g, u = _product(_rms(x, w2, e2), *w_gu).chunk(2, -1)
@@ -445,49 +466,7 @@ class Decoder:
             x = torch.addmm(x if wd[1] is None else x + wd[1], g.mul_(u), wd[0])
         for c in self.cache:
             c.sync()
-        return self.model.lm_head(_rms(x.view(B, P, -1)[:, -1], *self.final))
-
-    @torch.no_grad()
-    def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Append the active rows' tokens ``tok`` at positions ``pos`` (both ``(N,)``); ``bias``: ``(N, L)``
-        additive mask (0 or -inf) over the cached positions including the new one. Returns ``(N, V)`` logits."""
-        N, L = bias.shape
-        x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
-        rot = self.table[pos] if self.table is not None else _rotation(self.inner, x, pos)
-        biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
-        for ((w1, e1), w_qkv, qkn, heads, scale, wo, (w2, e2), w_gu, act, wd), c in zip(self.plan, self.cache):
-            H, KV, D = heads
-            qkv = _product(_rms(x, w1, e1), *w_qkv).view(N, H + 2 * KV, D)
-            qk = qkv[:, : H + KV]
-            if qkn is not None:
-                qk = torch.cat([_rms(qk[:, :H], qkn[0], qkn[1]), _rms(qk[:, H:], qkn[2], qkn[3])], dim=1)
-            n, kb, vb = c.length, c.kbuf, c.vbuf
-            cap = kb.shape[2]
-            if c.kc is not None:  # float32/64: the rotary product writes the keys straight into the cache
-                qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
-                q = torch.view_as_real(qc[:, :H] * rot).view(N * KV, H // KV, D)
-                torch.mul(qc[:, H:], rot, out=c.kc[:N, :, n])
-            else:
-                qk = _rotate(qk, rot)
-                q = qk[:, :H].reshape(N * KV, H // KV, D)
-                kb[:N, :, n] = qk[:, H:]
-            vb[:N, :, n] = qkv[:, H + KV :]
-            c.length = n + 1
-            if KV not in biases:
-                biases[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
-            # the first L positions of each row's keys (transposed) and values, as views of the cache
-            keys_t = kb.as_strided((N * KV, D, L), (cap * D, 1, D))
-            vals = vb.as_strided((N * KV, L, D), (cap * D, D, 1))
-            s = torch.baddbmm(biases[KV], q, keys_t, alpha=scale)
-            p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
-            o = torch.bmm(p, vals).view(N, H * D)
-            x = torch.addmm(x if wo[1] is None else x + wo[1], o, wo[0])
-            g, u = _product(_rms(x, w2, e2), *w_gu).chunk(2, -1)
-            g = F.silu(g, inplace=True) if act is F.silu else act(g)
-            x = torch.addmm(x if wd[1] is None else x + wd[1], g.mul_(u), wd[0])
-        for c in self.cache:
-            c.sync()
-        return self.model.lm_head(_rms(x, *self.final))
+        return x
 
 
 def _product(h: torch.Tensor, w_t: torch.Tensor, b) -> torch.Tensor:

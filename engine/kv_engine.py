@@ -24,9 +24,10 @@ The cache: for plain full-attention models (the embedded Llama-style one) our ow
 ``(rows, heads, prompt + max_new_tokens, head_dim)`` tensor per layer for keys and values, written in
 place; retiring rows moves only the surviving tail rows into the holes. Models with sliding-window
 or hybrid layers fall back to the model's own ``DynamicCache`` compacted with ``batch_select_indices``.
-On the embedded model the two cost about the same per generate (the attention over a strided view
-eats what the avoided concatenations save, see bench/bench_step.py); the preallocated one does not
-copy the whole cache every token, which is what grows quadratically with longer responses.
+The preallocated one does not copy the whole cache every token (what grows quadratically with longer
+responses), and on CPU its memory is kept from one ``generate`` to the next (``_Arena``) instead of
+coming fresh, page by page, from the operating system each time. For supported models the prompts
+are prefilled and stepped by ``fast_forward.Decoder``, which writes straight into these buffers.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from engine.rollout import Rollouts, SamplingParams, make_backend
 from engine.schema import evals_table, step_tables
 from engine.store import Store, StoreError
 from engine.tasks import load_problems
-from engine.update import LossSpec, Share, backward, cut, group_shares, response_logits
+from engine.update import LossSpec, Share, backward, cut, response_logits, split_share
 
 
 class Timer:
@@ -400,7 +400,8 @@ class Trainer:
         Log-probs are computed on the response tokens only. ``norm_len`` stays the batch's padded
         length, which is what ``seq-mean-token-sum-norm`` divided by before the cut. With CPU rollout
         workers (``_update_pool``) each mini-batch is split between them by whole groups
-        (``engine.update``) and their gradients are added before clipping and the optimizer step."""
+        (``engine.update``) and their gradients are added before clipping and the optimizer step. Each
+        process runs its rows as micro-batches of at most ``actor.micro_batch_tokens`` tokens."""
         cfg = self.cfg
         B, T = adv.shape
         stats = {"clipfrac": [], "clipfrac_lower": [], "approx_kl": [], "kl_ref": [], "loss": [], "grad_norm": []}
@@ -416,6 +417,7 @@ class Trainer:
             self.fast,
             cfg.actor.kl_type,
             cfg.actor.kl_coef,
+            cfg.actor.micro_batch_tokens,
         )
         pool = self._update_pool()
         for _epoch in range(cfg.actor.ppo_epochs):
@@ -429,16 +431,11 @@ class Trainer:
                 ref = None if ref_lp is None else ref_lp[rows, cols]
                 w = agg_weights(m, self.agg, float(T), old.dtype)
                 kl_w = None if ref is None else agg_weights(m, "token-mean", None, old.dtype)
+                whole = Share(sub, old, a, w, ref, kl_w)
                 if live or pool is None:
-                    shares, jobs = [slice(0, B)], [Share(sub, old, a, w, ref, kl_w)]
+                    shares, jobs = [slice(0, B)], [whole]
                 else:  # each worker's rows, cut to their own columns
-                    shares = group_shares(sub.prompt_ids, sub.prompt_mask, sub.attention_mask.sum(1), pool.workers)
-                    jobs = []
-                    for sl in shares:
-                        part = cut(sub, torch.arange(sl.start, sl.stop))
-                        c = slice(0, part.response_ids.shape[1])
-                        pick = [None if x is None else x[sl, c] for x in (ref, kl_w)]
-                        jobs.append(Share(part, old[sl, c], a[sl, c], w[sl, c], *pick))
+                    shares, jobs = zip(*split_share(whole, pool.workers))
                 self.opt.zero_grad(set_to_none=True)
                 if len(jobs) > 1:
                     results = pool.backward(jobs, spec, params, lambda job: backward(self.model, job, spec))

@@ -87,7 +87,10 @@ def group_shares(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: to
 
 @dataclasses.dataclass
 class LossSpec:
-    """Everything besides the data that a share's loss needs (the trainer's actor settings)."""
+    """Everything besides the data that a share's loss needs (the trainer's actor settings).
+
+    ``micro_batch_tokens``: ``backward`` cuts a share into micro-batches of whole groups of at most about
+    this many prompt + response tokens (``actor.micro_batch_tokens``; 0: never)."""
 
     clip_low: float
     clip_high: float
@@ -97,6 +100,7 @@ class LossSpec:
     fast: bool
     kl_type: str = "low_var_kl"
     kl_coef: float = 0.0
+    micro_batch_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -121,10 +125,50 @@ class ShareResult:
     logprobs: torch.Tensor  # (b, t), detached: the trainer's metrics see the whole mini-batch
 
 
+def split_share(share: Share, parts: int) -> list[tuple[slice, Share]]:
+    """``share`` in at most ``parts`` pieces of whole groups and about equal tokens (``group_shares``), each
+    cut to its own columns (``cut``); with the rows each piece takes. The weights are the whole
+    mini-batch's, so the pieces' losses and gradients add up to the share's."""
+    ro = share.rollouts
+    out = []
+    for sl in group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts):
+        part = cut(ro, torch.arange(sl.start, sl.stop))
+        c = slice(0, part.response_ids.shape[1])
+        ref, kl_w = (None if x is None else x[sl, c] for x in (share.ref_logprobs, share.kl_weights))
+        out.append(
+            (sl, Share(part, share.old_logprobs[sl, c], share.advantages[sl, c], share.weights[sl, c], ref, kl_w))
+        )
+    return out
+
+
 def backward(model, share: Share, spec: LossSpec, logprobs: torch.Tensor | None = None) -> ShareResult:
     """Forward ``share`` (unless its ``logprobs`` with grad are given), its loss, and ``loss.backward()``.
 
-    Gradients accumulate into the parameters' ``.grad``; the caller zeroes them before the first share."""
+    Gradients accumulate into the parameters' ``.grad``; the caller zeroes them before the first share.
+    A share of more than ``spec.micro_batch_tokens`` tokens runs as several micro-batches, one after the
+    other (gradient accumulation). Why on CPU: the forward/backward of a smaller piece keeps its
+    activations in cache, and its elementwise kernels run faster: on the embedded workload a share of
+    about 2,600 tokens took 0.88-0.90x the time as two micro-batches (one thread; 0.89x for 5,200 tokens
+    on two threads as three). On a GPU it bounds the activation memory (verl's
+    ``ppo_max_token_len_per_gpu``)."""
+    ro = share.rollouts
+    cap = spec.micro_batch_tokens
+    if logprobs is None and cap > 0:
+        total = int(ro.attention_mask.sum())
+        if total > cap:
+            pieces = split_share(share, -(-total // cap))
+            if len(pieces) > 1:
+                done = [(sl, _backward(model, piece, spec)) for sl, piece in pieces]
+                lp = share.old_logprobs.new_zeros(share.old_logprobs.shape)
+                for sl, res in done:
+                    lp[sl, : res.logprobs.shape[1]] = res.logprobs
+                kls = [res.kl for _, res in done]
+                return ShareResult(sum(res.loss for _, res in done), None if kls[0] is None else sum(kls), lp)
+    return _backward(model, share, spec, logprobs)
+
+
+def _backward(model, share: Share, spec: LossSpec, logprobs: torch.Tensor | None = None) -> ShareResult:
+    """One forward/backward of ``share`` as it is."""
     ro = share.rollouts
     m = ro.response_mask
     if logprobs is None:

@@ -1,9 +1,11 @@
-"""The update split between CPU worker processes (``actor.split_update``, engine/update.py).
+"""The update split between CPU worker processes (``actor.split_update``) and into micro-batches
+(``actor.micro_batch_tokens``), engine/update.py.
 
 The aggregation weights make any split of the rows add up to the whole mini-batch's loss; shares
 are cut at group starts with about equal tokens; the pool's gradient (helper's share + caller's
-share) equals one process's gradient of the whole mini-batch; and a trainer step with the split
-lands on the same weights as one without it.
+share) equals one process's gradient of the whole mini-batch; micro-batches give the same loss,
+KL term, log-probs and gradient as one backward; and a trainer step with the split, or with
+micro-batches, lands on the same weights as one without.
 """
 
 import tempfile
@@ -11,6 +13,7 @@ import tempfile
 import pytest
 import torch
 
+import engine.update as upd
 from engine.config import load_config
 from engine.evaluate import encode_prompts
 from engine.kv_engine import KVEngine
@@ -22,7 +25,7 @@ from engine.rollout import SamplingParams
 from engine.store import Store
 from engine.tasks import load_problems
 from engine.trainer import Trainer
-from engine.update import LossSpec, Share, backward, cut, group_shares
+from engine.update import LossSpec, Share, backward, group_shares, split_share
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -68,14 +71,11 @@ def test_group_shares_by_hand():
     assert group_shares(pad, torch.tensor([[0, 1], [1, 1]]), torch.ones(2), 2) == [slice(0, 1), slice(1, 2)]
 
 
-def _shares(ro, old, adv, mode, parts):
-    w = agg_weights(ro.response_mask, mode, float(ro.response_mask.shape[1]))
-    out = []
-    for sl in group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts):
-        part = cut(ro, torch.arange(sl.start, sl.stop))
-        c = slice(0, part.response_ids.shape[1])
-        out.append((sl, Share(part, old[sl, c], adv[sl, c], w[sl, c])))
-    return out
+def _shares(ro, old, adv, mode, parts, ref=None):
+    m = ro.response_mask
+    w = agg_weights(m, mode, float(m.shape[1]))
+    kl_w = None if ref is None else agg_weights(m, "token-mean", None)
+    return split_share(Share(ro, old, adv, w, ref, kl_w), parts)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
@@ -118,6 +118,44 @@ def test_pool_gradient_equals_one_process(mode):
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_equal_one_backward(mode, monkeypatch):
+    """A share of more than ``micro_batch_tokens`` tokens runs as that many whole-group pieces, one
+    forward each, and gives one backward's loss, KL term, log-probs and gradient."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+        prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:5])
+        ro = KVEngine(model, tok).generate(prompts, SamplingParams(n=3, max_new_tokens=12, seed=4, temperature=1.0))
+        adv = torch.randn(ro.response_ids.shape, generator=torch.Generator().manual_seed(2))
+        old = ro.logprobs - 0.05
+        ref = ro.logprobs + 0.1 * torch.randn(ro.logprobs.shape, generator=torch.Generator().manual_seed(3))
+        ((_, share),) = _shares(ro, old, adv, mode, 1, ref=ref * ro.response_mask)
+        total = int(ro.attention_mask.sum())
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        forwards = []
+        real = upd.response_logits
+        monkeypatch.setattr(upd, "response_logits", lambda *a, **k: forwards.append(1) or real(*a, **k))
+        out = {}
+        for cap in (0, total // 3 + 1):
+            spec = LossSpec(0.2, 0.28, 3.0, 1.0, 0, True, "low_var_kl", 0.1, cap)
+            forwards.clear()
+            model.zero_grad(set_to_none=True)
+            res = backward(model, share, spec)
+            out[cap] = (res, [p.grad.clone() for p in params], len(forwards))
+        (whole, g0, f0), (parts, g1, f1) = out.values()
+        assert f0 == 1 and f1 == 3  # five groups, about a third of the tokens each
+        assert parts.loss == pytest.approx(whole.loss, rel=1e-5, abs=1e-7)
+        assert parts.kl == pytest.approx(whole.kl, rel=1e-5, abs=1e-7) and whole.kl > 0
+        torch.testing.assert_close(parts.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_trainer_step_with_split_update_lands_on_the_same_weights():
     """Two mini-batches (so both runs take the recorded old log-probs): split or not, same weights."""
     base = [
@@ -133,8 +171,14 @@ def test_trainer_step_with_split_update_lands_on_the_same_weights():
     ]
     weights, losses = {}, {}
     n = torch.get_num_threads()
-    for split in (False, True):
-        cfg = load_config(demo_config(), [*base, f"actor.split_update={str(split).lower()}"])
+    runs = {
+        False: ["actor.split_update=false", "actor.micro_batch_tokens=0"],
+        True: ["actor.split_update=true", "actor.micro_batch_tokens=0"],
+        # each mini-batch (two groups) in one process as two micro-batches of one group
+        "micro": ["actor.split_update=false", "actor.micro_batch_tokens=60"],
+    }
+    for split, over in runs.items():
+        cfg = load_config(demo_config(), [*base, *over])
         with tempfile.TemporaryDirectory() as d:
             tr = Trainer(cfg, Store(d), log=lambda s: None)
             try:
@@ -144,6 +188,7 @@ def test_trainer_step_with_split_update_lands_on_the_same_weights():
             finally:
                 tr.backend.close()
     torch.set_num_threads(n)
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
-    for a, b in zip(weights[True], weights[False]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for other in (True, "micro"):
+        assert losses[other] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+        for a, b in zip(weights[other], weights[False]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
