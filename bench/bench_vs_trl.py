@@ -34,6 +34,11 @@ TRL tuned, as a speed-minded user would set it (read from the installed TRL 1.16
   * ``steps_per_generation=1``, ``num_iterations=1``, ``gradient_accumulation_steps=1``: one 128-row
     generate and one forward/backward per step, as above (also set for the defaults run: it is the
     workload, and TRL's default gives the same).
+  * no micro-batches (``--trl-micro-batches 1``): our update runs each process's rows as micro-batches
+    of about 2,000 tokens (``actor.micro_batch_tokens``), which TRL can do too (two of 64 rows:
+    ``per_device_train_batch_size=64``, ``gradient_accumulation_steps = steps_per_generation = 2``, still
+    one generate of 128 rows and one optimiser step). Tried on arith, three alternating pairs: TRL's
+    update took 0.33-0.36 s either way, so tuned TRL keeps one batch; the option stays to re-check.
   * left as they are, on purpose: ``torch_compile`` (minutes of compilation on CPU and recompiles
     for every new sequence length, more than a 10-step segment); ``cache_implementation`` (the
     default dynamic cache; a static one pads every row to the full budget);
@@ -187,14 +192,17 @@ def trl_segment(a, d, tuned: bool) -> list[dict]:
             if logs and "completions/mean_length" in logs and steps:
                 steps[-1]["tokens"] = float(logs["completions/mean_length"]) * a.prompts * a.n
 
+    # tuned: the 128 rows may go through forward/backward as K micro-batches (gradient accumulation);
+    # one generate of all rows and one optimiser step per step either way
+    K = a.trl_micro_batches if tuned else 1
     workload = dict(
         output_dir=str(Path(d) / "trl"),
-        per_device_train_batch_size=a.prompts * a.n,
+        per_device_train_batch_size=a.prompts * a.n // K,
         num_generations=a.n,
         max_completion_length=a.max_new_tokens,
-        steps_per_generation=1,
+        steps_per_generation=K,
         num_iterations=1,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=K,
         max_steps=a.steps + a.warmup,
         use_cpu=True,
         learning_rate=1e-4,
@@ -216,7 +224,11 @@ def trl_segment(a, d, tuned: bool) -> list[dict]:
         model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
     )
     trainer.train()
-    settings = {"bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
+    settings = {
+        "bf16": args.bf16,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "micro_batches": args.gradient_accumulation_steps,
+    }
     rows = []
     for s in steps[a.warmup :]:
         t0, t1 = s["t0"], s["t1"]
@@ -258,7 +270,7 @@ def child(a) -> None:
 # ------------------------------------------------------------------ driver
 def run_segment(a, kind: str, seed: int) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", kind, "--seed", str(seed)]
-    for k in ("task", "steps", "warmup", "prompts", "n", "threads", "max_new_tokens", "workers"):
+    for k in ("task", "steps", "warmup", "prompts", "n", "threads", "max_new_tokens", "workers", "trl_micro_batches"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -328,7 +340,10 @@ def report(a, rows: dict[str, list[dict]], load0, load1, wall) -> None:
     per_round(a, rows)
     for k in ("trl-tuned", "trl-defaults"):
         r0 = rows[k][0]
-        print(f"{k}: bf16={r0['bf16']} gradient_checkpointing={r0['gradient_checkpointing']} threads={r0['threads']}")
+        print(
+            f"{k}: bf16={r0['bf16']} gradient_checkpointing={r0['gradient_checkpointing']} "
+            f"micro_batches={r0['micro_batches']} threads={r0['threads']}"
+        )
     print(f"ours: threads={rows['ours'][0]['threads']}")
     # the benchmark itself adds about `threads` to the 1-minute load: others' work shows at the start,
     # or as an end value well above that
@@ -350,6 +365,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="ours: rollout.workers (decode processes)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument(
+        "--trl-micro-batches", type=int, default=1, help="TRL tuned: forward/backward in this many micro-batches"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", choices=KINDS)
     a = ap.parse_args()
