@@ -34,11 +34,11 @@ TRL tuned, as a speed-minded user would set it (read from the installed TRL 1.16
   * ``steps_per_generation=1``, ``num_iterations=1``, ``gradient_accumulation_steps=1``: one 128-row
     generate and one forward/backward per step, as above (also set for the defaults run: it is the
     workload, and TRL's default gives the same).
-  * no micro-batches (``--trl-micro-batches 1``): our update runs each process's rows as micro-batches
-    of about 2,000 tokens (``actor.micro_batch_tokens``), which TRL can do too (two of 64 rows:
-    ``per_device_train_batch_size=64``, ``gradient_accumulation_steps = steps_per_generation = 2``, still
-    one generate of 128 rows and one optimiser step). Tried on arith, three alternating pairs: TRL's
-    update took 0.33-0.36 s either way, so tuned TRL keeps one batch; the option stays to re-check.
+  * no micro-batches (``--trl-micro-batches 1``): TRL can run the 128 rows' forward/backward as two
+    micro-batches of 64 (``per_device_train_batch_size=64``, ``gradient_accumulation_steps =
+    steps_per_generation = 2``: still one generate of 128 rows and one optimiser step). Tried on arith,
+    three alternating pairs: its update took 0.33-0.36 s either way, so tuned TRL keeps one batch (ours
+    keeps ``actor.micro_batch_tokens=0`` as well); the option stays to re-check.
   * left as they are, on purpose: ``torch_compile`` (minutes of compilation on CPU and recompiles
     for every new sequence length, more than a 10-step segment); ``cache_implementation`` (the
     default dynamic cache; a static one pads every row to the full budget);

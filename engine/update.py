@@ -145,12 +145,9 @@ def backward(model, share: Share, spec: LossSpec, logprobs: torch.Tensor | None 
     """Forward ``share`` (unless its ``logprobs`` with grad are given), its loss, and ``loss.backward()``.
 
     Gradients accumulate into the parameters' ``.grad``; the caller zeroes them before the first share.
-    A share of more than ``spec.micro_batch_tokens`` tokens runs as several micro-batches, one after the
-    other (gradient accumulation). Why on CPU: the forward/backward of a smaller piece keeps its
-    activations in cache, and its elementwise kernels run faster: on the embedded workload a share of
-    about 2,600 tokens took 0.88-0.90x the time as two micro-batches (one thread; 0.89x for 5,200 tokens
-    on two threads as three). On a GPU it bounds the activation memory (verl's
-    ``ppo_max_token_len_per_gpu``)."""
+    A share of more than ``spec.micro_batch_tokens`` tokens (when > 0) runs as several micro-batches of
+    whole groups, one after the other (gradient accumulation): it bounds the activation memory of one
+    forward/backward (verl's ``ppo_max_token_len_per_gpu``)."""
     ro = share.rollouts
     cap = spec.micro_batch_tokens
     if logprobs is None and cap > 0:
