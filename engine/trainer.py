@@ -401,7 +401,7 @@ class Trainer:
         length, which is what ``seq-mean-token-sum-norm`` divided by before the cut. With CPU rollout
         workers (``_update_pool``) each mini-batch is split between them by whole groups
         (``engine.update``) and their gradients are added before clipping and the optimizer step. Each
-        process runs its rows as micro-batches of at most ``actor.micro_batch_tokens`` tokens."""
+        process can run its rows as micro-batches of about ``actor.micro_batch_tokens`` tokens (when set)."""
         cfg = self.cfg
         B, T = adv.shape
         stats = {"clipfrac": [], "clipfrac_lower": [], "approx_kl": [], "kl_ref": [], "loss": [], "grad_norm": []}
