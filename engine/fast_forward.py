@@ -357,8 +357,8 @@ class Decoder:
     layers and runs three q/k/v and two gate/up products where one each will do; and its attention
     (CPU's fused kernel with a mask) costs more than the rest of the layer at one query per row. A
     batched matrix product against the cache, an additive mask and a softmax are several times
-    cheaper there. At this size the Python and dispatch around each kernel is a third of a step, so a
-    step issues as few operations as it can: everything it reads is looked up once here (the stacked
+    cheaper there. At this size the Python and dispatch around each kernel are a quarter to a third
+    of a step, so a step issues as few operations as it can: everything it reads is looked up once here (the stacked
     weights already transposed for ``mm``/``addmm``, biases, norm epsilons, head counts and, for rope
     types that depend on the position only, the cos/sin of every position up to ``max_positions``);
     the rotated keys are written into the cache by the rotary product itself (``out=``); the cache is
