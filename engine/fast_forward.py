@@ -117,10 +117,14 @@ def _qkv(h: torch.Tensor, w_qkv, heads, norms, rot):
     rotary embedding on queries and keys together."""
     H, KV, D = heads
     qkv = F.linear(h, *w_qkv).view(h.shape[0], H + 2 * KV, D)
-    qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
-    if norms is not None:
-        qk = torch.cat([_rms(qk[:, :H], norms[0], norms[1]), _rms(qk[:, H:], norms[2], norms[3])], dim=1)
-    return _rotate(qk, rot), v
+    return _rotate(_normed_qk(qkv[:, : H + KV], H, norms), rot), qkv[:, H + KV :]
+
+
+def _normed_qk(qk: torch.Tensor, H: int, norms) -> torch.Tensor:
+    """Query/key heads ``(N, H + KV, D)`` through Qwen3's per-head q/k norms (``norms``; None: as they are)."""
+    if norms is None:
+        return qk
+    return torch.cat([_rms(qk[:, :H], norms[0], norms[1]), _rms(qk[:, H:], norms[2], norms[3])], dim=1)
 
 
 def _qk_rows(heads, device) -> torch.Tensor:
@@ -358,9 +362,10 @@ class Decoder:
     (CPU's fused kernel with a mask) costs more than the rest of the layer at one query per row. A
     batched matrix product against the cache, an additive mask and a softmax are several times
     cheaper there. At this size the Python and dispatch around each kernel are a quarter to a third
-    of a step, so a step issues as few operations as it can: everything it reads is looked up once here (the stacked
-    weights already transposed for ``mm``/``addmm``, biases, norm epsilons, head counts and, for rope
-    types that depend on the position only, the cos/sin of every position up to ``max_positions``);
+    of a step, so a step issues as few operations as it can: everything it reads is looked up once
+    here (the stacked weights already transposed for ``mm``/``addmm``, biases, norm epsilons, head
+    counts and, for rope types that depend on the position only, the cos/sin of every position up to
+    ``max_positions``);
     the rotated keys are written into the cache by the rotary product itself (``out=``); the cache is
     read through strided views, never copied; the gated MLP's activation runs in place. Weights are
     read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
@@ -474,10 +479,7 @@ def _qkv_rows(x: torch.Tensor, w1, e1, w_qkv, qkn, heads) -> tuple[torch.Tensor,
     ``(n, H + 2 KV, D)`` product and its query/key heads (through Qwen3's q/k norms where ``qkn``)."""
     H, KV, D = heads
     qkv = _product(_rms(x, w1, e1), *w_qkv).view(x.shape[0], H + 2 * KV, D)
-    qk = qkv[:, : H + KV]
-    if qkn is not None:
-        qk = torch.cat([_rms(qk[:, :H], qkn[0], qkn[1]), _rms(qk[:, H:], qkn[2], qkn[3])], dim=1)
-    return qkv, qk
+    return qkv, _normed_qk(qkv[:, : H + KV], H, qkn)
 
 
 def _attend_cache(q: torch.Tensor, c, bias: torch.Tensor, L: int, scale: float) -> torch.Tensor:

@@ -373,13 +373,13 @@ class KVEngine:
             if self.fast and rc.slot and unsupported_reason(self.model) is None
             else None
         )
+        ppos = position_ids(mask)
         if dec is not None:
-            logits = dec.prefill(ids, mask, position_ids(mask))
+            logits = dec.prefill(ids, mask, ppos)
         else:
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, **kw
-            )
-            logits = out.logits[:, -1]
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=ppos, logits_to_keep=1, **kw).logits[
+                :, -1
+            ]
         # the n samples of a prompt share its prefill: repeat the cache rows, not the computation
         rc.expand(params.n)
         logits = logits.repeat_interleave(params.n, 0)

@@ -100,6 +100,21 @@ def _grad_buffer(model) -> torch.Tensor:
     return torch.zeros(n, dtype=dtype).share_memory_()
 
 
+def _each_tensor(x, leaf):
+    """``x`` rebuilt with ``leaf`` applied to every value inside tuples, lists and dataclass instances."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_each_tensor(v, leaf) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _each_tensor(getattr(x, f.name), leaf) for f in dataclasses.fields(x)})
+    return leaf(x)
+
+
+def _as_array(x):
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype != torch.bfloat16 and not x.requires_grad:
+        return x.numpy()
+    return x
+
+
 def to_arrays(x):
     """``x`` with every CPU tensor in it (in tuples, lists and dataclasses too) as a numpy array.
 
@@ -107,24 +122,12 @@ def to_arrays(x):
     tensor into a new shared-memory segment and hands its file descriptor over in round trips of its
     own: about 1 ms per tensor, some 10 ms before a helper could start on an update share (measured on
     the embedded workload). Tensors numpy cannot hold (bfloat16) go as they are."""
-    if isinstance(x, torch.Tensor):
-        return x.numpy() if x.device.type == "cpu" and x.dtype != torch.bfloat16 and not x.requires_grad else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_arrays(v) for v in x)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(x, **{f.name: to_arrays(getattr(x, f.name)) for f in dataclasses.fields(x)})
-    return x
+    return _each_tensor(x, _as_array)
 
 
 def to_tensors(x):
     """The inverse of ``to_arrays``: every numpy array back to a tensor (sharing its memory)."""
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_tensors(v) for v in x)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(x, **{f.name: to_tensors(getattr(x, f.name)) for f in dataclasses.fields(x)})
-    return x
+    return _each_tensor(x, lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
 
 
 def _serve(conn, model, ids, fast: bool, threads: int, grads: torch.Tensor) -> None:
