@@ -265,6 +265,15 @@ class ActorConfig:
         "the old policy's log-probs are then the rollout's recorded ones (same weights) instead of the "
         "loss forward's own. No effect with one worker.",
     )
+    skip_zero_advantage: bool = _f(
+        True,
+        "Leave out of the update's forward/backward the rows whose every token has advantage 0 and no KL "
+        "term (zero-variance groups under GRPO-style advantages): their loss and gradient are exactly 0, "
+        "so the step's gradient, loss and optimizer state are unchanged. approx_kl is then over the "
+        "rows that ran; clipfrac keeps its meaning (a zero-advantage token is never clipped). With "
+        "rollout.backend=kv and one mini-batch the old log-probs are then the recorded ones. "
+        "false: every row runs, as in verl and TRL.",
+    )
     micro_batch_tokens: int = _f(
         0,
         "Most prompt + response tokens in one forward/backward of the update: each process's rows of a "

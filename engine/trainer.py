@@ -46,7 +46,7 @@ from engine.rollout import Rollouts, SamplingParams, make_backend
 from engine.schema import evals_table, step_tables
 from engine.store import Store, StoreError
 from engine.tasks import load_problems
-from engine.update import LossSpec, Share, backward, cut, response_logits, split_share
+from engine.update import LossSpec, Share, active_rows, backward, cut, response_logits, split_share, take
 
 
 class Timer:
@@ -339,8 +339,9 @@ class Trainer:
         chunk, temp = cfg.model.logit_chunk, cfg.rollout.temperature
         single_pass = cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
         recorded = ro.logprobs is not None and ro.entropy is not None and not cfg.actor.recompute_old_logprobs
-        if single_pass and recorded and self._update_pool() is not None:
-            single_pass = False  # the workers split the loss's forward; the recorded log-probs are the old policy's
+        if single_pass and recorded and (self._update_pool() is not None or cfg.actor.skip_zero_advantage):
+            # the update's forward is split or skips rows; the recorded log-probs are the old policy's
+            single_pass = False
         dtype = next(self.model.parameters()).dtype
         live = None
         if single_pass or not recorded:
@@ -432,33 +433,47 @@ class Trainer:
                 w = agg_weights(m, self.agg, float(T), old.dtype)
                 kl_w = None if ref is None else agg_weights(m, "token-mean", None, old.dtype)
                 whole = Share(sub, old, a, w, ref, kl_w)
-                if live or pool is None:
-                    shares, jobs = [slice(0, B)], [whole]
+                run = torch.arange(len(rows))  # the rows that go through forward/backward
+                if cfg.actor.skip_zero_advantage and not live:
+                    run = active_rows(whole, spec.kl_coef).nonzero().squeeze(1)
+                work = whole if len(run) == len(rows) else take(whole, run)
+                if not len(run):
+                    shares, jobs = [], []
+                elif live or pool is None:
+                    shares, jobs = [slice(0, len(run))], [work]
                 else:  # each worker's rows, cut to their own columns
-                    shares, jobs = zip(*split_share(whole, pool.workers))
+                    shares, jobs = zip(*split_share(work, pool.workers))
                 self.opt.zero_grad(set_to_none=True)
                 if len(jobs) > 1:
                     results = pool.backward(jobs, spec, params, lambda job: backward(self.model, job, spec))
                 else:
-                    results = [backward(self.model, jobs[0], spec, lp_live if live else None)]
-                lp = old.new_zeros(old.shape)
+                    results = [backward(self.model, job, spec, lp_live if live else None) for job in jobs]
+                for p in params:  # no row ran: a zero gradient still steps the optimizer (moments, weight decay)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                lp = old.clone()  # rows left out keep ratio 1 in the metrics below, and are masked out of them
                 for sl, res in zip(shares, results):
-                    lp[sl, : res.logprobs.shape[1]] = res.logprobs
+                    lp[run[sl], : res.logprobs.shape[1]] = res.logprobs
                 gn = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if torch.isfinite(gn):
                     self.opt.step()
                 else:
                     self.log("non-finite grad norm: update skipped")
-                with torch.no_grad():  # the metrics over the whole mini-batch, whatever the split
+                ran = torch.zeros_like(m)
+                ran[run] = m[run]
+                with torch.no_grad():  # the metrics over the rows that ran, whatever the split
                     _, met = policy_loss(
-                        lp, old, a, m, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=spec.dual_clip
+                        lp, old, a, ran, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=spec.dual_clip
                     )
+                share_ran = float(ran.sum() / m.sum()) if m.any() else 0.0
                 stats["loss"].append(sum(res.loss for res in results))
                 if ref is not None:
                     stats["kl_ref"].append(sum(res.kl for res in results))
                 stats["grad_norm"].append(float(gn))
-                for k in ("clipfrac", "clipfrac_lower", "approx_kl"):
-                    stats[k].append(met[k])
+                for k in ("clipfrac", "clipfrac_lower"):  # over the mini-batch: a left-out token is never clipped
+                    stats[k].append(met[k] * share_ran if ran.any() else 0.0)
+                if ran.any():
+                    stats["approx_kl"].append(met["approx_kl"])
                 lp_live = None
         return {k: (float(np.mean(v)) if v else 0.0) for k, v in stats.items()}
 

@@ -125,20 +125,37 @@ class ShareResult:
     logprobs: torch.Tensor  # (b, t), detached: the trainer's metrics see the whole mini-batch
 
 
+def take(share: Share, rows: torch.Tensor) -> Share:
+    """Rows ``rows`` ``(k,)`` of ``share``, cut to their own columns (``cut``); the weights stay the whole
+    mini-batch's, so the losses and gradients of disjoint takes add up to the share's."""
+    part = cut(share.rollouts, rows)
+    c = slice(0, part.response_ids.shape[1])
+    pick = [None if x is None else x[rows, c] for x in (share.ref_logprobs, share.kl_weights)]
+    return Share(part, share.old_logprobs[rows, c], share.advantages[rows, c], share.weights[rows, c], *pick)
+
+
 def split_share(share: Share, parts: int) -> list[tuple[slice, Share]]:
     """``share`` in at most ``parts`` pieces of whole groups and about equal tokens (``group_shares``), each
-    cut to its own columns (``cut``); with the rows each piece takes. The weights are the whole
-    mini-batch's, so the pieces' losses and gradients add up to the share's."""
+    cut to its own columns (``take``); with the rows each piece takes."""
     ro = share.rollouts
-    out = []
-    for sl in group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts):
-        part = cut(ro, torch.arange(sl.start, sl.stop))
-        c = slice(0, part.response_ids.shape[1])
-        ref, kl_w = (None if x is None else x[sl, c] for x in (share.ref_logprobs, share.kl_weights))
-        out.append(
-            (sl, Share(part, share.old_logprobs[sl, c], share.advantages[sl, c], share.weights[sl, c], ref, kl_w))
-        )
-    return out
+    shares = group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts)
+    return [(sl, take(share, torch.arange(sl.start, sl.stop))) for sl in shares]
+
+
+def active_rows(share: Share, kl_coef: float) -> torch.Tensor:
+    """Rows of ``share`` whose loss has a gradient, ``(b,)`` bool.
+
+    A token's clipped surrogate is ``-A`` times a function of its ratio (``policy_loss``: both clip
+    branches and the dual clip), so a token with advantage ``A = 0`` adds exactly 0 to the loss and to
+    the gradient, whatever its log-prob. A row counts when one of its tokens has a nonzero advantage and
+    a nonzero loss weight, or carries a KL term (``ref_logprobs`` with ``kl_coef != 0``). The others are
+    the rows of groups whose samples all got the same reward under GRPO-style advantages (a
+    zero-variance group; DAPO's dynamic sampling drops the same groups from the batch): on the
+    embedded tasks, 10-60% of a batch early in training. NaN advantages count as nonzero."""
+    on = ((share.advantages != 0) & (share.weights != 0)).any(1)
+    if share.ref_logprobs is not None and kl_coef != 0:
+        on |= (share.kl_weights != 0).any(1)
+    return on
 
 
 def backward(model, share: Share, spec: LossSpec, logprobs: torch.Tensor | None = None) -> ShareResult:

@@ -27,6 +27,7 @@ BASE = [
     "train.steps=2",
     "train.threads=1",
     "rollout.backend=kv",
+    "actor.skip_zero_advantage=false",  # every row's forward runs, so the forward counts below are fixed
 ]
 COMPARED = [
     "loss",
