@@ -433,7 +433,7 @@ class Trainer:
                 w = agg_weights(m, self.agg, float(T), old.dtype)
                 kl_w = None if ref is None else agg_weights(m, "token-mean", None, old.dtype)
                 whole = Share(sub, old, a, w, ref, kl_w)
-                run = torch.arange(len(rows))  # the rows that go through forward/backward
+                run = torch.arange(len(rows), device=m.device)  # the rows that go through forward/backward
                 if cfg.actor.skip_zero_advantage and not live:
                     run = active_rows(whole, spec.kl_coef).nonzero().squeeze(1)
                 work = whole if len(run) == len(rows) else take(whole, run)
