@@ -12,6 +12,7 @@ round by round (each round's segments ran next to each other), with their geomet
 t-interval over rounds.
 
     python bench/bench_vs_trl.py [--task countdown|arith] [--rounds 3] [--steps 6] [--warmup 2] [--workers 2]
+        [--ours-set actor.skip_zero_advantage=false ...]
 
 The workload, identical for all three: the embedded model of the task (``builtin:tiny-countdown`` on
 Countdown-lite, the demo's; ``builtin:tiny`` on arith), the same token ids per prompt (BOS + prompt),
@@ -50,7 +51,10 @@ retirement) and ``rollout.workers=2`` (``--workers``: the prompts split between 
 ``threads / 2`` threads each, on the same cores TRL gets; the weights are shared, not copied; the
 processes start before the warm-up steps; the same processes then split each update's forward and
 backward, ``actor.split_update``, on by default), everything else as shipped: A3PO shaping, per-token
-entropy, and every token of every rollout written to the Parquet store inside the step.
+entropy, every token of every rollout written to the Parquet store inside the step, and the rows
+without a gradient (zero-variance groups) left out of the update (``actor.skip_zero_advantage``, on
+by default: the same gradient; TRL back-propagates them). ``--ours-set KEY=VALUE`` (repeatable)
+overrides a setting of ours, e.g. ``actor.skip_zero_advantage=false`` to measure without the skip.
 
 Phases. Ours: the trainer's own timers (``t_generate``; the update = the loss forward + backward +
 optimiser step; store = building the tables + writing the segment). TRL: its own profiling timers
@@ -112,6 +116,7 @@ def our_segment(a, d) -> list[dict]:
             "train.steps=1000",
             f"train.threads={a.threads}",
             f"seed={a.seed}",
+            *a.ours_set,
         ],
     )
     tr = Trainer(cfg, Store(Path(d) / "ours"), log=lambda s: None)
@@ -272,6 +277,8 @@ def run_segment(a, kind: str, seed: int) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", kind, "--seed", str(seed)]
     for k in ("task", "steps", "warmup", "prompts", "n", "threads", "max_new_tokens", "workers", "trl_micro_batches"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    for kv in a.ours_set:
+        cmd += ["--ours-set", kv]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [x for x in p.stdout.splitlines() if x.startswith("ROWS ")]
@@ -344,7 +351,7 @@ def report(a, rows: dict[str, list[dict]], load0, load1, wall) -> None:
             f"{k}: bf16={r0['bf16']} gradient_checkpointing={r0['gradient_checkpointing']} "
             f"micro_batches={r0['micro_batches']} threads={r0['threads']}"
         )
-    print(f"ours: threads={rows['ours'][0]['threads']}")
+    print(f"ours: threads={rows['ours'][0]['threads']}" + "".join(f" {kv}" for kv in a.ours_set))
     # the benchmark itself adds about `threads` to the 1-minute load: others' work shows at the start,
     # or as an end value well above that
     noisy = " (noisy: other load on the machine)" if load0[0] > 1 or load1[0] > a.threads + 0.5 else ""
@@ -369,6 +376,9 @@ def main():
         "--trl-micro-batches", type=int, default=1, help="TRL tuned: forward/backward in this many micro-batches"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ours-set", action="append", default=[], metavar="KEY=VALUE", help="ours: a config override (repeatable)"
+    )
     ap.add_argument("--child", choices=KINDS)
     a = ap.parse_args()
     if a.child:

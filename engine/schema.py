@@ -65,7 +65,7 @@ STEP_METRICS: tuple[Metric, ...] = (
     _m("truncated_frac", "fraction of responses cut at max_new_tokens (derived)", "fraction"),
     _m("clipfrac", "fraction of tokens whose PPO ratio was clipped (upper side)", "fraction"),
     _m("clipfrac_lower", "fraction of tokens clipped on the lower side", "fraction"),
-    _m("approx_kl", "approximate KL(old || new) over the update", "nats"),
+    _m("approx_kl", "approximate KL(old || new) over the update's back-propagated tokens", "nats"),
     _m("kl_ref", "KL penalty to the reference model (0 without one)", "nats"),
     _m("loss", "mean policy loss over the update's mini-batches", "loss"),
     _m("grad_norm", "mean gradient norm before clipping", "norm"),
