@@ -139,7 +139,7 @@ def split_share(share: Share, parts: int) -> list[tuple[slice, Share]]:
     cut to its own columns (``take``); with the rows each piece takes."""
     ro = share.rollouts
     shares = group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts)
-    return [(sl, take(share, torch.arange(sl.start, sl.stop))) for sl in shares]
+    return [(sl, take(share, torch.arange(sl.start, sl.stop, device=ro.prompt_ids.device))) for sl in shares]
 
 
 def active_rows(share: Share, kl_coef: float) -> torch.Tensor:
