@@ -46,7 +46,7 @@ from engine.rollout import Rollouts, SamplingParams, make_backend
 from engine.schema import evals_table, step_tables
 from engine.store import Store, StoreError
 from engine.tasks import load_problems
-from engine.update import LossSpec, Share, active_rows, backward, cut, response_logits, split_share, take
+from engine.update import LossSpec, Share, active_rows, backward, cut, merge, response_logits, split_share, take
 
 
 class Timer:
@@ -451,9 +451,9 @@ class Trainer:
                 for p in params:  # no row ran: a zero gradient still steps the optimizer (moments, weight decay)
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                lp = old.clone()  # rows left out keep ratio 1 in the metrics below, and are masked out of them
-                for sl, res in zip(shares, results):
-                    lp[run[sl], : res.logprobs.shape[1]] = res.logprobs
+                # rows left out keep ratio 1 in the metrics below, and are masked out of them
+                res = merge([(run[sl], r) for sl, r in zip(shares, results)], old.clone())
+                lp = res.logprobs
                 gn = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if torch.isfinite(gn):
                     self.opt.step()
@@ -466,9 +466,9 @@ class Trainer:
                         lp, old, a, ran, clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=spec.dual_clip
                     )
                 share_ran = float(ran.sum() / m.sum()) if m.any() else 0.0
-                stats["loss"].append(sum(res.loss for res in results))
+                stats["loss"].append(res.loss)
                 if ref is not None:
-                    stats["kl_ref"].append(sum(res.kl for res in results))
+                    stats["kl_ref"].append(0.0 if res.kl is None else res.kl)
                 stats["grad_norm"].append(float(gn))
                 for k in ("clipfrac", "clipfrac_lower"):  # over the mini-batch: a left-out token is never clipped
                     stats[k].append(met[k] * share_ran if ran.any() else 0.0)

@@ -173,12 +173,18 @@ def backward(model, share: Share, spec: LossSpec, logprobs: torch.Tensor | None 
             pieces = split_share(share, -(-total // cap))
             if len(pieces) > 1:
                 done = [(sl, _backward(model, piece, spec)) for sl, piece in pieces]
-                lp = share.old_logprobs.new_zeros(share.old_logprobs.shape)
-                for sl, res in done:
-                    lp[sl, : res.logprobs.shape[1]] = res.logprobs
-                kls = [res.kl for _, res in done]
-                return ShareResult(sum(res.loss for _, res in done), None if kls[0] is None else sum(kls), lp)
+                return merge(done, share.old_logprobs.new_zeros(share.old_logprobs.shape))
     return _backward(model, share, spec, logprobs)
+
+
+def merge(parts: list, logprobs: torch.Tensor) -> ShareResult:
+    """The results of pieces of a share as one: ``parts`` is ``(rows, ShareResult)`` pairs (rows: a slice
+    or an index tensor into the share); each piece's log-probs are written into ``logprobs`` ``(b, t)`` at
+    its rows and first columns; losses and KL parts add up (KL None when the pieces have none)."""
+    for rows, res in parts:
+        logprobs[rows, : res.logprobs.shape[1]] = res.logprobs
+    kls = [res.kl for _, res in parts if res.kl is not None]
+    return ShareResult(sum(res.loss for _, res in parts), sum(kls) if kls else None, logprobs)
 
 
 def _backward(model, share: Share, spec: LossSpec, logprobs: torch.Tensor | None = None) -> ShareResult:
