@@ -140,7 +140,15 @@ class _Arena:
 
 
 def _slot_layer_class():
-    """A preallocated KV layer: one ``(B, H, capacity, D)`` buffer per keys/values, written in place.
+    """A preallocated KV layer: one buffer per keys/values, written in place.
+
+    ``kbuf``/``vbuf`` are ``(B, H, capacity, D)`` views (the layout transformers reads) of storage laid
+    out position-major, ``(capacity, B, H, D)``: one decode step's keys of every row are one contiguous
+    block, and the first ``length`` positions of the active rows are one contiguous stretch of memory
+    that the attention reads front to back (``fast_forward._attend_step``). Row-major storage gives the
+    attention one 4 KB block per row and head to fetch; on the embedded workload the cache outgrows the
+    CPU's caches and those scattered fetches cost a sixth of a decode step (measured at 64 rows, 31
+    positions: 4.0 ms a step row-major, 3.4 ms position-major).
 
     The active rows are always the first ``k`` rows of the buffer. Retiring rows moves the last active
     rows into the holes (``retire``), so only the moved rows are copied, never the whole batch, and
@@ -159,7 +167,11 @@ def _slot_layer_class():
             self.kc = None
 
         def _empty(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-            return like.new_empty(shape) if self.arena is None else self.arena.take(shape, like)
+            """An uninitialised ``(B, H, capacity, D)`` buffer stored position-major (see above)."""
+            B, H, cap, D = shape
+            store = (cap, B, H, D)
+            flat = like.new_empty(store) if self.arena is None else self.arena.take(store, like)
+            return flat.permute(1, 2, 0, 3)
 
         def _hold(self, kbuf: torch.Tensor, vbuf: torch.Tensor, active: int) -> None:
             self.kbuf, self.vbuf, self.active = kbuf, vbuf, active
