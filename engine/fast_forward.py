@@ -21,9 +21,8 @@ dims sits side by side, ``_pairs``: q . k is unchanged); softmax attention with 
 float rounding (tests/test_fast_forward.py, fp32: < 1e-5, and the gradients too).
 
 It also provides the ``kv`` engine's prefill and one-token step (``Decoder``): fused projections and
-a plain attention over the engine's cache (at one query per row the CPU's fused attention kernel costs
-more than the rest of a layer): on a CPU a streaming pass over the position-major cache, else batched
-matrix products.
+a plain batched-product attention over the engine's position-major cache (at one query per row the
+CPU's fused attention kernel costs more than the rest of a layer).
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` with full attention on every layer.
 Anything else (sliding windows, other architectures, gradient checkpointing, attention dropout) uses
@@ -360,9 +359,9 @@ class Decoder:
     new key/value at position ``length`` and advances it.
     Why not the model's forward: per step it rebuilds masks and position embeddings through generic
     layers and runs three q/k/v and two gate/up products where one each will do; and its attention
-    (CPU's fused kernel with a mask) costs more than the rest of the layer at one query per row. Plain
-    products and sums over the cache (``_attend_step``), an additive mask and a softmax are several
-    times cheaper there. At this size the Python and dispatch around each kernel are a quarter to a third
+    (CPU's fused kernel with a mask) costs more than the rest of the layer at one query per row. A
+    batched matrix product against the cache, an additive mask and a softmax are several times
+    cheaper there. At this size the Python and dispatch around each kernel are a quarter to a third
     of a step, so a step issues as few operations as it can: everything it reads is looked up once
     here (the stacked weights already transposed for ``mm``/``addmm``, biases, norm epsilons, head
     counts and, for rope types that depend on the position only, the cos/sin of every position up to
@@ -452,22 +451,24 @@ class Decoder:
         N, L = bias.shape
         x = self.inner.embed_tokens(tok)  # (N, C); module calls at both ends keep their hooks
         rot = self.table[pos] if self.table is not None else _rotation(self.inner, x, pos)
-        masks = {}  # the mask in the form each attention takes, made once per step (per key/value head count)
+        biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
         for ((w1, e1), w_qkv, qkn, heads, scale, *tail), c in zip(self.plan, self.cache):
             H, KV, D = heads
             qkv, qk = _qkv_rows(x, w1, e1, w_qkv, qkn, heads)
             n = c.length
             if c.kc is not None:
                 qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
-                q = torch.view_as_real(qc[:, :H] * rot).view(N, KV, H // KV, D)
+                q = torch.view_as_real(qc[:, :H] * rot).view(N * KV, H // KV, D)
                 torch.mul(qc[:, H:], rot, out=c.kc[:N, :, n])
             else:
                 qk = _rotate(qk, rot)
-                q = qk[:, :H].view(N, KV, H // KV, D)
+                q = qk[:, :H].reshape(N * KV, H // KV, D)
                 c.kbuf[:N, :, n] = qk[:, H:]
             c.vbuf[:N, :, n] = qkv[:, H + KV :]
             c.length = n + 1
-            x = _out_and_mlp(x, _attend_step(q, c, bias, masks, scale).view(N, H * D), *tail)
+            if KV not in biases:
+                biases[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
+            x = _out_and_mlp(x, _attend_cache(q, c, biases[KV], L, scale).view(N, H * D), *tail)
         for c in self.cache:
             c.sync()
         return self.model.lm_head(_rms(x, *self.final))
@@ -483,43 +484,14 @@ def _qkv_rows(x: torch.Tensor, w1, e1, w_qkv, qkn, heads) -> tuple[torch.Tensor,
 
 def _attend_cache(q: torch.Tensor, c, bias: torch.Tensor, L: int, scale: float) -> torch.Tensor:
     """Softmax attention of ``q`` ``(rows KV, m, D)`` over the first ``L`` positions of slot layer ``c``'s
-    cache, as batched matrix products (any number of queries per row: the prefill; one query per row on
-    a GPU or past ``_STREAM_LIMIT``); ``bias`` ``(rows KV, m or 1, L)`` additive. Returns ``(rows KV, m, D)``."""
+    cache, read in place through views of its position-major storage; ``bias`` ``(rows KV, m or 1, L)``
+    additive. Returns ``(rows KV, m, D)``."""
     rows = q.shape[0] // c.kbuf.shape[1]
     k = c.kbuf[:rows, :, :L].flatten(0, 1)  # (rows KV, L, D): a view of the position-major storage
     v = c.vbuf[:rows, :, :L].flatten(0, 1)
     s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
     return torch.bmm(p, v)
-
-
-# The step's streaming attention materialises (positions, rows, heads, head_dim) products; past this many
-# elements (64 MB in float32) it falls back to batched matrix products.
-_STREAM_LIMIT = 1 << 24
-
-
-def _attend_step(q: torch.Tensor, c, bias: torch.Tensor, masks: dict, scale: float) -> torch.Tensor:
-    """One query per row: ``q`` ``(N, KV, R, D)`` (``R`` query heads per key/value head) over the first ``L``
-    cached positions of slot layer ``c``; ``bias`` ``(N, L)`` additive. Returns ``(N, KV, R, D)``.
-
-    On a CPU the cache is read front to back in its position-major order: the scores are one product
-    and one sum over ``D`` of ``(L, N, KV, 1, D) * (N, KV, R, D)``, the softmax runs over positions and the
-    output is one product and one sum over positions, each a streaming pass where a batched matrix
-    product would fetch ``N KV`` separate blocks (see ``kv_engine._slot_layer_class``). ``masks`` holds
-    the step's mask in each form, made on first use."""
-    N, KV, R, D = q.shape
-    L = bias.shape[1]
-    if q.device.type != "cpu" or L * N * KV * R * D > _STREAM_LIMIT:
-        if KV not in masks:  # (N KV, 1, L), broadcast over a group's query heads
-            masks[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
-        return _attend_cache(q.view(N * KV, R, D), c, masks[KV], L, scale).view(N, KV, R, D)
-    if "t" not in masks:
-        masks["t"] = bias.t()[:, :, None, None]  # (L, N, 1, 1)
-    k = c.kbuf[:N, :, :L].permute(2, 0, 1, 3).unsqueeze(3)  # (L, N, KV, 1, D): views of the storage
-    v = c.vbuf[:N, :, :L].permute(2, 0, 1, 3).unsqueeze(3)
-    s = torch.add(masks["t"], (k * q).sum(-1), alpha=scale)  # (L, N, KV, R)
-    p = s.softmax(0) if s.dtype == torch.float32 else s.float().softmax(0).to(s.dtype)
-    return (v * p.unsqueeze(-1)).sum(0)
 
 
 def _out_and_mlp(x: torch.Tensor, o: torch.Tensor, wo, ln2, w_gu, act, wd) -> torch.Tensor:
