@@ -1,0 +1,86 @@
+"""The kv engine's generate with its position-major cache against row-major storage, paired in one process.
+
+Why: the decode step's attention reads every active row's cached keys and values once per layer. The
+engine stores them position-major (``kv_engine._slot_layer_class``); this measures what that layout is
+worth against the row-major ``(rows, heads, capacity, D)`` storage it replaced, the code otherwise
+identical. Both engines run in one process and alternate generate by generate (the order flips every
+batch), so drifts in the machine's speed hit both alike; the figure is the geometric mean of the
+per-batch time ratios with its 95% t-interval.
+
+    python bench/bench_decode.py [--task arith|countdown] [--batches 40] [--threads 1] [--prompts 8]
+
+The workload is one rollout worker's share of the benchmark step: ``--prompts`` prompts x 8 samples,
+<= 48 new tokens, T = 1, the task's embedded model, float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import engine.kv_engine as ke  # noqa: E402
+from engine.evaluate import encode_prompts  # noqa: E402
+from engine.policy import load_policy  # noqa: E402
+from engine.rollout import SamplingParams  # noqa: E402
+from engine.stats import paired_interval  # noqa: E402
+from engine.tasks import load_problems  # noqa: E402
+
+MODELS = {"arith": ("builtin:tiny", "builtin:arith"), "countdown": ("builtin:tiny-countdown", "builtin:countdown")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=sorted(MODELS), default="arith")
+    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_id, data = MODELS[args.task]
+    model, tok, _ = load_policy(model_id, device="cpu")
+    problems = load_problems(data, "train")
+
+    shipped = ke._slot_layer_class
+
+    def row_major_class():
+        cls = shipped()
+
+        def _empty(self, shape, like):
+            return like.new_empty(shape) if self.arena is None else self.arena.take(shape, like)
+
+        return type("_RowMajorSlotLayer", (cls,), {"_empty": _empty})
+
+    layouts = {"position-major": shipped, "row-major": row_major_class}
+    engines = {name: ke.KVEngine(model, tok) for name in layouts}
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    warmup = 2
+    for b in range(args.batches + warmup):
+        at = (b * args.prompts) % max(1, len(problems) - args.prompts)
+        prompts = encode_prompts(tok, problems[at : at + args.prompts])
+        params = SamplingParams(n=8, max_new_tokens=48, temperature=1.0, top_k=0, top_p=1.0, seed=b)
+        for name in list(layouts) if b % 2 == 0 else list(layouts)[::-1]:
+            ke._slot_layer_class = layouts[name]
+            t0 = time.perf_counter()
+            engines[name].generate(prompts, params)
+            if b >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    ke._slot_layer_class = shipped
+    ci = paired_interval([math.log(a / b) for a, b in zip(times["position-major"], times["row-major"])])
+    for name, ts in times.items():
+        print(f"{name:>15}: median generate {statistics.median(ts) * 1e3:.1f} ms over {len(ts)} batches")
+    print(
+        f"position-major / row-major: {math.exp(ci.mean):.3f} "
+        f"[{math.exp(ci.ci_low):.3f}, {math.exp(ci.ci_high):.3f}] (95% t-interval, n={ci.n}, df={ci.n - 1})"
+    )
+
+
+if __name__ == "__main__":
+    main()
