@@ -21,8 +21,8 @@ old-policy log-probs. This engine
   trainer recomputes with ``response_logits(..., temperature)`` + ``token_logprobs``/``token_entropy``.
 
 The cache: for plain full-attention models (the embedded Llama-style one) our own preallocated buffers, one
-``(rows, heads, prompt + max_new_tokens, head_dim)`` tensor per layer for keys and values, written in
-place; retiring rows moves only the surviving tail rows into the holes. Models with sliding-window
+``(rows, heads, prompt + max_new_tokens, head_dim)`` tensor per layer for keys and values (stored
+position-major, see ``_slot_layer_class``), written in place; retiring rows moves only the surviving tail rows into the holes. Models with sliding-window
 or hybrid layers fall back to the model's own ``DynamicCache`` compacted with ``batch_select_indices``.
 The preallocated one does not copy the whole cache every token (what grows quadratically with longer
 responses), and on CPU its memory is kept from one ``generate`` to the next (``_Arena``) instead of
@@ -144,11 +144,12 @@ def _slot_layer_class():
 
     ``kbuf``/``vbuf`` are ``(B, H, capacity, D)`` views (the layout transformers reads) of storage laid
     out position-major, ``(capacity, B, H, D)``: one decode step's keys of every row are one contiguous
-    block, and the first ``length`` positions of the active rows are one contiguous stretch of memory
-    that the attention reads front to back (``fast_forward._attend_step``). Row-major storage gives the
-    attention one 4 KB block per row and head to fetch; on the embedded workload the cache outgrows the
-    CPU's caches and those scattered fetches cost a sixth of a decode step (measured at 64 rows, 31
-    positions: 4.0 ms a step row-major, 3.4 ms position-major).
+    block, and the first ``length`` positions of the active rows are one contiguous stretch of memory,
+    which the decode step's batched products (``fast_forward._attend_cache``) read through views.
+    Row-major storage gave those products one separate block per row and head to fetch; on the embedded
+    workload the cache outgrows the CPU's caches and that cost a sixth of a 64-row decode step at 31
+    positions (4.0 ms row-major, 3.4 ms position-major; ``bench/bench_decode.py``: generation 0.91x
+    on arith).
 
     The active rows are always the first ``k`` rows of the buffer. Retiring rows moves the last active
     rows into the holes (``retire``), so only the moved rows are copied, never the whole batch, and
