@@ -400,8 +400,9 @@ class Trainer:
         masked out of the loss anyway, so the numbers are the same with less forward/backward work.
         Log-probs are computed on the response tokens only. ``norm_len`` stays the batch's padded
         length, which is what ``seq-mean-token-sum-norm`` divided by before the cut. With CPU rollout
-        workers (``_update_pool``) each mini-batch is split between them by whole groups
-        (``engine.update``) and their gradients are added before clipping and the optimizer step. Each
+        workers (``_update_pool``) each mini-batch is split between them into shares of equal tokens
+        (``engine.update``: at a row, so a group may be cut in two) and their gradients are added before
+        clipping and the optimizer step. Each
         process can run its rows as micro-batches of about ``actor.micro_batch_tokens`` tokens (when set)."""
         cfg = self.cfg
         B, T = adv.shape
@@ -441,8 +442,8 @@ class Trainer:
                     shares, jobs = [], []
                 elif live or pool is None:
                     shares, jobs = [slice(0, len(run))], [work]
-                else:  # each worker's rows, cut to their own columns
-                    shares, jobs = zip(*split_share(work, pool.workers))
+                else:  # each worker's rows, cut to their own columns; equal to a row, so a group may be cut
+                    shares, jobs = zip(*split_share(work, pool.workers, whole_groups=False))
                 self.opt.zero_grad(set_to_none=True)
                 if len(jobs) > 1:
                     results = pool.backward(jobs, spec, params, lambda job: backward(self.model, job, spec))

@@ -3,8 +3,9 @@
 Why a unit: on CPU with ``rollout.workers > 1`` the kv engine's helper processes sit idle while the
 trainer runs the update, and they already hold the policy's parameters (shared memory). The update's
 forward/backward is a sum over tokens (``engine.loss.agg_weights``: every aggregation is linear in the
-per-token loss), so a mini-batch can be split between the processes by whole groups, each process
-back-propagates its share with the whole mini-batch's weights, and the trainer adds the gradients
+per-token loss), so a mini-batch can be split between the processes at any row (a group cut in two
+has its prompt computed by both), each process back-propagates its share with the whole mini-batch's
+weights, and the trainer adds the gradients
 before clipping and the optimizer step: the same gradient, to float rounding (tests/test_update.py).
 One process of one thread runs the update's small kernels more efficiently than one process of two
 threads (the products split well across threads, the rest does not), so two shares finish sooner
@@ -62,18 +63,25 @@ def cut(ro: Rollouts, rows: torch.Tensor) -> Rollouts:
     return Rollouts(ro.prompt_ids[rows, p0:], pm[:, p0:], ro.response_ids[rows, :r1], rm[:, :r1], ro.truncated[rows])
 
 
-def group_shares(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, parts: int) -> list[slice]:
-    """Split rows into at most ``parts`` contiguous shares of about equal token counts, whole groups only.
+def group_shares(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor, parts: int, whole_groups: bool = True
+) -> list[slice]:
+    """Split rows into at most ``parts`` contiguous shares of about equal token counts.
 
-    A share boundary may fall only where a row's prompt differs from the previous row's (the start of
-    a group: its prompt is then computed once per share, see ``fast_forward``). ``tokens`` ``(B,)``: the
-    work of each row (its prompt + response tokens). Each boundary is the group start whose preceding
-    token count is closest to ``j / parts`` of the total; shares never come out empty."""
+    With ``whole_groups`` a share boundary may fall only where a row's prompt differs from the previous
+    row's (the start of a group: its prompt is then computed once, see ``fast_forward``); without, at
+    any row, and a group cut in two has its prompt computed in both shares (a prompt's few tokens more,
+    for shares that are equal to a row instead of to a group). ``tokens`` ``(B,)``: the work of each row
+    (its prompt + response tokens). Each boundary is the allowed row whose preceding token count is
+    closest to ``j / parts`` of the total; shares never come out empty."""
     B = prompt_ids.shape[0]
     if B == 0 or parts < 2:
         return [slice(0, B)]
-    key = prompt_ids.masked_fill(prompt_mask == 0, -1)
-    starts = ((key[1:] != key[:-1]).any(1).nonzero().squeeze(1) + 1).tolist()  # rows that begin a group
+    if whole_groups:
+        key = prompt_ids.masked_fill(prompt_mask == 0, -1)
+        starts = ((key[1:] != key[:-1]).any(1).nonzero().squeeze(1) + 1).tolist()  # rows that begin a group
+    else:
+        starts = list(range(1, B))
     before = [0, *tokens.cumsum(0).tolist()]  # before[i]: tokens of rows < i
     total, cuts = before[-1], []
     for j in range(1, parts):
@@ -134,11 +142,11 @@ def take(share: Share, rows: torch.Tensor) -> Share:
     return Share(part, share.old_logprobs[rows, c], share.advantages[rows, c], share.weights[rows, c], *pick)
 
 
-def split_share(share: Share, parts: int) -> list[tuple[slice, Share]]:
-    """``share`` in at most ``parts`` pieces of whole groups and about equal tokens (``group_shares``), each
-    cut to its own columns (``take``); with the rows each piece takes."""
+def split_share(share: Share, parts: int, whole_groups: bool = True) -> list[tuple[slice, Share]]:
+    """``share`` in at most ``parts`` pieces of about equal tokens, of whole groups unless told otherwise
+    (``group_shares``), each cut to its own columns (``take``); with the rows each piece takes."""
     ro = share.rollouts
-    shares = group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts)
+    shares = group_shares(ro.prompt_ids, ro.prompt_mask, ro.attention_mask.sum(1), parts, whole_groups)
     return [(sl, take(share, torch.arange(sl.start, sl.stop, device=ro.prompt_ids.device))) for sl in shares]
 
 
