@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from bench_vs_trl import TASKS  # noqa: E402  (this script's folder is on the path when run as a script)
 
 import engine.kv_engine as ke  # noqa: E402
 from engine.evaluate import encode_prompts  # noqa: E402
@@ -33,18 +34,16 @@ from engine.rollout import SamplingParams  # noqa: E402
 from engine.stats import paired_interval  # noqa: E402
 from engine.tasks import load_problems  # noqa: E402
 
-MODELS = {"arith": ("builtin:tiny", "builtin:arith"), "countdown": ("builtin:tiny-countdown", "builtin:countdown")}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=sorted(MODELS), default="arith")
+    ap.add_argument("--task", choices=sorted(TASKS), default="arith")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model_id, data = MODELS[args.task]
+    model_id, data = TASKS[args.task]
     model, tok, _ = load_policy(model_id, device="cpu")
     problems = load_problems(data, "train")
 

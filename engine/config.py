@@ -261,9 +261,10 @@ class ActorConfig:
         True,
         "With rollout.workers > 1: split each mini-batch's forward/backward between the same CPU processes "
         "(about equal tokens each, cut at a row: a group may be split, its prompt then computed by both) "
-        "and add their gradients before clipping and the optimizer step; the same gradient to float rounding. In single-pass mode (ppo_epochs = mini_batches = 1) "
-        "the old policy's log-probs are then the rollout's recorded ones (same weights) instead of the "
-        "loss forward's own. No effect with one worker.",
+        "and add their gradients before clipping and the optimizer step; the same gradient to float "
+        "rounding. In single-pass mode (ppo_epochs = mini_batches = 1) the old policy's log-probs are then "
+        "the rollout's recorded ones (same weights) instead of the loss forward's own. No effect with one "
+        "worker.",
     )
     skip_zero_advantage: bool = _f(
         True,

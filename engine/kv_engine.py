@@ -22,8 +22,8 @@ old-policy log-probs. This engine
 
 The cache: for plain full-attention models (the embedded Llama-style one) our own preallocated buffers, one
 ``(rows, heads, prompt + max_new_tokens, head_dim)`` tensor per layer for keys and values (stored
-position-major, see ``_slot_layer_class``), written in place; retiring rows moves only the surviving tail rows into the holes. Models with sliding-window
-or hybrid layers fall back to the model's own ``DynamicCache`` compacted with ``batch_select_indices``.
+position-major, see ``_slot_layer_class``), written in place; retiring rows moves only the surviving
+tail rows into the holes. Models with sliding-window or hybrid layers fall back to the model's own ``DynamicCache`` compacted with ``batch_select_indices``.
 The preallocated one does not copy the whole cache every token (what grows quadratically with longer
 responses), and on CPU its memory is kept from one ``generate`` to the next (``_Arena``) instead of
 coming fresh, page by page, from the operating system each time. For supported models the prompts

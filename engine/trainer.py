@@ -402,8 +402,8 @@ class Trainer:
         length, which is what ``seq-mean-token-sum-norm`` divided by before the cut. With CPU rollout
         workers (``_update_pool``) each mini-batch is split between them into shares of equal tokens
         (``engine.update``: at a row, so a group may be cut in two) and their gradients are added before
-        clipping and the optimizer step. Each
-        process can run its rows as micro-batches of about ``actor.micro_batch_tokens`` tokens (when set)."""
+        clipping and the optimizer step. Each process can run its rows as micro-batches of about
+        ``actor.micro_batch_tokens`` tokens (when set)."""
         cfg = self.cfg
         B, T = adv.shape
         stats = {"clipfrac": [], "clipfrac_lower": [], "approx_kl": [], "kl_ref": [], "loss": [], "grad_norm": []}

@@ -5,8 +5,8 @@ trainer runs the update, and they already hold the policy's parameters (shared m
 forward/backward is a sum over tokens (``engine.loss.agg_weights``: every aggregation is linear in the
 per-token loss), so a mini-batch can be split between the processes at any row (a group cut in two
 has its prompt computed by both), each process back-propagates its share with the whole mini-batch's
-weights, and the trainer adds the gradients
-before clipping and the optimizer step: the same gradient, to float rounding (tests/test_update.py).
+weights, and the trainer adds the gradients before clipping and the optimizer step: the same
+gradient, to float rounding (tests/test_update.py).
 One process of one thread runs the update's small kernels more efficiently than one process of two
 threads (the products split well across threads, the rest does not), so two shares finish sooner
 than the whole (README "Rollout workers").
