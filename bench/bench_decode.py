@@ -1,13 +1,19 @@
-"""The kv engine's generate with its position-major cache against row-major storage, paired in one process.
+"""Two variants of the kv engine's decode, paired generate by generate in one process.
 
-Why: the decode step's attention reads every active row's cached keys and values once per layer. The
-engine stores them position-major (``kv_engine._slot_layer_class``); this measures what that layout is
-worth against the row-major ``(rows, heads, capacity, D)`` storage it replaced, the code otherwise
-identical. Both engines run in one process and alternate generate by generate (the order flips every
-batch), so drifts in the machine's speed hit both alike; the figure is the geometric mean of the
-per-batch time ratios with its 95% t-interval.
+Why: the decode step's attention reads every active row's cached keys and values once per layer, and
+it is where the engine's two decode-specific choices live:
 
-    python bench/bench_decode.py [--task arith|countdown] [--batches 40] [--threads 1] [--prompts 8]
+* ``--compare native`` (default): the C decode-attention kernel (``engine/cpu_kernels.py``) against
+  torch's batched products over the same cache (``rollout.native_kernels=false``);
+* ``--compare layout``: the position-major cache (``kv_engine._slot_layer_class``) against the
+  row-major ``(rows, heads, capacity, D)`` storage it replaced, both on torch's products.
+
+Both engines run in one process and alternate generate by generate (the order flips every batch), so
+drifts in the machine's speed hit both alike; the figure is the geometric mean of the per-batch time
+ratios with its 95% t-interval. Each pair also checks that both drew the same tokens.
+
+    python bench/bench_decode.py [--compare native|layout] [--task arith|countdown] [--batches 40]
+                                 [--threads 1] [--prompts 8]
 
 The workload is one rollout worker's share of the benchmark step: ``--prompts`` prompts x 8 samples,
 <= 48 new tokens, T = 1, the task's embedded model, float32.
@@ -28,6 +34,7 @@ import torch  # noqa: E402
 from bench_vs_trl import TASKS  # noqa: E402  (this script's folder is on the path when run as a script)
 
 import engine.kv_engine as ke  # noqa: E402
+from engine import cpu_kernels  # noqa: E402
 from engine.evaluate import encode_prompts  # noqa: E402
 from engine.policy import load_policy  # noqa: E402
 from engine.rollout import SamplingParams  # noqa: E402
@@ -37,6 +44,7 @@ from engine.tasks import load_problems  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", choices=["native", "layout"], default="native")
     ap.add_argument("--task", choices=sorted(TASKS), default="arith")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
@@ -57,26 +65,35 @@ def main() -> None:
 
         return type("_RowMajorSlotLayer", (cls,), {"_empty": _empty})
 
-    layouts = {"position-major": shipped, "row-major": row_major_class}
-    engines = {name: ke.KVEngine(model, tok) for name in layouts}
-    times: dict[str, list[float]] = {name: [] for name in layouts}
+    if args.compare == "native":
+        if not cpu_kernels.library():
+            raise SystemExit(cpu_kernels.status())
+        variants = {"native kernel": (shipped, True), "torch products": (shipped, False)}
+    else:
+        variants = {"position-major": (shipped, False), "row-major": (row_major_class, False)}
+    engines = {name: ke.KVEngine(model, tok, native=native) for name, (_, native) in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     warmup = 2
     for b in range(args.batches + warmup):
         at = (b * args.prompts) % max(1, len(problems) - args.prompts)
         prompts = encode_prompts(tok, problems[at : at + args.prompts])
         params = SamplingParams(n=8, max_new_tokens=48, temperature=1.0, top_k=0, top_p=1.0, seed=b)
-        for name in list(layouts) if b % 2 == 0 else list(layouts)[::-1]:
-            ke._slot_layer_class = layouts[name]
+        drawn = []
+        for name in list(variants) if b % 2 == 0 else list(variants)[::-1]:
+            ke._slot_layer_class = variants[name][0]
             t0 = time.perf_counter()
-            engines[name].generate(prompts, params)
+            drawn.append(engines[name].generate(prompts, params).response_ids)
             if b >= warmup:
                 times[name].append(time.perf_counter() - t0)
+        if not torch.equal(*drawn):
+            print(f"batch {b}: the two variants drew different tokens (float rounding flipped a draw)")
     ke._slot_layer_class = shipped
-    ci = paired_interval([math.log(a / b) for a, b in zip(times["position-major"], times["row-major"])])
+    first, second = variants
+    ci = paired_interval([math.log(a / b) for a, b in zip(times[first], times[second])])
     for name, ts in times.items():
         print(f"{name:>15}: median generate {statistics.median(ts) * 1e3:.1f} ms over {len(ts)} batches")
     print(
-        f"position-major / row-major: {math.exp(ci.mean):.3f} "
+        f"{first} / {second}: {math.exp(ci.mean):.3f} "
         f"[{math.exp(ci.ci_low):.3f}, {math.exp(ci.ci_high):.3f}] (95% t-interval, n={ci.n}, df={ci.n - 1})"
     )
 

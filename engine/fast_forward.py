@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_kernels
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -371,9 +373,11 @@ class Decoder:
     read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
     """
 
-    def __init__(self, model, layers, max_positions: int):
+    def __init__(self, model, layers, max_positions: int, native: bool = False):
         inner = model.model
         self.model, self.inner, self.cache = model, inner, layers
+        # each step's attention through engine.cpu_kernels (float32 CPU caches; anything else keeps _attend_cache)
+        self.native = native
         self.plan = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
@@ -466,9 +470,16 @@ class Decoder:
                 c.kbuf[:N, :, n] = qk[:, H:]
             c.vbuf[:N, :, n] = qkv[:, H + KV :]
             c.length = n + 1
-            if KV not in biases:
-                biases[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
-            x = _out_and_mlp(x, _attend_cache(q, c, biases[KV], L, scale).view(N, H * D), *tail)
+            o = (
+                cpu_kernels.decode_attention(q, c.kbuf[:N, :, :L], c.vbuf[:N, :, :L], bias, scale)
+                if self.native
+                else None
+            )
+            if o is None:
+                if KV not in biases:
+                    biases[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
+                o = _attend_cache(q, c, biases[KV], L, scale)
+            x = _out_and_mlp(x, o.view(N, H * D), *tail)
         for c in self.cache:
             c.sync()
         return self.model.lm_head(_rms(x, *self.final))

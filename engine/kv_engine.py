@@ -37,6 +37,7 @@ import math
 
 import torch
 
+from engine import cpu_kernels
 from engine.fast_forward import Decoder, sliding_window, unsupported_reason
 from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
 
@@ -317,10 +318,16 @@ class KVEngine:
 
     records_logprobs = True  # the trainer may use them as the old policy's (same model, same weights)
 
-    def __init__(self, model, tokenizer, fast: bool = True, workers: int = 1, threads: int | None = None):
+    def __init__(
+        self, model, tokenizer, fast: bool = True, workers: int = 1, threads: int | None = None, native: bool = True
+    ):
         self.model = model
         self.tok = tokenizer
         self.fast = fast  # decode with engine.fast_forward when the model supports it (else the model's forward)
+        # fast decoding on CPU: each step's attention in engine.cpu_kernels' C kernel when it runs here; built
+        # now, before any worker process starts, so that the workers only load it
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        self.native = native and fast and on_cpu and cpu_kernels.library() is not None
         self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
         # workers > 1: CPU helper processes share the prompts (engine/kv_workers.py), started on first use
         if workers > 1 and any(p.device.type != "cpu" for p in model.parameters()):
@@ -352,7 +359,7 @@ class KVEngine:
             if self.pool is None:
                 from engine.kv_workers import WorkerPool
 
-                self.pool = WorkerPool(self.model, self.tok, self.fast, self.workers, self.threads)
+                self.pool = WorkerPool(self.model, self.tok, self.fast, self.workers, self.threads, self.native)
             return self.pool.generate(prompts, params, self._generate)
         return self._generate(prompts, params)
 
@@ -382,7 +389,7 @@ class KVEngine:
         rc = _RowCache(self.model.config, ids.shape[1] + T, arena)
         kw = {_cache_kwarg(self.model): rc.cache, "use_cache": True}
         dec = (
-            Decoder(self.model, rc.cache.layers, ids.shape[1] + T)
+            Decoder(self.model, rc.cache.layers, ids.shape[1] + T, native=self.native and device.type == "cpu")
             if self.fast and rc.slot and unsupported_reason(self.model) is None
             else None
         )

@@ -130,7 +130,7 @@ def to_tensors(x):
     return _each_tensor(x, lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
 
 
-def _serve(conn, model, ids, fast: bool, threads: int, grads: torch.Tensor) -> None:
+def _serve(conn, model, ids, fast: bool, threads: int, grads: torch.Tensor, native: bool) -> None:
     """A helper process: run each job received until the pipe closes.
 
     ``("generate", prompts, params)``: rollouts, sent back as arrays. ``("backward", share, spec)``: the
@@ -140,7 +140,7 @@ def _serve(conn, model, ids, fast: bool, threads: int, grads: torch.Tensor) -> N
     from engine.update import backward
 
     torch.set_num_threads(threads)
-    engine = KVEngine(model, ids, fast=fast)
+    engine = KVEngine(model, ids, fast=fast, native=native)
     params = [p for p in model.parameters() if p.requires_grad]
     views = _grad_views(params, grads)
     while True:
@@ -174,7 +174,7 @@ class WorkerPool:
     ``threads`` threads) and then collects the helpers' answers.
     """
 
-    def __init__(self, model, tokenizer, fast: bool, workers: int, threads: int):
+    def __init__(self, model, tokenizer, fast: bool, workers: int, threads: int, native: bool = False):
         if workers < 2:
             raise ValueError(f"a worker pool needs at least 2 workers, got {workers}")
         self.workers, self.threads = workers, threads
@@ -187,7 +187,10 @@ class WorkerPool:
             parent, child = ctx.Pipe()
             grads = _grad_buffer(model)
             proc = ctx.Process(
-                target=_serve, args=(child, model, ids, fast, threads, grads), name=f"a3po-kv-worker-{j}", daemon=True
+                target=_serve,
+                args=(child, model, ids, fast, threads, grads, native),
+                name=f"a3po-kv-worker-{j}",
+                daemon=True,
             )
             with _main_hidden():
                 proc.start()

@@ -169,7 +169,14 @@ def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
             return KVEngine(model, tokenizer)
         workers = cfg.rollout.workers
         threads = max(1, cfg.train.threads // workers)
-        return KVEngine(model, tokenizer, fast=cfg.model.fast_forward, workers=workers, threads=threads)
+        return KVEngine(
+            model,
+            tokenizer,
+            fast=cfg.model.fast_forward,
+            workers=workers,
+            threads=threads,
+            native=cfg.rollout.native_kernels,
+        )
     if name == "vllm":
         try:
             import vllm  # noqa: F401

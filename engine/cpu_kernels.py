@@ -1,0 +1,172 @@
+"""C kernels for the CPU decode step, compiled from ``engine/csrc/cpu_kernels.c`` on first use.
+
+Why: at the embedded model's size a decode step's attention is hundreds of tiny matrix products per
+layer (one ``1 x D`` query against its row's ``L x D`` keys, per row and head). torch runs them as a
+batched product, a softmax and a second batched product, and the per-matrix overhead of those calls is
+most of their time: on the embedded arith workload, 64 rows at about 30 positions, the three took
+150-390 us per layer against 30-120 us for one pass of ``a3po_decode_attention`` over the same
+position-major cache, and generation took 0.74x the time end to end (``bench/bench_decode.py``).
+
+How: the source is compiled with the system's C compiler (``$CC``, else ``cc``) into a shared library
+under the user's cache folder (``$A3PO_CACHE_DIR``, else ``$XDG_CACHE_HOME/a3po-lab``, else
+``~/.cache/a3po-lab``), named by a hash of the source, compiler and flags, so each version is built once
+per machine (about half a second) and every later process, rollout workers included, only loads it.
+It is written to a temporary name and renamed into place, so processes that build it at the same time
+do not see each other's half-written files.
+
+Nothing here is required: without a C compiler, off x86-64, on a CPU without AVX2/FMA, or with
+``rollout.native_kernels=false`` (or ``A3PO_NATIVE_KERNELS=0`` in the environment) the decoder keeps
+torch's route, and ``status()`` says why. The kernel's results match torch's to float32 rounding
+(tests/test_cpu_kernels.py).
+
+    python -c "from engine import cpu_kernels; print(cpu_kernels.status())"
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+ENV_SWITCH = "A3PO_NATIVE_KERNELS"
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None, "why": why it is None
+
+
+def cache_dir() -> Path:
+    """Where built libraries live (see the module docstring)."""
+    if os.environ.get("A3PO_CACHE_DIR"):
+        return Path(os.environ["A3PO_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "a3po-lab"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc.split()[0]) and cc
+
+
+def _build(cc: str) -> Path:
+    """Compile the source once for this source, compiler and flag set; return the library's path."""
+    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    folder = cache_dir() / "kernels"
+    target = folder / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        res = subprocess.run([*cc.split(), *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load():
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the kernels are x86-64 (AVX2) code; this machine is {platform.machine()}"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install one, e.g. gcc)"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"could not build or load the kernels: {e}"
+    if not lib.a3po_cpu_supported():
+        return None, "this CPU lacks AVX2/FMA"
+    f = lib.a3po_decode_attention
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 7 + [ctypes.c_float]
+    return lib, None
+
+
+def library():
+    """The loaded kernels (built on the first call in a process), or None when they cannot run here."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"], _state["why"] = _load()
+    return _state["lib"]
+
+
+def status() -> str:
+    """One line: whether the kernels run here, and why not when they do not."""
+    return "native CPU kernels: on" if library() is not None else f"native CPU kernels: off ({_state['why']})"
+
+
+def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` takes these tensors (shapes and strides as it documents them)."""
+    if q.dim() != 3 or k.dim() != 4 or v.dim() != 4 or bias.dim() != 2:
+        return False
+    N, KV, L, D = k.shape
+    ok = (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v, bias))
+        and D % 8 == 0
+        and v.shape == k.shape
+        and v.stride() == k.stride()
+        and k.stride(3) == 1
+        and k.stride(1) == D
+        and k.stride(0) == KV * D
+        and k.stride(2) >= N * KV * D
+        and q.is_contiguous()
+        and q.shape[0] == N * KV
+        and q.shape[2] == D
+        and bias.shape[0] == N
+        and bias.shape[1] >= L
+        and bias.stride(1) == 1
+    )
+    return bool(ok)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float):
+    """Softmax attention of ``q`` over the cached ``k``/``v``, ``softmax(scale q k^T + bias) v`` per row and
+    key/value head (``m`` query heads share one): ``(N KV, m, D)``; None when the kernels are off here or
+    the tensors do not fit them (``attention_fits``), and the caller takes its own route.
+
+    q ``(N KV, m, D)`` contiguous float32; k, v ``(N, KV, L, D)`` float32 views with each position's
+    ``N KV`` heads one contiguous block (the kv engine's position-major cache: strides
+    ``(KV D, D, >= N KV D, 1)``); bias ``(N, >= L)``, 0 or -inf, its first ``L`` columns used, every row
+    attending somewhere. The checks come first, so the kernel never reads out of bounds."""
+    lib = library()
+    if lib is None or not attention_fits(q, k, v, bias):
+        return None
+    N, KV, L, D = k.shape
+    R = q.shape[0] * q.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32)
+    work = torch.empty((L + 2) * R, dtype=torch.float32)
+    lib.a3po_decode_attention(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        bias.data_ptr(),
+        out.data_ptr(),
+        work.data_ptr(),
+        N,
+        KV,
+        q.shape[1],
+        D,
+        L,
+        k.stride(2),
+        bias.stride(0),
+        float(scale),
+    )
+    return out

@@ -1,0 +1,147 @@
+/*
+ * CPU kernels for the kv engine's decode step (engine/cpu_kernels.py compiles this file on first use).
+ *
+ * decode_attention: softmax attention of one new query per row (and query head) over the rows' cached
+ * keys and values, in one pass over the position-major cache. On the embedded model torch's route for
+ * this (a batched product, a softmax, a batched product) spends most of its time on per-matrix overhead:
+ * each row and head is a 1 x D by D x L product, hundreds of them per layer and step. Here the cache is
+ * read once, position by position, as the contiguous block the engine stores it in.
+ *
+ * Float32 only, AVX2 + FMA (x86-64); the head size must be a multiple of 8. Products accumulate in
+ * float32 like torch's; the softmax's exponential is a degree-6 polynomial after the usual range
+ * reduction (relative error below 2e-7, about one float32 ulp), and exp(-inf) is exactly 0, so masked
+ * positions carry no weight at all.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+/* 1 when this CPU can run the kernels (the library itself is built with -mavx2 -mfma). */
+int a3po_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* Lane i of the result: the sum of the lanes of a_i (eight dot products finished at once). */
+static inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    /* u0 holds rows 0-3 twice (low and high 128-bit halves, one partial sum each), u1 rows 4-7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* Eight partial sums of q . k over D (a multiple of 8) floats. */
+static inline __m256 dot_lanes(const float *q, const float *k, long D) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+    for (long d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+    return acc;
+}
+
+static inline float hsum(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    return _mm_cvtss_f32(h);
+}
+
+/* e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 6
+ * (truncation error |r|^7 / 7! < 1.2e-7), times 2^n built in the exponent bits. Below -87 the
+ * result would leave float32's normal range; it is clamped there (e^-87 ~ 1.6e-38) and -inf gives 0. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    __m256 c = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* ln2 in two parts (Cody-Waite), so that c - n ln2 loses no bits */
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), c);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ), y);
+}
+
+/*
+ * out[r] = softmax_l(scale * q[r] . k[l, r / m] + bias[r / (KV m), l]) @ v[l, r / m], for the R = N KV m
+ * query rows r (row n, key/value head h, query head j of that head's group: r = (n KV + h) m + j).
+ *
+ *   q     (R, D) contiguous
+ *   k, v  position l, row n, head h at  base + l * pos_stride + (n KV + h) D  (D contiguous floats)
+ *   bias  (N, >= L) additive mask, row stride bias_stride: 0 attends, -inf hides a position; every row
+ *         must attend somewhere
+ *   out   (R, D) contiguous
+ *   work  (L + 2) R floats of scratch
+ *
+ * Three passes, each streaming the cache position by position: scores (eight rows per step, so the
+ * dot products' sums finish together), the softmax's maxima and exponentials, the weighted values.
+ */
+void a3po_decode_attention(const float *q, const float *k, const float *v, const float *bias, float *out, float *work,
+                           long N, long KV, long m, long D, long L, long pos_stride, long bias_stride, float scale) {
+    const long R = N * KV * m, per_row = KV * m;
+    float *s = work, *mx = work + L * R, *sum = mx + R;
+    for (long l = 0; l < L; l++) {
+        const float *kl = k + l * pos_stride;
+        float *sl = s + l * R;
+        long r = 0;
+        for (; r + 8 <= R; r += 8) {
+            __m256 a[8];
+            if (m == 1) {
+                for (int i = 0; i < 8; i++) a[i] = dot_lanes(q + (r + i) * D, kl + (r + i) * D, D);
+            } else {
+                for (int i = 0; i < 8; i++) a[i] = dot_lanes(q + (r + i) * D, kl + ((r + i) / m) * D, D);
+            }
+            _mm256_storeu_ps(sl + r, sum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+        }
+        for (; r < R; r++) sl[r] = hsum(dot_lanes(q + r * D, kl + (r / m) * D, D));
+        for (long n = 0; n < N; n++) {
+            const float b = bias[n * bias_stride + l];
+            float *sn = sl + n * per_row;
+            for (long j = 0; j < per_row; j++) sn[j] = sn[j] * scale + b;
+        }
+    }
+    for (long r = 0; r < R; r++) {
+        mx[r] = -INFINITY;
+        sum[r] = 0.0f;
+    }
+    for (long l = 0; l < L; l++) {
+        const float *sl = s + l * R;
+        for (long r = 0; r < R; r++) mx[r] = sl[r] > mx[r] ? sl[r] : mx[r];
+    }
+    for (long l = 0; l < L; l++) {
+        float *sl = s + l * R;
+        long r = 0;
+        for (; r + 8 <= R; r += 8) {
+            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sl + r), _mm256_loadu_ps(mx + r)));
+            _mm256_storeu_ps(sl + r, e);
+            _mm256_storeu_ps(sum + r, _mm256_add_ps(_mm256_loadu_ps(sum + r), e));
+        }
+        for (; r < R; r++) {
+            float e = sl[r] == -INFINITY ? 0.0f : expf(sl[r] - mx[r]);
+            sl[r] = e;
+            sum[r] += e;
+        }
+    }
+    memset(out, 0, sizeof(float) * R * D);
+    for (long l = 0; l < L; l++) {
+        const float *vl = v + l * pos_stride;
+        const float *sl = s + l * R;
+        for (long r = 0; r < R; r++) {
+            const float *vr = vl + (m == 1 ? r : r / m) * D;
+            float *o = out + r * D;
+            const __m256 p = _mm256_set1_ps(sl[r]);
+            for (long d = 0; d < D; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
+        }
+    }
+    for (long r = 0; r < R; r++) {
+        const __m256 inv = _mm256_set1_ps(1.0f / sum[r]);
+        float *o = out + r * D;
+        for (long d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+    }
+}

@@ -1,0 +1,228 @@
+"""The C decode-attention kernel (engine/cpu_kernels.py, engine/csrc/cpu_kernels.c): hand-computed values,
+a float64 reference over the layouts the kv engine produces, the layout checks that keep it in bounds,
+its switches, and the decoder's steps with and without it."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+
+import pytest
+import torch
+
+from engine import cpu_kernels
+from engine import fast_forward as ff
+from engine.evaluate import encode_prompts
+from engine.kv_engine import KVEngine
+from engine.policy import load_policy
+from engine.rollout import SamplingParams
+from engine.tasks import load_problems
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None, reason=cpu_kernels.status())
+
+
+def kv_cache(N: int, KV: int, D: int, capacity: int, rows: int | None = None, dtype=torch.float32):
+    """Position-major k/v storage ``(capacity, rows, KV, D)`` (as the kv engine keeps it), random, and its
+    ``(rows, KV, capacity, D)`` views."""
+    rows = rows or N
+    k = torch.randn(capacity, rows, KV, D, dtype=dtype)
+    v = torch.randn(capacity, rows, KV, D, dtype=dtype)
+    return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+
+
+def reference(q, k, v, bias, scale):
+    """softmax(scale q k^T + bias) v in float64, per row and key/value head: q (N KV, m, D), k/v (N, KV, L, D)."""
+    N, KV, L, D = k.shape
+    m = q.shape[1]
+    qd = q.double().view(N, KV, m, D)
+    s = torch.einsum("nhjd,nhld->nhjl", qd, k.double()) * scale + bias[:, None, None, :L].double()
+    return torch.einsum("nhjl,nhld->nhjd", s.softmax(-1), v.double()).reshape(N * KV, m, D)
+
+
+@needs_kernels
+def test_hand_computed_two_positions():
+    """Scores 0 and ln 3 give weights 1/4 and 3/4: values 2 and 6 average to 5. With the first position
+    masked (-inf) the second gets all the weight: 6. D = 8, one row, one head."""
+    D = 8
+    k, v = kv_cache(2, 1, D, 4)
+    k[:, :, :2] = 0.0
+    k[0, 0, 1, 0] = math.log(3)  # q = e_0, so q . k_1 = ln 3, q . k_0 = 0
+    v[0, 0, 0] = 2.0
+    v[0, 0, 1] = 6.0
+    q = torch.zeros(1, 1, D)
+    q[0, 0, 0] = 1.0
+    bias = torch.zeros(1, 4)
+    out = cpu_kernels.decode_attention(q, k[:1, :, :2], v[:1, :, :2], bias, 1.0)
+    torch.testing.assert_close(out, torch.full((1, 1, D), 5.0), atol=2e-6, rtol=0)
+    bias[0, 0] = float("-inf")
+    out = cpu_kernels.decode_attention(q, k[:1, :, :2], v[:1, :, :2], bias, 1.0)
+    assert torch.equal(out, torch.full((1, 1, D), 6.0))  # exp(-inf) is exactly 0: no trace of position 0
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "N,KV,m,D,L",
+    [
+        (64, 4, 1, 32, 30),  # the embedded model's decode step
+        (5, 3, 1, 32, 17),  # 15 query rows: the 8-row blocks and a 7-row tail
+        (3, 2, 4, 64, 9),  # grouped-query attention: 4 query heads per key/value head
+        (1, 1, 1, 8, 1),  # one position: all weight on it
+        (7, 2, 2, 16, 40),
+    ],
+)
+def test_matches_float64_reference(N, KV, m, D, L):
+    torch.manual_seed(N * 1000 + L)
+    capacity, rows = L + 5, N + 3  # the cache holds more positions and rows than the step reads
+    kbuf, vbuf = kv_cache(N, KV, D, capacity, rows)
+    q = torch.randn(N * KV, m, D)
+    bias = torch.zeros(N, capacity + 2)
+    pads = torch.randint(0, max(1, L // 2), (N,))  # left padding: the first pads[n] positions hidden
+    for n, p in enumerate(pads.tolist()):
+        bias[n, :p] = float("-inf")
+    scale = 1 / math.sqrt(D)
+    k, v = kbuf[:N, :, :L], vbuf[:N, :, :L]
+    out = cpu_kernels.decode_attention(q, k, v, bias, scale)
+    assert out.shape == (N * KV, m, D) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(q, k, v, bias, scale), atol=2e-6, rtol=2e-6)
+
+
+@needs_kernels
+def test_large_scores_and_underflow():
+    """Scores far apart (softmax taken after subtracting the row maximum): weights that underflow float32
+    vanish, and the result stays finite and equal to the reference."""
+    N, KV, D, L = 4, 2, 16, 12
+    kbuf, vbuf = kv_cache(N, KV, D, L)
+    q = torch.randn(N * KV, 1, D) * 40  # scores in the hundreds
+    bias = torch.zeros(N, L)
+    out = cpu_kernels.decode_attention(q, kbuf, vbuf, bias, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), reference(q, kbuf, vbuf, bias, 1.0), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_layouts_it_refuses():
+    """Anything but the documented layout returns None (the decoder then takes torch's route): the kernel
+    never reads memory the tensors do not describe."""
+    N, KV, D, L = 4, 2, 16, 6
+    kbuf, vbuf = kv_cache(N, KV, D, L + 2)
+    k, v = kbuf[:, :, :L], vbuf[:, :, :L]
+    q, bias = torch.randn(N * KV, 1, D), torch.zeros(N, L)
+    assert cpu_kernels.decode_attention(q, k, v, bias, 1.0) is not None
+    row_major = torch.randn(N, KV, L, D)  # (rows, heads, positions, D) contiguous: positions not outermost
+    bad = [
+        (q.double(), k, v, bias),  # float64
+        (q.transpose(0, 1), k, v, bias),  # not contiguous
+        (q, row_major, row_major, bias),
+        (q, k, torch.randn(L + 2, N + 1, KV, D).permute(1, 2, 0, 3)[:N, :, :L], bias),  # values strided unlike keys
+        (q, k.transpose(0, 1), v.transpose(0, 1), bias),
+        (q, k, v, torch.zeros(N, L - 1)),  # bias shorter than the positions
+        (q, k, v, torch.zeros(L, N).t()),  # bias columns not contiguous
+        (q[:-1], k, v, bias),  # query rows do not match N KV
+    ]
+    for i, args in enumerate(bad):
+        assert not cpu_kernels.attention_fits(*args), i
+        assert cpu_kernels.decode_attention(*args, 1.0) is None
+    odd_k, odd_v = kv_cache(N, KV, 12, L)  # head size not a multiple of 8
+    assert cpu_kernels.decode_attention(torch.randn(N * KV, 1, 12), odd_k, odd_v, bias, 1.0) is None
+
+
+def _fresh(monkeypatch, tmp_path, **env):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("A3PO_CACHE_DIR", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_switched_off_by_environment(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path, A3PO_NATIVE_KERNELS="0")
+    assert cpu_kernels.library() is None
+    assert cpu_kernels.status() == "native CPU kernels: off (turned off by A3PO_NATIVE_KERNELS=0)"
+    assert cpu_kernels.decode_attention(torch.zeros(1, 1, 8), *kv_cache(1, 1, 8, 2), torch.zeros(1, 2), 1.0) is None
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
+def test_missing_or_failing_compiler_is_one_clear_reason(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path, CC="no-such-compiler-a3po")
+    assert cpu_kernels.library() is None
+    assert "no C compiler found" in cpu_kernels.status()
+    _fresh(monkeypatch, tmp_path, CC="false")  # a "compiler" that fails
+    assert cpu_kernels.library() is None
+    assert "could not build or load the kernels: false failed" in cpu_kernels.status()
+    assert not list((tmp_path / "kernels").glob("*.so"))  # no half-written library left behind
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or shutil.which(os.environ.get("CC", "cc")) is None,
+    reason="needs x86-64 and a C compiler",
+)
+def test_builds_where_it_should(monkeypatch, tmp_path):
+    """On an x86-64 machine with a compiler and AVX2/FMA the kernels build (so the tests above ran, not
+    skipped); the library is built once into the cache folder and a second process state just loads it."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if not (" avx2" in flags and " fma" in flags):
+        pytest.skip("this CPU lacks AVX2/FMA")
+    _fresh(monkeypatch, tmp_path)
+    assert cpu_kernels.library() is not None, cpu_kernels.status()
+    built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.library() is not None
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").glob("cpu_kernels-*.so")] == [stamp]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
+    return model, tok
+
+
+@needs_kernels
+def test_decoder_steps_with_and_without_the_kernel(shipped, monkeypatch):
+    """The shipped model, sampled with retirement: the kv engine with the kernel draws the same tokens as
+    with torch's attention, its logits at every step agree to float32 rounding, and the kernel ran on every
+    layer of every step."""
+    model, tok = shipped
+    prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
+    calls = []
+    real = cpu_kernels.decode_attention
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention", counted)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=40, seed=0)
+    runs = {}
+    for native in (True, False):
+        eng = KVEngine(model, tok, native=native)
+        eng.trace = []
+        runs[native] = (eng.generate(prompts, params), eng.trace)
+    (a, trace_a), (b, trace_b) = runs[True], runs[False]
+    steps = len(trace_a) - 1  # the first logits come from the prefill
+    assert calls and all(calls) and len(calls) == steps * model.config.num_hidden_layers
+    lengths = a.response_mask.sum(1)
+    assert lengths.min() < lengths.max()  # rows retired along the way
+    assert torch.equal(a.response_ids, b.response_ids)
+    for (rows_a, la), (rows_b, lb) in zip(trace_a, trace_b):
+        assert torch.equal(rows_a, rows_b)
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.entropy, b.entropy, atol=1e-4, rtol=1e-4)
+
+
+def test_config_switch_reaches_the_engine(shipped):
+    """``rollout.native_kernels=false`` gives an engine that never calls the kernel."""
+    from engine.config import load_config
+    from engine.resources import demo_config
+    from engine.rollout import make_backend
+
+    model, tok = shipped
+    for flag in (True, False):
+        cfg = load_config(demo_config(), ["rollout.backend=kv", f"rollout.native_kernels={str(flag).lower()}"])
+        eng = make_backend("kv", model, tok, cfg)
+        assert eng.native == (flag and cpu_kernels.library() is not None)
+    assert ff.Decoder.__init__.__defaults__ == (False,)  # a bare Decoder keeps torch's route
