@@ -93,9 +93,14 @@ def _load():
         return None, f"could not build or load the kernels: {e}"
     if not lib.a3po_cpu_supported():
         return None, "this CPU lacks AVX2/FMA"
-    f = lib.a3po_decode_attention
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 7 + [ctypes.c_float]
+    ptr, long, flt = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    for name, args in (
+        ("a3po_decode_attention", [ptr] * 6 + [long] * 7 + [flt]),
+        ("a3po_rmsnorm", [ptr] * 3 + [long] * 2 + [flt]),
+        ("a3po_silu_mul", [ptr] * 2 + [long] * 2),
+    ):
+        f = getattr(lib, name)
+        f.restype, f.argtypes = None, args
     return lib, None
 
 
@@ -169,4 +174,41 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         bias.stride(0),
         float(scale),
     )
+    return out
+
+
+def _fits_rows(x: torch.Tensor, width: int) -> bool:
+    """``x`` is a contiguous ``(n, width)`` float32 CPU tensor and ``width`` a whole number of 8-float vectors
+    (the cheap checks first: these kernels run on every layer of every decode step)."""
+    return (
+        x.dtype is torch.float32
+        and x.dim() == 2
+        and x.shape[1] == width
+        and width % 8 == 0
+        and x.is_contiguous()
+        and x.device.type == "cpu"
+    )
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float):
+    """transformers' float32 RMSNorm of the rows of ``x`` ``(n, C)``, ``x / sqrt(mean(x^2) + eps) * w``;
+    None when the kernels are off or the tensors do not fit (contiguous float32, ``C`` a multiple of 8,
+    ``w`` ``(C,)``). No autograd: for decoding."""
+    lib = _state.get("lib") if "lib" in _state else library()
+    if lib is None or not (_fits_rows(x, x.shape[-1]) and _fits_rows(w.view(1, -1), x.shape[1])):
+        return None
+    out = torch.empty_like(x)
+    lib.a3po_rmsnorm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def silu_mul(gu: torch.Tensor):
+    """``silu(g) * u`` for ``gu`` ``(n, 2 I)`` laid out ``[g | u]`` (the stacked gate/up product): ``(n, I)``;
+    None when the kernels are off or ``gu`` does not fit (contiguous float32, ``I`` a multiple of 8)."""
+    lib = _state.get("lib") if "lib" in _state else library()
+    if lib is None or not (_fits_rows(gu, gu.shape[-1]) and gu.shape[1] % 16 == 0):
+        return None
+    n, width = gu.shape
+    out = gu.new_empty((n, width // 2))
+    lib.a3po_silu_mul(gu.data_ptr(), out.data_ptr(), n, width // 2)
     return out

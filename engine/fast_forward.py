@@ -166,8 +166,12 @@ def _stacked_mlp(mlp):
 
 
 def _act(mlp):
-    """The MLP's activation; plain ``F.silu`` for SiLU (the four families' choice), skipping a module call."""
-    return F.silu if isinstance(mlp.act_fn, torch.nn.SiLU) else mlp.act_fn
+    """The MLP's activation; plain ``F.silu`` for SiLU (the four families' choice), skipping a module call.
+    transformers 5 builds ``hidden_act="silu"`` as its own ``SiLUActivation`` (forward: ``F.silu``), older
+    versions and ``"swish"`` as ``torch.nn.SiLU``: both count."""
+    act = mlp.act_fn
+    hf_silu = type(act).__name__ == "SiLUActivation" and type(act).__module__ == "transformers.activations"
+    return F.silu if isinstance(act, torch.nn.SiLU) or hf_silu else act
 
 
 def _gated(h: torch.Tensor, w_gu, act) -> torch.Tensor:
@@ -422,7 +426,7 @@ class Decoder:
         for ((w1, e1), w_qkv, qkn, heads, scale, *tail), c in zip(self.plan, self.cache):
             H, KV, D = heads
             R = H // KV  # query heads per key/value head
-            qkv, qk = _qkv_rows(x, w1, e1, w_qkv, qkn, heads)
+            qkv, qk = _qkv_rows(x, w1, e1, w_qkv, qkn, heads, self.native)
             c.reserve(B, KV, D, x)
             if c.kc is not None:  # float32/64: the rotary product writes the keys straight into the cache
                 qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
@@ -441,10 +445,10 @@ class Decoder:
                 biases[KV] = bias[:, None, None].expand(B, KV, R, P, P).reshape(B * KV, R * P, P)
             o = _attend_cache(q, c, biases[KV], P, scale)
             o = o.view(B, KV, R, P, D).permute(0, 3, 1, 2, 4).reshape(B * P, H * D)
-            x = _out_and_mlp(x, o, *tail)
+            x = _out_and_mlp(x, o, *tail, native=self.native)
         for c in self.cache:
             c.sync()
-        return self.model.lm_head(_rms(x.view(B, P, -1)[:, -1], *self.final))
+        return self.model.lm_head(_decode_norm(x.view(B, P, -1)[:, -1].contiguous(), *self.final, self.native))
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -458,7 +462,7 @@ class Decoder:
         biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
         for ((w1, e1), w_qkv, qkn, heads, scale, *tail), c in zip(self.plan, self.cache):
             H, KV, D = heads
-            qkv, qk = _qkv_rows(x, w1, e1, w_qkv, qkn, heads)
+            qkv, qk = _qkv_rows(x, w1, e1, w_qkv, qkn, heads, self.native)
             n = c.length
             if c.kc is not None:
                 qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
@@ -479,17 +483,24 @@ class Decoder:
                 if KV not in biases:
                     biases[KV] = bias[:, None, None].expand(N, KV, 1, L).reshape(N * KV, 1, L)
                 o = _attend_cache(q, c, biases[KV], L, scale)
-            x = _out_and_mlp(x, o.view(N, H * D), *tail)
+            x = _out_and_mlp(x, o.view(N, H * D), *tail, native=self.native)
         for c in self.cache:
             c.sync()
-        return self.model.lm_head(_rms(x, *self.final))
+        return self.model.lm_head(_decode_norm(x, *self.final, self.native))
 
 
-def _qkv_rows(x: torch.Tensor, w1, e1, w_qkv, qkn, heads) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_norm(x: torch.Tensor, w: torch.Tensor, eps: float, native: bool) -> torch.Tensor:
+    """Decoding's RMSNorm of ``(n, C)`` rows: ``engine.cpu_kernels``' one-pass kernel when ``native`` (and the
+    rows fit it), else ``_rms``'s chain of kernels."""
+    out = cpu_kernels.rmsnorm(x, w, eps) if native else None
+    return _rms(x, w, eps) if out is None else out
+
+
+def _qkv_rows(x: torch.Tensor, w1, e1, w_qkv, qkn, heads, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer's input norm and stacked q/k/v product on ``(n, C)`` rows: ``(qkv, qk)``, the
     ``(n, H + 2 KV, D)`` product and its query/key heads (through Qwen3's q/k norms where ``qkn``)."""
     H, KV, D = heads
-    qkv = _product(_rms(x, w1, e1), *w_qkv).view(x.shape[0], H + 2 * KV, D)
+    qkv = _product(_decode_norm(x, w1, e1, native), *w_qkv).view(x.shape[0], H + 2 * KV, D)
     return qkv, _normed_qk(qkv[:, : H + KV], H, qkn)
 
 
@@ -505,13 +516,17 @@ def _attend_cache(q: torch.Tensor, c, bias: torch.Tensor, L: int, scale: float) 
     return torch.bmm(p, v)
 
 
-def _out_and_mlp(x: torch.Tensor, o: torch.Tensor, wo, ln2, w_gu, act, wd) -> torch.Tensor:
+def _out_and_mlp(x: torch.Tensor, o: torch.Tensor, wo, ln2, w_gu, act, wd, native: bool = False) -> torch.Tensor:
     """The rest of a decoder layer on ``(n, C)`` rows: ``x + o_proj(o)``, then ``+ mlp(norm(.))``, both residual
-    adds inside the products (``addmm``), the gated activation in place."""
+    adds inside the products (``addmm``); the norm and the gated activation in one kernel each when
+    ``native`` (``engine.cpu_kernels``), else the activation in place on the gate's half."""
     x = torch.addmm(x if wo[1] is None else x + wo[1], o, wo[0])
-    g, u = _product(_rms(x, *ln2), *w_gu).chunk(2, -1)
-    g = F.silu(g, inplace=True) if act is F.silu else act(g)
-    return torch.addmm(x if wd[1] is None else x + wd[1], g.mul_(u), wd[0])
+    gu = _product(_decode_norm(x, *ln2, native), *w_gu)
+    h = cpu_kernels.silu_mul(gu) if native and act is F.silu else None
+    if h is None:
+        g, u = gu.chunk(2, -1)
+        h = (F.silu(g, inplace=True) if act is F.silu else act(g)).mul_(u)
+    return torch.addmm(x if wd[1] is None else x + wd[1], h, wd[0])
 
 
 def _product(h: torch.Tensor, w_t: torch.Tensor, b) -> torch.Tensor:

@@ -128,6 +128,64 @@ def test_layouts_it_refuses():
     assert cpu_kernels.decode_attention(torch.randn(N * KV, 1, 12), odd_k, odd_v, bias, 1.0) is None
 
 
+@needs_kernels
+def test_rmsnorm_hand_computed_and_reference():
+    """x = (3, 4, 0, ..., 0) over C = 8: mean(x^2) = 25/8, so with eps = 0 and w = 2 the first two outputs
+    are 2 x (3, 4) / sqrt(3.125) = (3.394113, 4.525483). Then random rows against the float64 formula,
+    and a row of zeros (eps keeps it finite: 0)."""
+    x = torch.zeros(1, 8)
+    x[0, :2] = torch.tensor([3.0, 4.0])
+    out = cpu_kernels.rmsnorm(x, torch.full((8,), 2.0), 0.0)
+    torch.testing.assert_close(out[0, :2], torch.tensor([3.394113, 4.525483]), atol=1e-6, rtol=0)
+    assert torch.equal(out[0, 2:], torch.zeros(6))
+    x = torch.randn(37, 128) * 3
+    x[5] = 0.0
+    w = torch.randn(128)
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    torch.testing.assert_close(cpu_kernels.rmsnorm(x, w, 1e-5).double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cpu_kernels.rmsnorm(x, w, 1e-5)[5], torch.zeros(128))
+
+
+@needs_kernels
+def test_silu_mul_hand_computed_and_reference():
+    """silu(g) = g / (1 + e^-g): g = ln 3 gives 0.75 ln 3, g = -ln 3 gives -ln 3 / 4, g = 0 gives 0; u = 2
+    doubles them. Large |g| neither overflows nor loses the sign: silu(80) = 80, silu(-80) ~ -1.4e-33."""
+    ln3 = math.log(3)
+    g = torch.tensor([ln3, -ln3, 0.0, 80.0, -80.0, 1.0, -1.0, 5.0])
+    gu = torch.cat([g, torch.full((8,), 2.0)]).view(1, 16)
+    out = cpu_kernels.silu_mul(gu)[0]
+    expect = torch.tensor(
+        [
+            1.5 * ln3,
+            -ln3 / 2,
+            0.0,
+            160.0,
+            -160 * math.exp(-80),
+            2 / (1 + math.exp(-1)),
+            -2 / (1 + math.e),
+            10 / (1 + math.exp(-5)),
+        ]
+    )
+    torch.testing.assert_close(out, expect, atol=1e-6, rtol=2e-7)
+    assert out[4] < 0
+    gu = torch.randn(29, 2 * 384) * 4
+    gd = gu.double()
+    ref = torch.nn.functional.silu(gd[:, :384]) * gd[:, 384:]
+    torch.testing.assert_close(cpu_kernels.silu_mul(gu).double(), ref, atol=1e-5, rtol=1e-6)
+
+
+@needs_kernels
+def test_row_kernels_refuse_what_does_not_fit():
+    x, w = torch.randn(4, 16), torch.randn(16)
+    assert cpu_kernels.rmsnorm(x.double(), w.double(), 1e-5) is None
+    assert cpu_kernels.rmsnorm(torch.randn(16, 4).t(), torch.randn(4), 1e-5) is None  # not contiguous
+    assert cpu_kernels.rmsnorm(torch.randn(4, 12), torch.randn(12), 1e-5) is None  # 12 is not a multiple of 8
+    assert cpu_kernels.rmsnorm(x, torch.randn(8), 1e-5) is None  # weight of another width
+    assert cpu_kernels.silu_mul(torch.randn(4, 24)) is None  # halves of 12
+    assert cpu_kernels.silu_mul(torch.randn(32, 4).t()) is None
+    assert cpu_kernels.silu_mul(torch.randn(4, 32, dtype=torch.bfloat16)) is None
+
+
 def _fresh(monkeypatch, tmp_path, **env):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("A3PO_CACHE_DIR", str(tmp_path))
@@ -182,19 +240,22 @@ def shipped():
 @needs_kernels
 def test_decoder_steps_with_and_without_the_kernel(shipped, monkeypatch):
     """The shipped model, sampled with retirement: the kv engine with the kernel draws the same tokens as
-    with torch's attention, its logits at every step agree to float32 rounding, and the kernel ran on every
-    layer of every step."""
+    with torch's attention, its logits at every step agree to float32 rounding, and the kernels ran on every
+    layer of every step (attention: the steps; norms and activation: the prefill too)."""
     model, tok = shipped
     prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
-    calls = []
-    real = cpu_kernels.decode_attention
+    calls = {"decode_attention": [], "rmsnorm": [], "silu_mul": []}
 
-    def counted(*args):
-        out = real(*args)
-        calls.append(out is not None)
-        return out
+    def counting(real, record):
+        def counted(*args):
+            out = real(*args)
+            record.append(out is not None)
+            return out
 
-    monkeypatch.setattr(cpu_kernels, "decode_attention", counted)
+        return counted
+
+    for name, record in calls.items():
+        monkeypatch.setattr(cpu_kernels, name, counting(getattr(cpu_kernels, name), record))
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=40, seed=0)
     runs = {}
     for native in (True, False):
@@ -203,7 +264,12 @@ def test_decoder_steps_with_and_without_the_kernel(shipped, monkeypatch):
         runs[native] = (eng.generate(prompts, params), eng.trace)
     (a, trace_a), (b, trace_b) = runs[True], runs[False]
     steps = len(trace_a) - 1  # the first logits come from the prefill
-    assert calls and all(calls) and len(calls) == steps * model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert all(all(c) for c in calls.values())  # every call fitted the kernels
+    assert len(calls["decode_attention"]) == steps * layers
+    # two norms and one activation per layer per step, prefill included, plus the final norm
+    assert len(calls["rmsnorm"]) == (steps + 1) * (2 * layers + 1)
+    assert len(calls["silu_mul"]) == (steps + 1) * layers
     lengths = a.response_mask.sum(1)
     assert lengths.min() < lengths.max()  # rows retired along the way
     assert torch.equal(a.response_ids, b.response_ids)

@@ -1,16 +1,22 @@
 /*
  * CPU kernels for the kv engine's decode step (engine/cpu_kernels.py compiles this file on first use).
  *
- * decode_attention: softmax attention of one new query per row (and query head) over the rows' cached
- * keys and values, in one pass over the position-major cache. On the embedded model torch's route for
- * this (a batched product, a softmax, a batched product) spends most of its time on per-matrix overhead:
- * each row and head is a 1 x D by D x L product, hundreds of them per layer and step. Here the cache is
- * read once, position by position, as the contiguous block the engine stores it in.
+ * a3po_decode_attention: softmax attention of one new query per row (and query head) over the rows'
+ * cached keys and values, in one pass over the position-major cache. On the embedded model torch's
+ * route for this (a batched product, a softmax, a batched product) spends most of its time on
+ * per-matrix overhead: each row and head is a 1 x D by D x L product, hundreds of them per layer and
+ * step. Here the cache is read once, position by position, as the contiguous block the engine stores
+ * it in.
  *
- * Float32 only, AVX2 + FMA (x86-64); the head size must be a multiple of 8. Products accumulate in
- * float32 like torch's; the softmax's exponential is a degree-6 polynomial after the usual range
- * reduction (relative error below 2e-7, about one float32 ulp), and exp(-inf) is exactly 0, so masked
- * positions carry no weight at all.
+ * a3po_rmsnorm, a3po_silu_mul: a decoder layer's RMSNorm and its gated MLP activation, each one pass
+ * over the rows. In torch they are chains of small element-wise kernels (six for the norm, three for
+ * the activation), and at decode sizes (tens of rows of 128-384 floats) every link costs more in
+ * dispatch than in arithmetic.
+ *
+ * Float32 only, AVX2 + FMA (x86-64); row sizes (head size, hidden size, MLP width) must be multiples of
+ * 8. Sums accumulate in float32 like torch's (in a different order: results agree to float32 rounding).
+ * The exponential is a degree-6 polynomial after the usual range reduction (relative error below 2e-7,
+ * about one float32 ulp), and exp(-inf) is exactly 0, so masked positions carry no weight at all.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -143,5 +149,39 @@ void a3po_decode_attention(const float *q, const float *k, const float *v, const
         const __m256 inv = _mm256_set1_ps(1.0f / sum[r]);
         float *o = out + r * D;
         for (long d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+    }
+}
+
+/* out[i] = x[i] * (1 / sqrt(mean(x[i]^2) + eps)) * w for the n rows of C floats (transformers' RMSNorm in
+ * float32: normalise, then scale). x and out may be the same memory. */
+void a3po_rmsnorm(const float *x, const float *w, float *out, long n, long C, float eps) {
+    for (long i = 0; i < n; i++) {
+        const float *xi = x + i * C;
+        float *oi = out + i * C;
+        __m256 acc = _mm256_setzero_ps();
+        for (long c = 0; c < C; c += 8) {
+            const __m256 a = _mm256_loadu_ps(xi + c);
+            acc = _mm256_fmadd_ps(a, a, acc);
+        }
+        const __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(acc) / (float)C + eps));
+        for (long c = 0; c < C; c += 8)
+            _mm256_storeu_ps(oi + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xi + c), r), _mm256_loadu_ps(w + c)));
+    }
+}
+
+/* out[i] = silu(g) * u for the n rows of gu, each [g (I floats), u (I floats)] (the stacked gate/up
+ * product): silu(g) = g / (1 + e^-g), computed as g / (1 + e) for g >= 0 and g e / (1 + e) for g < 0
+ * with e = e^-|g|, so the exponential never overflows. */
+void a3po_silu_mul(const float *gu, float *out, long n, long I) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (long i = 0; i < n; i++) {
+        const float *g = gu + i * 2 * I, *u = g + I;
+        float *o = out + i * I;
+        for (long c = 0; c < I; c += 8) {
+            const __m256 x = _mm256_loadu_ps(g + c);
+            const __m256 e = exp_nonpositive(_mm256_or_ps(x, sign));
+            const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), x); /* picks x e where x's sign bit is set */
+            _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + c)));
+        }
     }
 }
