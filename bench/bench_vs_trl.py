@@ -12,7 +12,7 @@ round by round (each round's segments ran next to each other), with their geomet
 t-interval over rounds.
 
     python bench/bench_vs_trl.py [--task countdown|arith] [--rounds 3] [--steps 6] [--warmup 2] [--workers 2]
-        [--ours-set actor.skip_zero_advantage=false ...]
+        [--ours-set actor.skip_zero_advantage=false ...] [--no-defaults]
 
 The workload, identical for all three: the embedded model of the task (``builtin:tiny-countdown`` on
 Countdown-lite, the demo's; ``builtin:tiny`` on arith), the same token ids per prompt (BOS + prompt),
@@ -338,14 +338,15 @@ def report(a, rows: dict[str, list[dict]], load0, load1, wall) -> None:
     print(f"{'tokens / s (generate)':28s}" + "".join(cell(rate(rows[k], "generate"), "14.0f") for k in KINDS))
     print(f"{'tokens / s (whole step)':28s}" + "".join(cell(rate(rows[k], "step"), "14.0f") for k in KINDS))
     s_our = med(rows["ours"], "step")
-    for k in ("trl-tuned", "trl-defaults"):
+    ran = [k for k in ("trl-tuned", "trl-defaults") if rows[k]]
+    for k in ran:
         print(
             f"ours vs {k}: step time ours/{k} = {s_our / med(rows[k], 'step'):.2f}; "
             f"tokens/s (generate) ours/{k} = {rate(rows['ours'], 'generate') / rate(rows[k], 'generate'):.2f}; "
             f"tokens/s (step) ours/{k} = {rate(rows['ours'], 'step') / rate(rows[k], 'step'):.2f}"
         )
     per_round(a, rows)
-    for k in ("trl-tuned", "trl-defaults"):
+    for k in ran:
         r0 = rows[k][0]
         print(
             f"{k}: bf16={r0['bf16']} gradient_checkpointing={r0['gradient_checkpointing']} "
@@ -379,6 +380,11 @@ def main():
     ap.add_argument(
         "--ours-set", action="append", default=[], metavar="KEY=VALUE", help="ours: a config override (repeatable)"
     )
+    ap.add_argument(
+        "--no-defaults",
+        action="store_true",
+        help="leave TRL's defaults out (rounds of TRL tuned and ours only, for more rounds in the same time)",
+    )
     ap.add_argument("--child", choices=KINDS)
     a = ap.parse_args()
     if a.child:
@@ -386,7 +392,7 @@ def main():
     load0, t0 = os.getloadavg(), time.perf_counter()
     rows: dict[str, list[dict]] = {k: [] for k in KINDS}
     for r in range(a.rounds):
-        order = ["trl-tuned", "ours", "trl-defaults", "ours"]
+        order = ["trl-tuned", "ours"] if a.no_defaults else ["trl-tuned", "ours", "trl-defaults", "ours"]
         for kind in order if r % 2 == 0 else order[::-1]:
             rows[kind] += [dict(x, round=r) for x in run_segment(a, kind, a.seed + r)]
             print(f"round {r + 1}/{a.rounds}: {kind} done", file=sys.stderr, flush=True)

@@ -375,13 +375,16 @@ class Decoder:
     the rotated keys are written into the cache by the rotary product itself (``out=``); the cache is
     read through views, never copied; the gated MLP's activation runs in place. Weights are
     read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
+    ``native`` (the kv engine's ``rollout.native_kernels`` on CPU): each step's attention over the cache,
+    and every norm and gated activation, run in ``engine.cpu_kernels``' C kernels, one call each instead
+    of a chain of small torch kernels; where a tensor does not fit them (not float32, a head size that is
+    not a multiple of 8) the torch route above runs instead.
     """
 
     def __init__(self, model, layers, max_positions: int, native: bool = False):
         inner = model.model
         self.model, self.inner, self.cache = model, inner, layers
-        # each step's attention through engine.cpu_kernels (float32 CPU caches; anything else keeps _attend_cache)
-        self.native = native
+        self.native = native  # engine.cpu_kernels for attention, norms and activation (see above)
         self.plan = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
