@@ -292,8 +292,9 @@ def med(rows: list[dict], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def rate(rows: list[dict], over: str) -> float:
-    return statistics.median(r["tokens"] / r[over] for r in rows if r[over] > 0)
+def rate(rows: list[dict], over: str) -> float | None:
+    vals = [r["tokens"] / r[over] for r in rows if r[over] > 0]
+    return statistics.median(vals) if vals else None
 
 
 def per_round(a, rows: dict[str, list[dict]]) -> None:

@@ -24,7 +24,7 @@ def test_wheel_carries_the_builtin_defaults(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     (wheel,) = tmp_path.glob("a3po_lab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    must = {"a3po_configs/demo.yaml", "app/main.py", "engine/resources.py"}
+    must = {"a3po_configs/demo.yaml", "app/main.py", "engine/resources.py", "engine/csrc/cpu_kernels.c"}
     for model in ("tiny-countdown", "tiny-model"):
         must |= {f"a3po_data/{model}/{f}" for f in ("config.json", "model.safetensors", "tokenizer.json")}
     for task in ("countdown", "arith"):
