@@ -140,9 +140,10 @@ class RolloutConfig:
     )
     native_kernels: bool = _f(
         True,
-        "backend=kv on CPU, float32, with fast_forward: run each decode step's attention in a C kernel "
-        "(engine/csrc/cpu_kernels.c, built on first use with the system's C compiler, x86-64 with AVX2/FMA) "
-        "instead of torch's batched products; generation took 0.74x the time on the embedded arith workload. "
+        "backend=kv on CPU, float32, with fast_forward: run each decode step's attention, rotary embedding and "
+        "cache write, norms and gated activation in C kernels (engine/csrc/cpu_kernels.c, built on first use "
+        "with the system's C compiler, x86-64 with AVX2/FMA) instead of chains of small torch kernels; "
+        "generation took about 0.67x the time on the embedded arith workload (bench/bench_decode.py). "
         "Same results to float32 rounding. Without a compiler or such a CPU it stays off by itself "
         "(engine.cpu_kernels.status() says why); false = torch's route always.",
     )

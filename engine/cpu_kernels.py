@@ -98,6 +98,7 @@ def _load():
         ("a3po_decode_attention", [ptr] * 6 + [long] * 7 + [flt]),
         ("a3po_rmsnorm", [ptr] * 3 + [long] * 2 + [flt]),
         ("a3po_silu_mul", [ptr] * 2 + [long] * 2),
+        ("a3po_rope_append", [ptr] * 5 + [long] * 6),
     ):
         f = getattr(lib, name)
         f.restype, f.argtypes = None, args
@@ -212,3 +213,49 @@ def silu_mul(gu: torch.Tensor):
     out = gu.new_empty((n, width // 2))
     lib.a3po_silu_mul(gu.data_ptr(), out.data_ptr(), n, width // 2)
     return out
+
+
+def rope_append(qkv: torch.Tensor, rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int):
+    """One decode step's rotary embedding and cache write: the rotary-embedded queries, after writing the
+    rotated keys and the values of ``qkv`` at position ``n`` of the cache; None (nothing written) when the
+    kernels are off or the tensors do not fit.
+
+    qkv ``(N, H + 2 KV, D)`` contiguous float32 (q and k in ``fast_forward._pairs`` order); rot ``(N, 1, D/2)``
+    complex64 contiguous (``cos + i sin`` per pair); k, v the cache's ``(rows, KV, capacity, D)`` views
+    (position-major storage, as ``decode_attention`` takes them) with ``N <= rows`` and ``n < capacity``.
+    The queries come back as ``(N KV, H / KV, D)``, the layout ``decode_attention`` takes."""
+    lib = _state.get("lib") if "lib" in _state else library()
+    if lib is None or qkv.dim() != 3 or k.dim() != 4:
+        return None
+    N, heads, D = qkv.shape
+    rows, KV, capacity, _ = k.shape
+    H = heads - 2 * KV
+    ok = (
+        qkv.dtype is torch.float32
+        and qkv.is_contiguous()
+        and qkv.device.type == "cpu"
+        and H > 0
+        and H % KV == 0
+        and D % 2 == 0
+        and rot.dtype is torch.complex64
+        and rot.is_contiguous()
+        and tuple(rot.shape) == (N, 1, D // 2)
+        and 0 <= n < capacity
+        and N <= rows
+        and k.dtype is torch.float32
+        and v.dtype is torch.float32
+        and k.shape == v.shape
+        and k.stride() == v.stride()
+        and k.stride(3) == 1
+        and k.stride(1) == D
+        and k.stride(0) == KV * D
+        and k.stride(2) >= rows * KV * D
+        and k.shape[3] == D
+    )
+    if not ok:
+        return None
+    q = qkv.new_empty((N * KV, H // KV, D))
+    lib.a3po_rope_append(
+        qkv.data_ptr(), rot.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), N, H, KV, D, k.stride(2), n
+    )
+    return q

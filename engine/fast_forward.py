@@ -375,9 +375,9 @@ class Decoder:
     the rotated keys are written into the cache by the rotary product itself (``out=``); the cache is
     read through views, never copied; the gated MLP's activation runs in place. Weights are
     read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
-    ``native`` (the kv engine's ``rollout.native_kernels`` on CPU): each step's attention over the cache,
-    and every norm and gated activation, run in ``engine.cpu_kernels``' C kernels, one call each instead
-    of a chain of small torch kernels; where a tensor does not fit them (not float32, a head size that is
+    ``native`` (the kv engine's ``rollout.native_kernels`` on CPU): each step's rotary embedding and cache
+    write, its attention over the cache, and every norm and gated activation run in ``engine.cpu_kernels``'
+    C kernels, one call each instead of a chain of small torch kernels; where a tensor does not fit them (not float32, a head size that is
     not a multiple of 8) the torch route above runs instead.
     """
 
@@ -465,17 +465,21 @@ class Decoder:
         biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
         for ((w1, e1), w_qkv, qkn, heads, scale, *tail), c in zip(self.plan, self.cache):
             H, KV, D = heads
-            qkv, qk = _qkv_rows(x, w1, e1, w_qkv, qkn, heads, self.native)
+            qkv = _product(_decode_norm(x, w1, e1, self.native), *w_qkv).view(N, H + 2 * KV, D)
             n = c.length
-            if c.kc is not None:
-                qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
-                q = torch.view_as_real(qc[:, :H] * rot).view(N * KV, H // KV, D)
-                torch.mul(qc[:, H:], rot, out=c.kc[:N, :, n])
-            else:
-                qk = _rotate(qk, rot)
-                q = qk[:, :H].reshape(N * KV, H // KV, D)
-                c.kbuf[:N, :, n] = qk[:, H:]
-            c.vbuf[:N, :, n] = qkv[:, H + KV :]
+            # queries rotated, new keys rotated into the cache and values copied there: one kernel, or torch's ops
+            q = cpu_kernels.rope_append(qkv, rot, c.kbuf, c.vbuf, n) if self.native and qkn is None else None
+            if q is None:
+                qk = _normed_qk(qkv[:, : H + KV], H, qkn)
+                if c.kc is not None:
+                    qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+                    q = torch.view_as_real(qc[:, :H] * rot).view(N * KV, H // KV, D)
+                    torch.mul(qc[:, H:], rot, out=c.kc[:N, :, n])
+                else:
+                    qk = _rotate(qk, rot)
+                    q = qk[:, :H].reshape(N * KV, H // KV, D)
+                    c.kbuf[:N, :, n] = qk[:, H:]
+                c.vbuf[:N, :, n] = qkv[:, H + KV :]
             c.length = n + 1
             o = (
                 cpu_kernels.decode_attention(q, c.kbuf[:N, :, :L], c.vbuf[:N, :, :L], bias, scale)

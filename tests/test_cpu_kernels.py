@@ -186,6 +186,37 @@ def test_row_kernels_refuse_what_does_not_fit():
     assert cpu_kernels.silu_mul(torch.randn(4, 32, dtype=torch.bfloat16)) is None
 
 
+@needs_kernels
+def test_rope_append_by_hand_and_against_torch():
+    """A quarter turn (cos 0, sin 1) takes the pair (x0, x1) to (-x1, x0); a zero turn leaves it. Then random
+    rows: the queries equal torch's complex product, the keys land rotated at position n of the cache and
+    the values as they are, and nothing else in the cache changes."""
+    N, H, KV, D, cap = 3, 4, 2, 8, 6
+    kbuf, vbuf = kv_cache(N + 1, KV, D, cap)
+    k_before, v_before = kbuf.clone(), vbuf.clone()
+    qkv = torch.randn(N, H + 2 * KV, D)
+    angle = torch.rand(N, 1, D // 2) * 6.28
+    angle[0] = math.pi / 2
+    angle[1] = 0.0
+    rot = torch.polar(torch.ones_like(angle), angle)
+    q = cpu_kernels.rope_append(qkv, rot, kbuf, vbuf, 3)
+    assert q.shape == (N * KV, H // KV, D)
+    x = qkv[0, 0]
+    torch.testing.assert_close(q.view(N, H, D)[0, 0, :2], torch.stack([-x[1], x[0]]), atol=1e-6, rtol=0)
+    assert torch.equal(q.view(N, H, D)[1], qkv[1, :H])
+    turned = torch.view_as_real(torch.view_as_complex(qkv[:, : H + KV].unflatten(-1, (-1, 2))) * rot).flatten(-2)
+    torch.testing.assert_close(q.view(N, H, D), turned[:, :H], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kbuf[:N, :, 3], turned[:, H:], atol=1e-6, rtol=1e-6)
+    assert torch.equal(vbuf[:N, :, 3], qkv[:, H + KV :])
+    written = torch.zeros_like(kbuf, dtype=torch.bool)
+    written[:N, :, 3] = True
+    assert torch.equal(kbuf[~written], k_before[~written]) and torch.equal(vbuf[~written], v_before[~written])
+    assert cpu_kernels.rope_append(qkv, rot, kbuf, vbuf, cap) is None  # past the cache's capacity
+    assert cpu_kernels.rope_append(qkv, rot.to(torch.complex128), kbuf, vbuf, 0) is None
+    assert cpu_kernels.rope_append(qkv.double(), rot, kbuf, vbuf, 0) is None
+    assert cpu_kernels.rope_append(torch.randn(N + 2, H + 2 * KV, D), rot, kbuf, vbuf, 0) is None  # rows
+
+
 def _fresh(monkeypatch, tmp_path, **env):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("A3PO_CACHE_DIR", str(tmp_path))
@@ -241,10 +272,10 @@ def shipped():
 def test_decoder_steps_with_and_without_the_kernel(shipped, monkeypatch):
     """The shipped model, sampled with retirement: the kv engine with the kernel draws the same tokens as
     with torch's attention, its logits at every step agree to float32 rounding, and the kernels ran on every
-    layer of every step (attention: the steps; norms and activation: the prefill too)."""
+    layer of every step (attention and rotary: the steps; norms and activation: the prefill too)."""
     model, tok = shipped
     prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
-    calls = {"decode_attention": [], "rmsnorm": [], "silu_mul": []}
+    calls = {"decode_attention": [], "rope_append": [], "rmsnorm": [], "silu_mul": []}
 
     def counting(real, record):
         def counted(*args):
@@ -266,7 +297,7 @@ def test_decoder_steps_with_and_without_the_kernel(shipped, monkeypatch):
     steps = len(trace_a) - 1  # the first logits come from the prefill
     layers = model.config.num_hidden_layers
     assert all(all(c) for c in calls.values())  # every call fitted the kernels
-    assert len(calls["decode_attention"]) == steps * layers
+    assert len(calls["decode_attention"]) == len(calls["rope_append"]) == steps * layers
     # two norms and one activation per layer per step, prefill included, plus the final norm
     assert len(calls["rmsnorm"]) == (steps + 1) * (2 * layers + 1)
     assert len(calls["silu_mul"]) == (steps + 1) * layers

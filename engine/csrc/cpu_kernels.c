@@ -8,6 +8,9 @@
  * step. Here the cache is read once, position by position, as the contiguous block the engine stores
  * it in.
  *
+ * a3po_rope_append: the step's rotary embedding of queries and keys and the cache write of keys and
+ * values, one pass (torch: a dozen view, complex-product and copy kernels per layer).
+ *
  * a3po_rmsnorm, a3po_silu_mul: a decoder layer's RMSNorm and its gated MLP activation, each one pass
  * over the rows. In torch they are chains of small element-wise kernels (six for the norm, three for
  * the activation), and at decode sizes (tens of rows of 128-384 floats) every link costs more in
@@ -183,5 +186,32 @@ void a3po_silu_mul(const float *gu, float *out, long n, long I) {
             const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), x); /* picks x e where x's sign bit is set */
             _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + c)));
         }
+    }
+}
+
+/*
+ * One decode step's new keys and values into the cache, and its rotated queries: for each of the N rows,
+ * qkv holds H query heads, KV key heads and KV value heads of D floats (the stacked q/k/v product, q and
+ * k in rotate-half pair order: dims 2i and 2i + 1 turn together), rot the row's D / 2 rotations as
+ * (cos, sin) pairs. Queries and keys are turned like torch's complex product,
+ * (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos); the keys and the values go to position n of the
+ * position-major cache (the same addressing as a3po_decode_attention), the queries to q_out (N H, D).
+ */
+void a3po_rope_append(const float *qkv, const float *rot, float *q_out, float *k, float *v, long N, long H, long KV,
+                      long D, long pos_stride, long n) {
+    const long heads = H + 2 * KV;
+    float *kn = k + n * pos_stride, *vn = v + n * pos_stride;
+    for (long i = 0; i < N; i++) {
+        const float *row = qkv + i * heads * D, *ri = rot + i * D;
+        for (long h = 0; h < H + KV; h++) {
+            const float *x = row + h * D;
+            float *o = h < H ? q_out + (i * H + h) * D : kn + (i * KV + h - H) * D;
+            for (long d = 0; d < D; d += 2) {
+                const float c = ri[d], s = ri[d + 1];
+                o[d] = x[d] * c - x[d + 1] * s;
+                o[d + 1] = x[d] * s + x[d + 1] * c;
+            }
+        }
+        memcpy(vn + i * KV * D, row + (H + KV) * D, sizeof(float) * KV * D);
     }
 }
