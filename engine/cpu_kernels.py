@@ -119,20 +119,34 @@ def status() -> str:
     return "native CPU kernels: on" if library() is not None else f"native CPU kernels: off ({_state['why']})"
 
 
-def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether ``decode_attention`` takes these tensors (shapes and strides as it documents them)."""
-    if q.dim() != 3 or k.dim() != 4 or v.dim() != 4 or bias.dim() != 2:
+def _position_major(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """``k``/``v`` are ``(rows, KV, positions, D)`` float32 CPU views of position-major storage, alike: each
+    position's ``rows KV`` heads one contiguous block (strides ``(KV D, D, >= rows KV D, 1)``)."""
+    if k.dim() != 4 or v.dim() != 4:
         return False
-    N, KV, L, D = k.shape
-    ok = (
-        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v, bias))
-        and D % 8 == 0
+    rows, KV, _, D = k.shape
+    return (
+        k.dtype is torch.float32
+        and v.dtype is torch.float32
+        and k.device.type == "cpu"
+        and v.device.type == "cpu"
         and v.shape == k.shape
         and v.stride() == k.stride()
         and k.stride(3) == 1
         and k.stride(1) == D
         and k.stride(0) == KV * D
-        and k.stride(2) >= N * KV * D
+        and k.stride(2) >= rows * KV * D
+    )
+
+
+def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` takes these tensors (shapes and strides as it documents them)."""
+    if q.dim() != 3 or bias.dim() != 2 or not _position_major(k, v):
+        return False
+    N, KV, L, D = k.shape
+    ok = (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, bias))
+        and D % 8 == 0
         and q.is_contiguous()
         and q.shape[0] == N * KV
         and q.shape[2] == D
@@ -225,7 +239,7 @@ def rope_append(qkv: torch.Tensor, rot: torch.Tensor, k: torch.Tensor, v: torch.
     (position-major storage, as ``decode_attention`` takes them) with ``N <= rows`` and ``n < capacity``.
     The queries come back as ``(N KV, H / KV, D)``, the layout ``decode_attention`` takes."""
     lib = _state.get("lib") if "lib" in _state else library()
-    if lib is None or qkv.dim() != 3 or k.dim() != 4:
+    if lib is None or qkv.dim() != 3 or not _position_major(k, v):
         return None
     N, heads, D = qkv.shape
     rows, KV, capacity, _ = k.shape
@@ -242,14 +256,6 @@ def rope_append(qkv: torch.Tensor, rot: torch.Tensor, k: torch.Tensor, v: torch.
         and tuple(rot.shape) == (N, 1, D // 2)
         and 0 <= n < capacity
         and N <= rows
-        and k.dtype is torch.float32
-        and v.dtype is torch.float32
-        and k.shape == v.shape
-        and k.stride() == v.stride()
-        and k.stride(3) == 1
-        and k.stride(1) == D
-        and k.stride(0) == KV * D
-        and k.stride(2) >= rows * KV * D
         and k.shape[3] == D
     )
     if not ok:
