@@ -71,7 +71,8 @@ def _build(cc: str) -> Path:
     try:
         res = subprocess.run([*cc.split(), *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+            said = (res.stderr or res.stdout).strip().splitlines()
+            raise RuntimeError(f"{cc} failed: {said[-1] if said else f'exit code {res.returncode}'}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
