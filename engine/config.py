@@ -143,7 +143,7 @@ class RolloutConfig:
         "backend=kv on CPU, float32, with fast_forward: run each decode step's attention, rotary embedding and "
         "cache write, norms and gated activation in C kernels (engine/csrc/cpu_kernels.c, built on first use "
         "with the system's C compiler, x86-64 with AVX2/FMA) instead of chains of small torch kernels; "
-        "generation took about 0.67x the time on the embedded arith workload (bench/bench_decode.py). "
+        "generation took 0.69x the time on the embedded arith and Countdown-lite workloads (bench/bench_decode.py). "
         "Same results to float32 rounding. Without a compiler or such a CPU it stays off by itself "
         "(engine.cpu_kernels.status() says why); false = torch's route always.",
     )
