@@ -3,8 +3,9 @@
 Why: the decode step's attention reads every active row's cached keys and values once per layer, and
 it is where the engine's two decode-specific choices live:
 
-* ``--compare native`` (default): the C decode-attention kernel (``engine/cpu_kernels.py``) against
-  torch's batched products over the same cache (``rollout.native_kernels=false``);
+* ``--compare native`` (default): the C decode kernels (``engine/cpu_kernels.py``: attention, rotary
+  and cache write, norms, activation) against torch's route over the same cache
+  (``rollout.native_kernels=false``);
 * ``--compare layout``: the position-major cache (``kv_engine._slot_layer_class``) against the
   row-major ``(rows, heads, capacity, D)`` storage it replaced, both on torch's products.
 
@@ -68,7 +69,7 @@ def main() -> None:
     if args.compare == "native":
         if not cpu_kernels.library():
             raise SystemExit(cpu_kernels.status())
-        variants = {"native kernel": (shipped, True), "torch products": (shipped, False)}
+        variants = {"native kernels": (shipped, True), "torch route": (shipped, False)}
     else:
         variants = {"position-major": (shipped, False), "row-major": (row_major_class, False)}
     engines = {name: ke.KVEngine(model, tok, native=native) for name, (_, native) in variants.items()}

@@ -1,11 +1,13 @@
 """C kernels for the CPU decode step, compiled from ``engine/csrc/cpu_kernels.c`` on first use.
 
-Why: at the embedded model's size a decode step's attention is hundreds of tiny matrix products per
-layer (one ``1 x D`` query against its row's ``L x D`` keys, per row and head). torch runs them as a
-batched product, a softmax and a second batched product, and the per-matrix overhead of those calls is
-most of their time: on the embedded arith workload, 64 rows at about 30 positions, the three took
-150-390 us per layer against 30-120 us for one pass of ``a3po_decode_attention`` over the same
-position-major cache, and generation took 0.74x the time end to end (``bench/bench_decode.py``).
+Why: at the embedded model's size a decode step is hundreds of small torch kernels, and their dispatch
+costs more than their arithmetic. The attention alone is hundreds of tiny matrix products per layer
+(one ``1 x D`` query against its row's ``L x D`` keys, per row and head), which torch runs as a batched
+product, a softmax and a second batched product whose per-matrix overhead is most of their time; the
+rotary embedding and cache write are a dozen view, complex-product and copy kernels, the RMSNorm six
+and the gated activation three. Here each is one call: ``decode_attention`` (one pass over the
+position-major cache), ``rope_append``, ``rmsnorm`` and ``silu_mul``. On the embedded workloads
+generation took 0.69x torch's time with all four (arith and Countdown-lite, ``bench/bench_decode.py``).
 
 How: the source is compiled with the system's C compiler (``$CC``, else ``cc``) into a shared library
 under the user's cache folder (``$A3PO_CACHE_DIR``, else ``$XDG_CACHE_HOME/a3po-lab``, else
@@ -16,7 +18,7 @@ do not see each other's half-written files.
 
 Nothing here is required: without a C compiler, off x86-64, on a CPU without AVX2/FMA, or with
 ``rollout.native_kernels=false`` (or ``A3PO_NATIVE_KERNELS=0`` in the environment) the decoder keeps
-torch's route, and ``status()`` says why. The kernel's results match torch's to float32 rounding
+torch's route, and ``status()`` says why. The kernels' results match torch's to float32 rounding
 (tests/test_cpu_kernels.py).
 
     python -c "from engine import cpu_kernels; print(cpu_kernels.status())"
@@ -210,7 +212,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float):
     """transformers' float32 RMSNorm of the rows of ``x`` ``(n, C)``, ``x / sqrt(mean(x^2) + eps) * w``;
     None when the kernels are off or the tensors do not fit (contiguous float32, ``C`` a multiple of 8,
     ``w`` ``(C,)``). No autograd: for decoding."""
-    lib = _state.get("lib") if "lib" in _state else library()
+    lib = library()
     if lib is None or not (_fits_rows(x, x.shape[-1]) and _fits_rows(w.view(1, -1), x.shape[1])):
         return None
     out = torch.empty_like(x)
@@ -221,7 +223,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float):
 def silu_mul(gu: torch.Tensor):
     """``silu(g) * u`` for ``gu`` ``(n, 2 I)`` laid out ``[g | u]`` (the stacked gate/up product): ``(n, I)``;
     None when the kernels are off or ``gu`` does not fit (contiguous float32, ``I`` a multiple of 8)."""
-    lib = _state.get("lib") if "lib" in _state else library()
+    lib = library()
     if lib is None or not (_fits_rows(gu, gu.shape[-1]) and gu.shape[1] % 16 == 0):
         return None
     n, width = gu.shape
@@ -239,7 +241,7 @@ def rope_append(qkv: torch.Tensor, rot: torch.Tensor, k: torch.Tensor, v: torch.
     complex64 contiguous (``cos + i sin`` per pair); k, v the cache's ``(rows, KV, capacity, D)`` views
     (position-major storage, as ``decode_attention`` takes them) with ``N <= rows`` and ``n < capacity``.
     The queries come back as ``(N KV, H / KV, D)``, the layout ``decode_attention`` takes."""
-    lib = _state.get("lib") if "lib" in _state else library()
+    lib = library()
     if lib is None or qkv.dim() != 3 or not _position_major(k, v):
         return None
     N, heads, D = qkv.shape

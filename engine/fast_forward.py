@@ -377,14 +377,15 @@ class Decoder:
     read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
     ``native`` (the kv engine's ``rollout.native_kernels`` on CPU): each step's rotary embedding and cache
     write, its attention over the cache, and every norm and gated activation run in ``engine.cpu_kernels``'
-    C kernels, one call each instead of a chain of small torch kernels; where a tensor does not fit them (not float32, a head size that is
-    not a multiple of 8) the torch route above runs instead.
+    C kernels, one call each instead of a chain of small torch kernels; where a tensor does not fit them
+    (not float32, a head size that is not a multiple of 8, Qwen3's q/k norms before the rotary) the torch
+    route above runs instead.
     """
 
     def __init__(self, model, layers, max_positions: int, native: bool = False):
         inner = model.model
         self.model, self.inner, self.cache = model, inner, layers
-        self.native = native  # engine.cpu_kernels for attention, norms and activation (see above)
+        self.native = native  # engine.cpu_kernels for rotary and cache write, attention, norms, activation
         self.plan = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
@@ -429,7 +430,8 @@ class Decoder:
         for ((w1, e1), w_qkv, qkn, heads, scale, *tail), c in zip(self.plan, self.cache):
             H, KV, D = heads
             R = H // KV  # query heads per key/value head
-            qkv, qk = _qkv_rows(x, w1, e1, w_qkv, qkn, heads, self.native)
+            qkv = _qkv_rows(x, w1, e1, w_qkv, heads, self.native)
+            qk = _normed_qk(qkv[:, : H + KV], H, qkn)
             c.reserve(B, KV, D, x)
             if c.kc is not None:  # float32/64: the rotary product writes the keys straight into the cache
                 qc = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
@@ -465,7 +467,7 @@ class Decoder:
         biases = {}  # per key/value head count: the mask as (N * KV, 1, L), broadcast over a group's query heads
         for ((w1, e1), w_qkv, qkn, heads, scale, *tail), c in zip(self.plan, self.cache):
             H, KV, D = heads
-            qkv = _product(_decode_norm(x, w1, e1, self.native), *w_qkv).view(N, H + 2 * KV, D)
+            qkv = _qkv_rows(x, w1, e1, w_qkv, heads, self.native)
             n = c.length
             # queries rotated, new keys rotated into the cache and values copied there: one kernel, or torch's ops
             q = cpu_kernels.rope_append(qkv, rot, c.kbuf, c.vbuf, n) if self.native and qkn is None else None
@@ -503,12 +505,11 @@ def _decode_norm(x: torch.Tensor, w: torch.Tensor, eps: float, native: bool) -> 
     return _rms(x, w, eps) if out is None else out
 
 
-def _qkv_rows(x: torch.Tensor, w1, e1, w_qkv, qkn, heads, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder layer's input norm and stacked q/k/v product on ``(n, C)`` rows: ``(qkv, qk)``, the
-    ``(n, H + 2 KV, D)`` product and its query/key heads (through Qwen3's q/k norms where ``qkn``)."""
+def _qkv_rows(x: torch.Tensor, w1, e1, w_qkv, heads, native: bool) -> torch.Tensor:
+    """A decoder layer's input norm and stacked q/k/v product on ``(n, C)`` rows: ``(n, H + 2 KV, D)`` (Qwen3's
+    q/k norms, where the family has them, are the caller's: ``_normed_qk``)."""
     H, KV, D = heads
-    qkv = _product(_decode_norm(x, w1, e1, native), *w_qkv).view(x.shape[0], H + 2 * KV, D)
-    return qkv, _normed_qk(qkv[:, : H + KV], H, qkn)
+    return _product(_decode_norm(x, w1, e1, native), *w_qkv).view(x.shape[0], H + 2 * KV, D)
 
 
 def _attend_cache(q: torch.Tensor, c, bias: torch.Tensor, L: int, scale: float) -> torch.Tensor:

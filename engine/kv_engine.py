@@ -324,13 +324,13 @@ class KVEngine:
         self.model = model
         self.tok = tokenizer
         self.fast = fast  # decode with engine.fast_forward when the model supports it (else the model's forward)
-        # fast decoding on CPU: attention, norms and activation in engine.cpu_kernels' C kernels when they run
+        # fast decoding on CPU: rotary, attention, norms and activation in engine.cpu_kernels' C kernels when they run
         # here; built now, before any worker process starts, so that the workers only load them
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         self.native = native and fast and on_cpu and cpu_kernels.library() is not None
         self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
         # workers > 1: CPU helper processes share the prompts (engine/kv_workers.py), started on first use
-        if workers > 1 and any(p.device.type != "cpu" for p in model.parameters()):
+        if workers > 1 and not on_cpu:
             from engine.config import ConfigError
 
             raise ConfigError(
