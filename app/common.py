@@ -1,6 +1,6 @@
 """Shared helpers for the app pages: the store, cached queries, token rendering, validation.
 
-Every query goes through ``engine.store.Store`` (parameterised SQL over Parquet files, no database
+Every query goes through ``engine.store.store.Store`` (parameterised SQL over Parquet files, no database
 lock), so pages work while a run is being written.
 """
 
@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import streamlit as st
 
-from engine.store import Store, StoreError, check_name
-from engine.tasks import DATA_DIR
+from engine.store.store import Store, StoreError, check_name
+from engine.tasks.problems import DATA_DIR
 
 EMBEDDED_STORE = DATA_DIR / "store"
 QUANTITIES = {
@@ -75,7 +75,7 @@ def task_label(spec: str) -> str:
 def default_task() -> str:
     """The default task (``builtin:<DEFAULT_TASK>``, else the demo config's ``data.train``)."""
     try:
-        from engine.tasks import DEFAULT_TASK
+        from engine.tasks.problems import DEFAULT_TASK
 
         return f"builtin:{DEFAULT_TASK}"
     except ImportError:
@@ -145,7 +145,7 @@ def q(
 
 
 def guard(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` for engine helpers that read the store themselves (e.g. engine.replay):
+    """``fn(*args, **kwargs)`` for engine helpers that read the store themselves (e.g. engine.shaping.replay):
     an unreadable store ends the page with one error message, like ``q``."""
     try:
         return fn(*args, **kwargs)

@@ -19,7 +19,7 @@ import yaml
 
 from app.access import require_launch_allowed
 from engine.config import config_from_dict
-from engine.store import Store, check_name
+from engine.store.store import Store, check_name
 
 
 @dataclass

@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from engine.replay import load_step  # noqa: E402
-from engine.store import Store  # noqa: E402
+from engine.shaping.replay import load_step  # noqa: E402
+from engine.store.store import Store  # noqa: E402
 
 B, L = 128, 30  # rollouts per step, tokens per rollout
 

@@ -3,7 +3,7 @@
 Why: the decode step's attention reads every active row's cached keys and values once per layer, and
 it is where the engine's two decode-specific choices live:
 
-* ``--compare native`` (default): the C decode kernels (``engine/cpu_kernels.py``: attention, rotary
+* ``--compare native`` (default): the C decode kernels (``engine/model/cpu_kernels.py``: attention, rotary
   and cache write, norms, activation) against torch's route over the same cache
   (``rollout.native_kernels=false``);
 * ``--compare layout``: the position-major cache (``kv_engine._slot_layer_class``) against the
@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from bench_vs_trl import TASKS  # noqa: E402  (this script's folder is on the path when run as a script)
 
-import engine.kv_engine as ke  # noqa: E402
-from engine import cpu_kernels  # noqa: E402
-from engine.evaluate import encode_prompts  # noqa: E402
-from engine.policy import load_policy  # noqa: E402
-from engine.rollout import SamplingParams  # noqa: E402
-from engine.stats import paired_interval  # noqa: E402
-from engine.tasks import load_problems  # noqa: E402
+import engine.rollout.kv as ke  # noqa: E402
+from engine.model import cpu_kernels  # noqa: E402
+from engine.model.policy import load_policy  # noqa: E402
+from engine.rollout.base import SamplingParams  # noqa: E402
+from engine.study.stats import paired_interval  # noqa: E402
+from engine.tasks.problems import load_problems  # noqa: E402
+from engine.train.evaluate import encode_prompts  # noqa: E402
 
 
 def main() -> None:

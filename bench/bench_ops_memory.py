@@ -5,7 +5,7 @@ Three variants: ``chunked`` (``token_logprobs`` then ``token_entropy``, two pass
 softmax over the whole batch, the unbounded baseline).
 
 Why: at 151,936 vocabulary entries and thousands of response tokens a float32 softmax over the
-whole batch costs many GB; ``engine.ops`` works in row chunks. Each variant runs in a fresh
+whole batch costs many GB; ``engine.model.ops`` works in row chunks. Each variant runs in a fresh
 process and reports its peak resident memory above the logits themselves (CPU; on CUDA see
 scripts/gpu_check.sh).
 
@@ -24,7 +24,7 @@ def child(kind: str, tokens: int, vocab: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
-    from engine.ops import token_entropy, token_logprobs, token_logprobs_entropy
+    from engine.model.ops import token_entropy, token_logprobs, token_logprobs_entropy
 
     torch.manual_seed(0)
     logits = torch.randn(tokens, vocab, dtype=torch.bfloat16).mul_(3)  # no float32 temporary before the baseline

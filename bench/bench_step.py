@@ -17,7 +17,7 @@ writing the step's rollouts and tokens to the store.
 (``hf``: transformers ``generate``; ``kv``: our engine, which also records the old-policy log-probs so
 the separate old-policy forward is skipped), alternating one step of each, on the issue's workload:
 16 prompts x 8 rollouts, <= 48 new tokens, T=1, 2 torch threads. ``--fast`` does the same for
-``model.fast_forward`` (both on the kv engine): the model's own forward vs engine/fast_forward.py in the
+``model.fast_forward`` (both on the kv engine): the model's own forward vs engine/model/fast_forward.py in the
 update and the decode steps.
 """
 
@@ -34,15 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from engine.advantage import group_advantages  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.evaluate import decode_responses  # noqa: E402
-from engine.loss import policy_loss  # noqa: E402
-from engine.ops import token_logprobs  # noqa: E402
+from engine.model.ops import token_logprobs  # noqa: E402
 from engine.resources import demo_config  # noqa: E402
-from engine.rollout import SamplingParams  # noqa: E402
-from engine.store import Store  # noqa: E402
-from engine.trainer import Trainer, response_logits  # noqa: E402
+from engine.rollout.base import SamplingParams  # noqa: E402
+from engine.shaping.advantage import group_advantages  # noqa: E402
+from engine.store.store import Store  # noqa: E402
+from engine.train.evaluate import decode_responses  # noqa: E402
+from engine.train.trainer import Trainer, response_logits  # noqa: E402
+from engine.update.loss import policy_loss  # noqa: E402
 
 
 def bare_step(tr: Trainer, step: int) -> dict:
@@ -142,8 +142,8 @@ def compare_variants(a, variants: dict[str, list[str]]) -> None:
 
 def compare_caches(a) -> None:
     """kv engine generate only: our preallocated cache vs the model's DynamicCache, alternated."""
-    import engine.kv_engine as ke
-    from engine.kv_engine import KVEngine
+    import engine.rollout.kv as ke
+    from engine.rollout.kv import KVEngine
 
     cfg = load_config(
         demo_config(),
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--backends", action="store_true", help="compare rollout.backend=hf with rollout.backend=kv")
     ap.add_argument("--caches", action="store_true", help="kv engine: preallocated cache vs DynamicCache")
     ap.add_argument(
-        "--fast", action="store_true", help="kv engine: model.fast_forward=false vs true (engine/fast_forward.py)"
+        "--fast", action="store_true", help="kv engine: model.fast_forward=false vs true (engine/model/fast_forward.py)"
     )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()

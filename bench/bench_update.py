@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
-from engine.loss import policy_loss  # noqa: E402
-from engine.ops import token_logprobs  # noqa: E402
+from engine.model.ops import token_logprobs  # noqa: E402
 from engine.resources import demo_config  # noqa: E402
-from engine.rollout import Rollouts  # noqa: E402
-from engine.store import Store  # noqa: E402
-from engine.trainer import Trainer, response_logits  # noqa: E402
+from engine.rollout.base import Rollouts  # noqa: E402
+from engine.store.store import Store  # noqa: E402
+from engine.train.trainer import Trainer, response_logits  # noqa: E402
+from engine.update.loss import policy_loss  # noqa: E402
 
 
 def full_width_update(tr: Trainer, ro: Rollouts, old_lp, adv) -> None:

@@ -92,8 +92,8 @@ PHASES = ("generate", "old_forward", "update", "store", "step")
 def our_segment(a, d) -> list[dict]:
     from engine.config import load_config
     from engine.resources import demo_config
-    from engine.store import Store
-    from engine.trainer import Trainer
+    from engine.store.store import Store
+    from engine.train.trainer import Trainer
 
     model, task = TASKS[a.task]
     cfg = load_config(
@@ -164,9 +164,9 @@ def trl_segment(a, d, tuned: bool) -> list[dict]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from engine.policy import load_policy
-    from engine.reward import resolve_verifier
-    from engine.tasks import load_problems
+    from engine.model.policy import load_policy
+    from engine.tasks.problems import load_problems
+    from engine.tasks.reward import resolve_verifier
 
     rec = _trl_timers()
     model_path, task = TASKS[a.task]
@@ -177,7 +177,7 @@ def trl_segment(a, d, tuned: bool) -> list[dict]:
     # same token ids as ours: BOS + prompt (the tokenizer adds no BOS of its own; checked below)
     ds = Dataset.from_list([{"prompt": k} for k in by_prompt])
     first = next(iter(by_prompt))
-    from engine.evaluate import encode_prompts
+    from engine.train.evaluate import encode_prompts
 
     assert tok(text=[first])["input_ids"][0] == encode_prompts(tok, [by_prompt[first]])[0], "prompt ids differ"
 
@@ -304,7 +304,7 @@ def per_round(a, rows: dict[str, list[dict]]) -> None:
     measured 0.52 and 0.64 in two back-to-back runs), so each round, whose segments ran next to each
     other, gives one ratio; the summary is the geometric mean over rounds with a 95% t-interval on the
     log ratios (df = rounds - 1)."""
-    from engine.stats import paired_interval
+    from engine.study.stats import paired_interval
 
     if a.rounds < 2:
         return

@@ -1,8 +1,19 @@
-"""A3PO Lab training engine.
+"""A3PO Lab training engine, one folder per pipeline stage (each imports only the ones below it).
 
-The pure tensor functions live in ``advantage``, ``loss`` and ``ops``; the trainer, rollout
-backends, verifier and the DuckDB/Parquet store build on them. Import the submodules directly,
-e.g. ``from engine.advantage import token_shaping``.
+    model/      the policy network: loading, per-token ops, fast forward, C kernels, worker pool
+    shaping/    group advantages, token shaping, the algorithm registry, replay on stored rollouts
+    store/      the record schema and the Parquet/DuckDB run store
+    tasks/      problems, verifiers (the reward), the tiny-model builder
+    rollout/    the backend interface and the hf, kv and vllm backends behind one registry
+    update/     the loss and the backward of a mini-batch share
+    config.py   every key of a run
+    train/      the training loop and evaluation
+    study/      paired-seed statistics, the study's design, runner and report
+    integrations/  TRL and verl
+    cli.py      the ``a3po`` command
+
+The floors are declared in tests/test_layers.py. Import the modules directly, e.g.
+``from engine.shaping.advantage import token_shaping``.
 """
 
 __version__ = "0.1.0"

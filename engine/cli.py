@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 from engine.resources import app_dir, demo_config
-from engine.reward import VERIFIERS
-from engine.tasks import DEFAULT_TASK, TASKS
+from engine.tasks.problems import DEFAULT_TASK, TASKS
+from engine.tasks.reward import VERIFIERS
 
 DEFAULT_CONFIG = demo_config()
 
@@ -45,10 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _user_errors():
     from engine.config import ConfigError
-    from engine.kv_workers import WorkerError
-    from engine.policy import ModelError
-    from engine.store import StoreError
-    from engine.tasks import DatasetError
+    from engine.model.policy import ModelError
+    from engine.model.workers import WorkerError
+    from engine.store.store import StoreError
+    from engine.tasks.problems import DatasetError
 
     return (ConfigError, ModelError, StoreError, DatasetError, UsageError, WorkerError)
 
@@ -78,7 +78,7 @@ def _fs_error_line(e: OSError) -> str | None:
 
 def _check_store(path: str, write: bool):
     """Fail fast (before a model loads) on a store path that cannot work; returns the Store."""
-    from engine.store import Store, StoreError
+    from engine.store.store import Store, StoreError
 
     store = Store(path)
     root = store.root
@@ -102,8 +102,8 @@ def _check_store(path: str, write: bool):
 
 
 def cmd_train(a) -> int:
-    from engine import trainer
     from engine.config import load_config
+    from engine.train import trainer
 
     store = _check_store(a.store, write=True)
     _sigterm_as_interrupt()
@@ -165,11 +165,11 @@ def cmd_eval(a) -> int:
             raise ConfigError(f"{flag} is empty — give a name, e.g. the defaults")
     import torch
 
-    from engine.evaluate import evaluate
-    from engine.policy import load_policy
-    from engine.reward import resolve_verifier
-    from engine.rollout import make_backend
-    from engine.tasks import load_problems
+    from engine.model.policy import load_policy
+    from engine.rollout.registry import make_backend
+    from engine.tasks.problems import load_problems
+    from engine.tasks.reward import resolve_verifier
+    from engine.train.evaluate import evaluate
 
     torch.set_num_threads(a.threads)
     probs = load_problems(a.task, a.split, prompt_key=a.prompt_key, answer_key=a.answer_key)
@@ -215,7 +215,7 @@ def cmd_export(a) -> int:
 
 def cmd_build(a) -> int:
     from engine.config import check_value
-    from engine.tiny_model import build_tiny_model
+    from engine.tasks.tiny_model import build_tiny_model
 
     if a.steps is not None:
         check_value("train.steps", a.steps, "--steps")
@@ -228,8 +228,9 @@ def cmd_build(a) -> int:
 
 def cmd_study(a) -> int:
     from engine.config import MAX_STEPS
-    from engine.store import Store
-    from engine.study import SETTINGS, run_study
+    from engine.store.store import Store
+    from engine.study.design import SETTINGS
+    from engine.study.runner import run_study
 
     for flag, v, lo, hi in (
         ("--seeds", a.seeds, 1, 1000),

@@ -20,14 +20,13 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from engine.advantage import DECAYS, TokenRule
-from engine.loss import AGG_MODES
-from engine.reward import VERIFIERS
-
-
-class ConfigError(ValueError):
-    """A malformed or invalid configuration (message names the key)."""
-
+from engine.errors import ConfigError
+from engine.rollout.registry import BACKENDS
+from engine.shaping.advantage import DECAYS, TokenRule
+from engine.shaping.algorithms import ALGORITHMS, ESTIMATORS, ResolvedAlgorithm
+from engine.store.store import StoreError, check_name
+from engine.tasks.reward import VERIFIERS
+from engine.update.loss import AGG_MODES
 
 # Ranges of the numeric keys. The store keeps steps, token positions, lengths, k and counts in int32
 # columns (and run.json's last_step/total_steps in the runs table's int32); every bound below sits
@@ -74,7 +73,7 @@ class ModelConfig:
     fast_forward: bool = _f(
         True,
         "Run Llama-family policies (llama, mistral, qwen2, qwen3; full attention) through our own forward "
-        "(engine/fast_forward.py): the update skips padding and computes each prompt once for its whole group, "
+        "(engine/model/fast_forward.py): the update skips padding and computes each prompt once for its whole group, "
         "and the kv engine decodes with it. Same logits as the model's forward to float rounding. false = "
         "always the model's own forward (other architectures, sliding windows, attention dropout and gradient "
         "checkpointing use it anyway).",
@@ -114,7 +113,7 @@ class RolloutConfig:
         "Rollout backend: 'hf' (transformers generate with KV cache), 'kv' (our own KV-cache "
         "engine: rows retire at EOS, records the old-policy log-probs so the trainer can skip "
         "that forward) or 'vllm' (GPU, [gpu] extra).",
-        choices=["hf", "kv", "vllm"],
+        choices=list(BACKENDS),
     )
     n: int = _f(8, "Rollouts per prompt, the group size G (verl rollout.n, TRL num_generations).", min=1, max=MAX_GROUP)
     temperature: float = _f(
@@ -141,11 +140,11 @@ class RolloutConfig:
     native_kernels: bool = _f(
         True,
         "backend=kv on CPU, float32, with fast_forward: run each decode step's attention, rotary embedding and "
-        "cache write, norms and gated activation in C kernels (engine/csrc/cpu_kernels.c, built on first use "
+        "cache write, norms and gated activation in C kernels (engine/model/csrc/cpu_kernels.c, built on first use "
         "with the system's C compiler, x86-64 with AVX2/FMA) instead of chains of small torch kernels; "
         "generation took 0.69x the time on the embedded arith and Countdown-lite workloads (bench/bench_decode.py). "
         "Same results to float32 rounding. Without a compiler or such a CPU it stays off by itself "
-        "(engine.cpu_kernels.status() says why); false = torch's route always.",
+        "(engine.model.cpu_kernels.status() says why); false = torch's route always.",
     )
     vllm_gpu_memory_utilization: float = _f(
         0.35,
@@ -168,7 +167,7 @@ class AlgorithmConfig:
     name: str = _f(
         "a3po",
         "Algorithm: grpo, dr_grpo, dapo, psr, nsr, w_reinforce, polarity_weighted, "
-        "token_weighted, fork_tokens, a3po (see engine/algorithms.py).",
+        "token_weighted, fork_tokens, a3po (see engine/shaping/algorithms.py).",
     )
     w_pos: float = _f(
         1.0,
@@ -566,8 +565,6 @@ def config_from_dict(data: dict) -> Config:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks (single fields are checked as they are set)."""
-    from engine.algorithms import ALGORITHMS
-
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(
             f"config key 'algorithm.name': unknown algorithm {_short(cfg.algorithm.name)} — "
@@ -607,8 +604,6 @@ def validate(cfg: Config) -> None:
             "— use at most train.prompts_per_step x rollout.n"
         )
     if cfg.name is not None:
-        from engine.store import StoreError, check_name
-
         try:
             check_name(cfg.name)
         except StoreError as e:
@@ -639,6 +634,72 @@ def check_value(key: str, value, flag: str | None = None):
             str(e).replace(f"config key {key!r}", flag, 1).replace(FIX, "pick a value in that range")
         ) from None
     return value
+
+
+def resolved_from_dict(d: dict, where: str = "resolved algorithm") -> ResolvedAlgorithm:
+    """A ``ResolvedAlgorithm`` rebuilt from its ``to_dict()`` output (run.json's ``resolved``, a JSON shipped
+    to verl workers), checked with the config's own ranges; a bad value raises a one-line ``ConfigError``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__} — pass ResolvedAlgorithm.to_dict()")
+    names = [f.name for f in dataclasses.fields(ResolvedAlgorithm)]
+    unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
+        raise ConfigError(f"{where}: {what} — pass the whole dict that ResolvedAlgorithm.to_dict() wrote")
+    if d["name"] not in ALGORITHMS:
+        raise ConfigError(f"{where}: unknown algorithm {d['name']!r} — pick one of {sorted(ALGORITHMS)}")
+    if d["estimator"] not in ESTIMATORS:
+        raise ConfigError(f"{where}: unknown estimator {d['estimator']!r} — pick one of {sorted(ESTIMATORS)}")
+    out = dict(d)
+    for f in dataclasses.fields(ResolvedAlgorithm):
+        v, typ = d[f.name], str(f.type)
+        is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if typ == "bool" and not isinstance(v, bool):
+            raise ConfigError(f"{where}: {f.name} must be true or false, got {v!r} — fix the value")
+        if typ.startswith("float") and not (is_num or (v is None and "None" in typ)):
+            raise ConfigError(f"{where}: {f.name} must be a number, got {v!r} — fix the value")
+        if typ == "int" and not (is_num and float(v).is_integer()):
+            raise ConfigError(f"{where}: {f.name} must be a whole number, got {v!r} — fix the value")
+        if typ.startswith("float") and v is not None:
+            out[f.name] = float(v)
+        elif typ == "int":
+            out[f.name] = int(v)
+    for key, section in _CONFIG_KEYS.items():
+        try:
+            check_value(f"{section}.{key}", out[key])
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(f"config key '{section}.{key}'", f"{where}: {key}")) from None
+    if out["decay_steps"] < 1:
+        raise ConfigError(f"{where}: decay_steps must be >= 1, got {out['decay_steps']} — fix the value")
+    rules = d["token_rules"]
+    if not isinstance(rules, (list, tuple)):
+        raise ConfigError(f"{where}: token_rules must be a list, got {type(rules).__name__} — fix the value")
+    try:
+        out["token_rules"] = tuple(r if isinstance(r, TokenRule) else TokenRule(**r) for r in rules)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad token rule ({e}) — see algorithm.token_rules in `a3po config`") from None
+    return ResolvedAlgorithm(**out)
+
+
+# ResolvedAlgorithm fields checked against the config key of the same name in this section.
+_CONFIG_KEYS = {
+    "w_pos": "algorithm",
+    "w_neg": "algorithm",
+    "lam": "algorithm",
+    "ratio": "algorithm",
+    "alpha_pos": "algorithm",
+    "alpha_neg": "algorithm",
+    "decay": "algorithm",
+    "decay_rate": "algorithm",
+    "decay_steps": "algorithm",
+    "fork_quantile": "algorithm",
+    "max_gen_batches": "algorithm",
+    "overlong_buffer": "algorithm",
+    "clip_ratio_low": "actor",
+    "clip_ratio_high": "actor",
+    "clip_ratio_c": "actor",
+    "loss_agg_mode": "actor",
+}
 
 
 def check_template(template: str) -> None:

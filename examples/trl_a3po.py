@@ -23,9 +23,9 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from engine.integrations.trl import A3POGRPOTrainer  # noqa: E402
-from engine.policy import load_policy  # noqa: E402
-from engine.reward import resolve_verifier  # noqa: E402
-from engine.tasks import Problem, load_problems  # noqa: E402
+from engine.model.policy import load_policy  # noqa: E402
+from engine.tasks.problems import Problem, load_problems  # noqa: E402
+from engine.tasks.reward import resolve_verifier  # noqa: E402
 
 
 def make_reward(data: str):

@@ -7,7 +7,7 @@
 2. A 20-step A3PO run of the embedded model in bf16 raises the mean reward (last 5 steps above the
    first 5); step time by phase and peak memory are printed.
 3. When vLLM imports: the vLLM backend's greedy outputs equal the HF backend's on 8 prompts.
-4. ``engine/fast_forward.py`` in bf16 on the device: on 64 sampled rollouts its response log-probs are
+4. ``engine/model/fast_forward.py`` in bf16 on the device: on 64 sampled rollouts its response log-probs are
    no further from the float32 forward of the same weights than the model's own bf16 forward is (mean
    and max |diff|, with a 25% and one-bf16-step margin), and the forward + backward time of both is printed.
 
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
-from engine.ops import token_entropy, token_logprobs  # noqa: E402
-from engine.store import Store  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from engine.model.ops import token_entropy, token_logprobs  # noqa: E402
+from engine.store.store import Store  # noqa: E402
+from engine.train.trainer import Trainer  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -118,10 +118,11 @@ def vllm_matches_hf(device: str) -> None:
     except ImportError:
         print("[vllm] not importable: skipped")
         return
-    from engine.policy import load_policy, resolve_model_path
-    from engine.rollout import HFBackend, SamplingParams
-    from engine.rollout_vllm import VLLMBackend
-    from engine.tasks import load_problems
+    from engine.model.policy import load_policy, resolve_model_path
+    from engine.rollout.base import SamplingParams
+    from engine.rollout.hf import HFBackend
+    from engine.rollout.vllm import VLLMBackend
+    from engine.tasks.problems import load_problems
 
     model, tok, _ = load_policy("builtin:tiny-countdown", device=device)
     prompts = [
@@ -139,12 +140,12 @@ def vllm_matches_hf(device: str) -> None:
 
 
 def fast_forward_matches(device: str) -> None:
-    from engine.evaluate import encode_prompts
-    from engine.kv_engine import KVEngine
-    from engine.policy import load_policy
-    from engine.rollout import SamplingParams
-    from engine.tasks import load_problems
-    from engine.trainer import response_logits
+    from engine.model.policy import load_policy
+    from engine.rollout.base import SamplingParams
+    from engine.rollout.kv import KVEngine
+    from engine.tasks.problems import load_problems
+    from engine.train.evaluate import encode_prompts
+    from engine.train.trainer import response_logits
 
     model, tok, _ = load_policy("builtin:tiny-countdown", device=device, dtype="bfloat16")
     prompts = encode_prompts(tok, load_problems("builtin:countdown", "train", limit=8))

@@ -85,7 +85,7 @@ def main() -> None:
         sys.exit("wheel smoke: the trained run is not listed as finished")
     # The built-in model and task data straight from the package, without a config.
     print(run("eval", "--model", "builtin:tiny-countdown", "--n-prompts", "4", "--k", "1"), end="")
-    from engine import cpu_kernels
+    from engine.model import cpu_kernels
 
     if not cpu_kernels.SOURCE.exists():
         sys.exit(f"wheel smoke: the decode kernels' source is not in the package ({cpu_kernels.SOURCE})")

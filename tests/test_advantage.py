@@ -1,11 +1,11 @@
-"""Unit tests for engine.advantage: group advantages, polarity weights, token shaping, A3PO."""
+"""Unit tests for engine.shaping.advantage: group advantages, polarity weights, token shaping, A3PO."""
 
 import math
 
 import pytest
 import torch
 
-from engine.advantage import (
+from engine.shaping.advantage import (
     TokenRule,
     a3po_rules,
     decay_alpha,
@@ -448,7 +448,7 @@ def test_a3po_end_to_end_token_shaping():
 
 
 # ------------------------------------------------------------------------------------ gradient push
-from engine.advantage import gradient_push  # noqa: E402
+from engine.shaping.advantage import gradient_push  # noqa: E402
 
 
 def test_gradient_push_hand_values():
@@ -480,7 +480,7 @@ def test_gradient_push_neutral_rows_and_empty_batch():
 
 def test_a3po_negative_rule_has_no_push_on_near_certain_tokens():
     # a negative response whose tokens are all near-certain: the top-20% prob tokens get x2, yet push ~ 0
-    from engine.advantage import a3po_rules
+    from engine.shaping.advantage import a3po_rules
 
     T = 10
     p = torch.full((1, T), 0.99999, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Unit tests for engine.algorithms: every named algorithm's shaping on one hand-checked batch.
+"""Unit tests for engine.shaping.algorithms: every named algorithm's shaping on one hand-checked batch.
 
 The batch: 2 prompts x 2 responses (B = 4), padded response length T = 5.
 
@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from engine.algorithms import (
+from engine.config import load_config, resolved_from_dict
+from engine.shaping.algorithms import (
     ALGORITHMS,
     ESTIMATORS,
     Algorithm,
@@ -27,7 +28,6 @@ from engine.algorithms import (
     resolve,
     shape_advantages,
 )
-from engine.config import load_config
 
 # GRPO on group 0 = [1, 0]: mean 0.5, unbiased std sqrt((0.25 + 0.25) / 1) = 0.70710678
 #   -> +-0.5 / (0.70710678 + 1e-6) = +-0.70710578
@@ -291,7 +291,7 @@ def test_a3po_asymmetric_alphas_and_decay_steps():
 def test_shape_tokens_takes_per_row_or_per_token_raw_advantages():
     # verl hands the loss (B, T) advantages already broadcast; TRL and the trainer hand (B,): same result
     r = resolve(cfg_for("a3po", "train.steps=10"))
-    from engine.algorithms import shape_tokens
+    from engine.shaping.algorithms import shape_tokens
 
     a = shape_tokens(r, torch.tensor([G, -G, 0.0, 0.0]), POLARITY, MASK, LOGPROBS, ENTROPY, step=0)
     b = shape_tokens(r, per_row([G, -G, 0.0, 0.0]) + 5.0 * (1 - M), POLARITY, MASK, LOGPROBS, ENTROPY, step=0)
@@ -317,11 +317,9 @@ def test_alphas_come_from_the_algorithms_own_rules_not_extra_rules():
 def test_resolved_algorithm_round_trips_through_a_dict():
     import json
 
-    from engine.algorithms import ResolvedAlgorithm
-
     rule = "algorithm.token_rules=[{polarity: negative, metric: prob, end: high, ratio: 0.5, scale: 3}]"
     r = resolve(cfg_for("a3po", "train.steps=7", rule))
-    back = ResolvedAlgorithm.from_dict(json.loads(json.dumps(r.to_dict())))
+    back = resolved_from_dict(json.loads(json.dumps(r.to_dict())))
     assert back == r and back.decay_steps == 7 and back.token_rules[0].scale == 3
 
 
@@ -343,17 +341,16 @@ def test_resolved_algorithm_round_trips_through_a_dict():
     ],
 )
 def test_resolved_algorithm_from_dict_refuses_bad_values_in_one_line(change, match):
-    from engine.algorithms import ResolvedAlgorithm
     from engine.config import ConfigError
 
     d = {**resolve(cfg_for("a3po")).to_dict(), **change}
     with pytest.raises(ConfigError, match=match) as e:
-        ResolvedAlgorithm.from_dict(d)
+        resolved_from_dict(d)
     assert "\n" not in str(e.value) and " — " in str(e.value)
     missing = resolve(cfg_for("a3po")).to_dict()
     del missing["ratio"]
     with pytest.raises(ConfigError, match="missing key 'ratio'"):
-        ResolvedAlgorithm.from_dict(missing)
+        resolved_from_dict(missing)
 
 
 # ------------------------------------------------------------------ invariants over every algorithm
@@ -480,7 +477,7 @@ def _cfg(*overrides):
     ],
 )
 def test_resolve_fills_every_algorithm_default(overrides, expect):
-    from engine.algorithms import resolve
+    from engine.shaping.algorithms import resolve
 
     r = resolve(_cfg(*overrides))
     assert {k: getattr(r, k) for k in expect} == expect
@@ -490,8 +487,8 @@ def test_resolved_algorithm_is_stored_whole_in_run_json(tmp_path):
     import json
 
     from engine.config import load_config
-    from engine.store import Store
-    from engine.trainer import Trainer
+    from engine.store.store import Store
+    from engine.train.trainer import Trainer
 
     cfg = load_config(
         None,

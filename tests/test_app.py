@@ -111,8 +111,8 @@ def test_launch_page_runs_a_job(store, launch_on):
     runs = run_page("runs.py")
     assert "apptest-run" in runs.dataframe[0].value.run_id.tolist()
     # the push the trainer recorded is the one the app recomputes from the stored tokens of older runs
-    from engine.replay import PUSH_COLUMNS, push_from_tokens, step_push
-    from engine.store import Store
+    from engine.shaping.replay import PUSH_COLUMNS, push_from_tokens, step_push
+    from engine.store.store import Store
 
     rec = step_push(Store(store), ["apptest-run"])
     assert set(rec.source) == {"recorded"} and rec.step.tolist() == [1, 2]
@@ -225,7 +225,7 @@ def test_launcher_refuses_jobs_when_launch_is_off(tmp_path, monkeypatch):
     """Defence in depth: even a caller that skips the page cannot start a job."""
     from app.access import LaunchDisabled
     from app.launcher import Launcher
-    from engine.store import Store
+    from engine.store.store import Store
 
     monkeypatch.setenv("A3PO_ALLOW_LAUNCH", "0")
     monkeypatch.setenv("A3PO_HOST", "0.0.0.0")
@@ -255,7 +255,7 @@ def _listed_as_invalid(monkeypatch, run_id, error):
     with an error and every other field null (whether or not the store code already does so itself)."""
     import pyarrow as pa
 
-    from engine.store import Store
+    from engine.store.store import Store
 
     orig = Store.runs_table
 
@@ -304,7 +304,7 @@ def test_pages_leave_out_and_name_invalid_runs(store, launch_on, monkeypatch):
 
 def test_pages_survive_bad_run_folders_on_disk(store, launch_on):
     """The whole path: out-of-range and corrupt run.json files next to good runs."""
-    from engine.store import Store
+    from engine.store.store import Store
 
     _bad_run_folders(store)
     listed = Store(store).runs_table().to_pandas()
@@ -314,7 +314,7 @@ def test_pages_survive_bad_run_folders_on_disk(store, launch_on):
 
 def test_store_read_errors_show_one_message(store, monkeypatch):
     """A StoreError while reading ends the page with st.error, not a traceback."""
-    from engine.store import Store, StoreError
+    from engine.store.store import Store, StoreError
 
     def broken(*a, **k):
         raise StoreError("store files kept changing while reading: IO Error")
@@ -328,7 +328,7 @@ def test_store_read_errors_show_one_message(store, monkeypatch):
 
 
 def test_polarity101_page(store):
-    from engine.store import Store
+    from engine.store.store import Store
 
     studied = Store(store).query(
         "select run_id from runs where study in ('study-quick', 'study-full') and status = 'finished'"
@@ -372,7 +372,7 @@ def _tiny_cfg(**train):
 
 def test_launcher_failed_run_shows_its_error(tmp_path, launch_on):
     from app.launcher import Launcher
-    from engine.store import Store
+    from engine.store.store import Store
 
     L = Launcher(Store(tmp_path))
     cfg = _tiny_cfg(steps=1)
@@ -386,7 +386,7 @@ def test_launcher_stop_marks_run_killed_and_queue_runs_in_order(tmp_path, launch
     import time
 
     from app.launcher import Launcher
-    from engine.store import Store
+    from engine.store.store import Store
 
     store = Store(tmp_path)
     L = Launcher(store)
@@ -437,7 +437,7 @@ def _fx_config(task: str) -> dict:
 def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
     import pyarrow as pa
 
-    from engine.schema import SCHEMAS
+    from engine.store.schema import SCHEMAS
 
     rid = s.create_run(_fx_config(task), name=name)
     for step in (1, 2):
@@ -501,7 +501,7 @@ def fx_store(tmp_path, monkeypatch):
     """fx-default: the default task, tokens only (an older run: push recomputed from tokens);
     fx-recorded: arith, push columns recorded; fx-none: arith, neither (the newest run)."""
     from app.common import default_task
-    from engine.store import Store
+    from engine.store.store import Store
 
     root = tmp_path / "fx"
     s = Store(root)
@@ -513,7 +513,7 @@ def fx_store(tmp_path, monkeypatch):
 
 
 def test_step_push_recorded_or_recomputed_from_tokens(fx_store):
-    from engine.replay import PUSH_COLUMNS, batch_push, load_step, step_push
+    from engine.shaping.replay import PUSH_COLUMNS, batch_push, load_step, step_push
 
     push = step_push(fx_store, ["fx-default", "fx-recorded", "fx-none"])
     d = push[push.run_id == "fx-default"]
@@ -525,7 +525,7 @@ def test_step_push_recorded_or_recomputed_from_tokens(fx_store):
     for c in PUSH_COLUMNS:
         assert np.allclose(r[c], FX_RECORDED[c]), c
     assert "fx-none" not in set(push.run_id)
-    # the playground's helper (engine.advantage.gradient_push on the rebuilt tensors) agrees
+    # the playground's helper (engine.shaping.advantage.gradient_push on the rebuilt tensors) agrees
     bp = batch_push(load_step(fx_store, "fx-default", 1))
     assert bp["rule"]["positive"] == pytest.approx(FX_PUSH["push_rule_pos"], rel=1e-4)
     assert bp["rule"]["negative"] == pytest.approx(FX_PUSH["push_rule_neg"], rel=1e-4)
@@ -591,16 +591,16 @@ def test_rollouts_colour_by_gradient_push(fx_store):
 
 
 def test_playground_shows_push_of_replayed_and_run_rule(fx_store):
-    from engine.algorithms import resolve
     from engine.config import config_from_dict
-    from engine.replay import batch_push, load_step, replay
+    from engine.shaping.algorithms import resolve
+    from engine.shaping.replay import batch_push, load_step, replay
 
     at = run_page("playground.py", run="fx-default", pg_step=1)
     tab = at.dataframe[1].value
     assert tab.loc["run's rule", "positive"] == pytest.approx(FX_PUSH["push_rule_pos"], rel=1e-4)
     assert tab.loc["run's rule", "negative"] == pytest.approx(FX_PUSH["push_rule_neg"], rel=1e-4)
     assert tab.loc["raw advantage (scale)", "negative"] == pytest.approx(FX_PUSH["push_raw_neg"], rel=1e-4)
-    # "this rule" is engine.advantage.gradient_push on the engine's own replay of the page's settings
+    # "this rule" is engine.shaping.advantage.gradient_push on the engine's own replay of the page's settings
     cfg = config_from_dict(
         {
             **_fx_config("builtin:arith"),
@@ -658,7 +658,7 @@ def _fx_study_run(s, rid: str, task: str, entropy: float) -> None:
 
 def test_polarity101_prefers_the_default_task_study(tmp_path, monkeypatch):
     from app.common import default_task, task_label
-    from engine.store import Store
+    from engine.store.store import Store
 
     s = Store(tmp_path / "study")
     _fx_study_run(s, "study-quick.grpo.s1", default_task(), 0.2)
@@ -678,7 +678,7 @@ def test_polarity101_prefers_the_default_task_study(tmp_path, monkeypatch):
 
 def test_polarity101_falls_back_to_the_full_study(tmp_path, monkeypatch):
     from app.common import default_task
-    from engine.store import Store
+    from engine.store.store import Store
 
     s = Store(tmp_path / "full")
     _fx_study_run(s, "study-full.grpo.s1", default_task(), 0.2)

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 from streamlit.testing.v1 import AppTest
 
-from engine.store import Store
+from engine.store.store import Store
 
 PAGES = ROOT / "app" / "pages"
 
@@ -19,7 +19,7 @@ PAGES = ROOT / "app" / "pages"
 def _trainer_run(root) -> str:
     """The engine's own trainer: 2 steps of 2 prompts x 4 rollouts, evals at the end."""
     from engine.config import load_config
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
 
     cfg = load_config(
         None,
@@ -44,9 +44,9 @@ def _trl_run(root) -> str:
     from datasets import Dataset
 
     from engine.integrations.trl import A3POGRPOTrainer
-    from engine.policy import load_policy
-    from engine.reward import is_correct
-    from engine.tasks import load_problems
+    from engine.model.policy import load_policy
+    from engine.tasks.problems import load_problems
+    from engine.tasks.reward import is_correct
 
     model, tok, _ = load_policy("builtin:tiny", device="cpu")
     data = Dataset.from_list(
@@ -90,11 +90,11 @@ def _verl_run(root) -> str:
     """The verl integration's driver-side writer (engine.integrations.verl_records): 2 steps whose
     batches hold what verl's trainer has at its advantage stage: real responses of the embedded model,
     old log-probs, GRPO advantages broadcast over tokens, scores and group uids; no entropies."""
-    from engine.advantage import group_advantages
-    from engine.algorithms import resolve
     from engine.config import config_from_dict, load_config
     from engine.integrations import verl_records as vr
-    from engine.trainer import Timer, Trainer
+    from engine.shaping.advantage import group_advantages
+    from engine.shaping.algorithms import resolve
+    from engine.train.trainer import Timer, Trainer
 
     verl = {
         "model_path": "builtin:tiny-countdown",
@@ -219,7 +219,7 @@ def _traces(at):
 
 
 def test_steps_rows_have_every_registered_column(run):
-    from engine.schema import SCHEMAS
+    from engine.store.schema import SCHEMAS
 
     steps = _stored(run, "select * from steps where run_id = ? order by step")
     assert list(steps.columns) == SCHEMAS["steps"].names

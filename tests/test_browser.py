@@ -90,7 +90,7 @@ def _group_alive(pgid: int) -> bool:
 
 def _has_study_runs() -> bool:
     """Polarity 101 draws its curves from the quick study's runs, else the full study's."""
-    from engine.store import Store
+    from engine.store.store import Store
 
     runs = Store(ROOT / "data" / "store").query(
         "select run_id from runs where study in ('study-quick', 'study-full') and status = 'finished'"

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import ROOT, a3po
 
-from engine.store import Store
+from engine.store.store import Store
 
 
 def _last_json(out: str) -> dict:

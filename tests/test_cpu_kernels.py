@@ -1,4 +1,4 @@
-"""The C decode-attention kernel (engine/cpu_kernels.py, engine/csrc/cpu_kernels.c): hand-computed values,
+"""The C decode-attention kernel (engine/model/cpu_kernels.py, engine/model/csrc/cpu_kernels.c): hand-computed values,
 a float64 reference over the layouts the kv engine produces, the layout checks that keep it in bounds,
 its switches, and the decoder's steps with and without it."""
 
@@ -12,13 +12,13 @@ import shutil
 import pytest
 import torch
 
-from engine import cpu_kernels
-from engine import fast_forward as ff
-from engine.evaluate import encode_prompts
-from engine.kv_engine import KVEngine
-from engine.policy import load_policy
-from engine.rollout import SamplingParams
-from engine.tasks import load_problems
+from engine.model import cpu_kernels
+from engine.model import fast_forward as ff
+from engine.model.policy import load_policy
+from engine.rollout.base import SamplingParams
+from engine.rollout.kv import KVEngine
+from engine.tasks.problems import load_problems
+from engine.train.evaluate import encode_prompts
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None, reason=cpu_kernels.status())
 
@@ -315,7 +315,7 @@ def test_config_switch_reaches_the_engine(shipped):
     """``rollout.native_kernels=false`` gives an engine that never calls the kernel."""
     from engine.config import load_config
     from engine.resources import demo_config
-    from engine.rollout import make_backend
+    from engine.rollout.registry import make_backend
 
     model, tok = shipped
     for flag in (True, False):

@@ -1,14 +1,14 @@
-"""Unit tests for engine.evaluate: the unbiased pass@k estimator and evaluate() on a scripted backend."""
+"""Unit tests for engine.train.evaluate: the unbiased pass@k estimator and evaluate() on a scripted backend."""
 
 from math import comb
 
 import pytest
 import torch
 
-from engine.evaluate import encode_prompts, evaluate, pass_at_k
-from engine.policy import resolve_model_path
-from engine.rollout import Rollouts
-from engine.tasks import Problem
+from engine.model.policy import resolve_model_path
+from engine.rollout.base import Rollouts
+from engine.tasks.problems import Problem
+from engine.train.evaluate import encode_prompts, evaluate, pass_at_k
 
 
 # ------------------------------------------------------------------ pass@k

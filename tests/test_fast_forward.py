@@ -1,4 +1,4 @@
-"""engine/fast_forward.py against the models' own forward.
+"""engine/model/fast_forward.py against the models' own forward.
 
 Tiny random models of the four supported families are built with transformers' real classes (GQA in
 three of them, Qwen2's q/k/v bias, Llama with its optional biases, Qwen3's q_norm/k_norm) and every
@@ -30,16 +30,17 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import engine.fast_forward as ff
+import engine.model.fast_forward as ff
 from engine.config import load_config
-from engine.evaluate import encode_prompts
-from engine.kv_engine import KVEngine, retire_order
-from engine.policy import load_policy
-from engine.rollout import HFBackend, Rollouts, SamplingParams
-from engine.store import Store
-from engine.tasks import load_problems
-from engine.trainer import Trainer
-from engine.trainer import response_logits as trainer_logits
+from engine.model.policy import load_policy
+from engine.rollout.base import Rollouts, SamplingParams
+from engine.rollout.hf import HFBackend
+from engine.rollout.kv import KVEngine, retire_order
+from engine.store.store import Store
+from engine.tasks.problems import load_problems
+from engine.train.evaluate import encode_prompts
+from engine.train.trainer import Trainer
+from engine.train.trainer import response_logits as trainer_logits
 
 V = 60  # the shipped tokenizer's vocabulary: the random models reuse it
 PAD, BOS, EOS = 0, 1, 2
@@ -601,7 +602,7 @@ def test_cache_storage_is_position_major(shipped, prompts):
     """Each slot layer's ``(rows, heads, capacity, D)`` buffers are views of ``(capacity, rows, heads, D)``
     storage, before and after the rows are repeated for the samples, and the attention's per-head
     matrices are views of it too (no copy per step)."""
-    from engine.kv_engine import _RowCache
+    from engine.rollout.kv import _RowCache
 
     model, _ = shipped
     rc = _RowCache(model.config, 20)

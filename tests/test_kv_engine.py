@@ -13,14 +13,15 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-import engine.kv_engine as ke
-from engine.evaluate import encode_prompts
-from engine.kv_engine import KVEngine, sample_tokens, warp_logits
-from engine.ops import token_entropy, token_logprobs
-from engine.policy import load_policy
-from engine.rollout import HFBackend, SamplingParams, cut_at_eos, left_pad, position_ids
-from engine.tasks import load_problems
-from engine.trainer import response_logits
+import engine.rollout.kv as ke
+from engine.model.ops import token_entropy, token_logprobs
+from engine.model.policy import load_policy
+from engine.rollout.base import SamplingParams, cut_at_eos, left_pad, position_ids
+from engine.rollout.hf import HFBackend
+from engine.rollout.kv import KVEngine, sample_tokens, warp_logits
+from engine.tasks.problems import load_problems
+from engine.train.evaluate import encode_prompts
+from engine.train.trainer import response_logits
 
 
 @pytest.fixture(scope="module")

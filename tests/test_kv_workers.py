@@ -1,4 +1,4 @@
-"""Rollout worker processes of the kv engine (``rollout.workers``, engine/kv_workers.py).
+"""Rollout worker processes of the kv engine (``rollout.workers``, engine/model/workers.py).
 
 A pool of 2 on the shipped model: its output is exactly what one process gives for each prompt share
 with that share's seed, greedy output equals one process's, an in-place weight update in the trainer
@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from engine.config import ConfigError, load_config
-from engine.evaluate import encode_prompts
-from engine.kv_engine import KVEngine
-from engine.kv_workers import WorkerError, chunk_seed, split, to_arrays, to_tensors
-from engine.policy import load_policy
+from engine.model.policy import load_policy
+from engine.model.workers import WorkerError, chunk_seed, split, to_arrays, to_tensors
 from engine.resources import demo_config
-from engine.rollout import Rollouts, SamplingParams, make_backend
-from engine.tasks import load_problems
-from engine.update import LossSpec, Share
+from engine.rollout.base import Rollouts, SamplingParams
+from engine.rollout.kv import KVEngine
+from engine.rollout.registry import make_backend
+from engine.tasks.problems import load_problems
+from engine.train.evaluate import encode_prompts
+from engine.update.shares import LossSpec, Share
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,8 +162,12 @@ def test_a_local_failure_still_drains_the_helper(setup):
     def broken(prompts, params):
         raise ValueError("local share failed")
 
-    with pytest.raises(ValueError, match="local share failed"):
-        pool.pool.generate(prompts, params, broken)
+    pool._generate = broken  # this process's share (the helper's runs the real one)
+    try:
+        with pytest.raises(ValueError, match="local share failed"):
+            pool.generate(prompts, params)
+    finally:
+        del pool._generate
     _equal(pool.generate(prompts, params), KVEngine(model, tok).generate(prompts, params))
 
 
@@ -201,11 +206,11 @@ def test_unguarded_script_is_not_rerun(tmp_path):
         textwrap.dedent(
             f"""
             import torch
-            from engine.evaluate import encode_prompts
-            from engine.kv_engine import KVEngine
-            from engine.policy import load_policy
-            from engine.rollout import SamplingParams
-            from engine.tasks import load_problems
+            from engine.train.evaluate import encode_prompts
+            from engine.rollout.kv import KVEngine
+            from engine.model.policy import load_policy
+            from engine.rollout.base import SamplingParams
+            from engine.tasks.problems import load_problems
             with open({str(marker)!r}, "a") as f:
                 f.write("x")
             model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
@@ -233,11 +238,11 @@ def test_helper_exits_when_its_parent_is_killed():
     p = _run(
         """
         import os, sys
-        from engine.evaluate import encode_prompts
-        from engine.kv_engine import KVEngine
-        from engine.policy import load_policy
-        from engine.rollout import SamplingParams
-        from engine.tasks import load_problems
+        from engine.train.evaluate import encode_prompts
+        from engine.rollout.kv import KVEngine
+        from engine.model.policy import load_policy
+        from engine.rollout.base import SamplingParams
+        from engine.tasks.problems import load_problems
         model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")
         prompts = encode_prompts(tok, load_problems("builtin:countdown", "train")[:4])
         eng = KVEngine(model, tok, workers=2, threads=1)

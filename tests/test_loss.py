@@ -1,11 +1,11 @@
-"""Unit tests for engine.loss: clipped surrogate, aggregation modes, KL penalties."""
+"""Unit tests for engine.update.loss: clipped surrogate, aggregation modes, KL penalties."""
 
 import math
 
 import pytest
 import torch
 
-from engine.loss import aggregate_loss, kl_penalty, policy_loss
+from engine.update.loss import aggregate_loss, kl_penalty, policy_loss
 
 
 def close(got, expected, atol=1e-5):

@@ -1,10 +1,10 @@
-"""Unit tests for engine.ops: chunked token log-probs and entropies."""
+"""Unit tests for engine.model.ops: chunked token log-probs and entropies."""
 
 import math
 
 import torch
 
-from engine.ops import token_entropy, token_logprobs, token_logprobs_entropy
+from engine.model.ops import token_entropy, token_logprobs, token_logprobs_entropy
 
 LOG2 = 0.6931472
 LOG4 = 1.3862944

@@ -12,8 +12,9 @@ import statistics
 import pandas as pd
 import pytest
 
-from engine import stats
-from engine.report import (
+from engine.study import stats
+from engine.study.design import SETTINGS
+from engine.study.report import (
     CLIP_INACTIVE,
     METRICS,
     StudyData,
@@ -24,7 +25,7 @@ from engine.report import (
     push_table,
     render_report,
 )
-from engine.stats import (
+from engine.study.stats import (
     FAILS,
     HOLDS,
     NULL,
@@ -38,7 +39,6 @@ from engine.stats import (
     t_quantile,
     verdict,
 )
-from engine.study import SETTINGS
 
 PART_KEYS = {
     "text",
@@ -256,7 +256,7 @@ def test_power_paired_t_matches_simulation():
 STEPS = 10
 
 
-class S:  # a minimal stand-in for engine.study.Setting
+class S:  # a minimal stand-in for engine.study.design.Setting
     def __init__(self, name, section="methods"):
         self.name, self.section, self.label = name, section, name
 

@@ -1,11 +1,11 @@
-"""Unit tests for engine.reward: boxed-answer extraction, correctness and the overlong penalty."""
+"""Unit tests for engine.tasks.reward: boxed-answer extraction, correctness and the overlong penalty."""
 
 import random
 import threading
 
 import pytest
 
-from engine.reward import is_correct, last_boxed, math_verify_correct, overlong_penalty
+from engine.tasks.reward import is_correct, last_boxed, math_verify_correct, overlong_penalty
 
 
 # ------------------------------------------------------------------------------------ last_boxed
@@ -197,8 +197,8 @@ def test_overlong_penalty_monotone_and_bounded():
 
 
 # ------------------------------------------------------------------------------------ countdown verifier
-from engine.reward import countdown_correct, parse_countdown_prompt, resolve_verifier  # noqa: E402
-from engine.tasks import Problem  # noqa: E402
+from engine.tasks.problems import Problem  # noqa: E402
+from engine.tasks.reward import countdown_correct, parse_countdown_prompt, resolve_verifier  # noqa: E402
 
 CD_PROMPT = "10 8 9 7:117="
 CD_GOOD = "10+8=18(9 7 18);18*7=126(9 126);126-9=117(117)"

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from engine.evaluate import encode_prompts
-from engine.policy import ModelError, load_policy
-from engine.rollout import HFBackend, SamplingParams, cut_at_eos, left_pad, position_ids
-from engine.tasks import Problem
+from engine.model.policy import ModelError, load_policy
+from engine.rollout.base import SamplingParams, cut_at_eos, left_pad, position_ids
+from engine.rollout.hf import HFBackend
+from engine.tasks.problems import Problem
+from engine.train.evaluate import encode_prompts
 
 EOS, PAD = 2, 0
 

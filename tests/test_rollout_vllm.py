@@ -6,7 +6,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
-from engine.rollout_vllm import rollouts_from_vllm
+from engine.rollout.vllm import rollouts_from_vllm
 
 EOS, PAD = 2, 0
 
@@ -61,8 +61,8 @@ def test_conversion_checks_counts():
 
 
 def test_vllm_backend_needs_vllm():
-    from engine.policy import load_policy
-    from engine.rollout import make_backend
+    from engine.model.policy import load_policy
+    from engine.rollout.registry import make_backend
 
     try:
         import vllm  # noqa: F401
@@ -130,8 +130,8 @@ def test_vllm_backend_builds_an_in_process_engine_sized_to_the_run(fake_vllm):
     import os
 
     from engine.config import load_config
-    from engine.policy import load_policy
-    from engine.rollout import make_backend
+    from engine.model.policy import load_policy
+    from engine.rollout.registry import make_backend
 
     cfg = load_config(
         None,
@@ -159,7 +159,7 @@ def test_vllm_backend_builds_an_in_process_engine_sized_to_the_run(fake_vllm):
 
 
 def test_vllm_backend_caps_max_model_len_at_the_models_positions(fake_vllm):
-    from engine.rollout_vllm import engine_max_len
+    from engine.rollout.vllm import engine_max_len
 
     assert engine_max_len(NS(max_position_embeddings=128), 256, 64) == 128
     assert engine_max_len(NS(max_position_embeddings=4096), 256, 64) == 320
@@ -167,9 +167,9 @@ def test_vllm_backend_caps_max_model_len_at_the_models_positions(fake_vllm):
 
 
 def test_vllm_backend_sleeps_between_generations_and_repushes_weights(fake_vllm):
-    from engine.policy import load_policy
-    from engine.rollout import SamplingParams
-    from engine.rollout_vllm import VLLMBackend
+    from engine.model.policy import load_policy
+    from engine.rollout.base import SamplingParams
+    from engine.rollout.vllm import VLLMBackend
 
     model, tok, _ = load_policy("builtin:tiny-countdown")
     be = VLLMBackend(model, tok, model_path="m", max_model_len=128, sleep=True)
@@ -191,8 +191,8 @@ def test_vllm_backend_sleeps_between_generations_and_repushes_weights(fake_vllm)
 
 
 def test_vllm_backend_explains_an_out_of_process_engine(fake_vllm):
-    from engine.policy import load_policy
-    from engine.rollout_vllm import VLLMBackend
+    from engine.model.policy import load_policy
+    from engine.rollout.vllm import VLLMBackend
 
     class Remote(_FakeLLM):
         def __init__(self, **kw):

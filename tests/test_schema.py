@@ -1,4 +1,4 @@
-"""engine.schema: the one record schema. Hand-checkable rows, metrics and the one write path."""
+"""engine.store.schema: the one record schema. Hand-checkable rows, metrics and the one write path."""
 
 import math
 
@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine import schema
-from engine.advantage import gradient_push
-from engine.schema import (
+from engine.shaping.advantage import gradient_push
+from engine.store import schema
+from engine.store.schema import (
     SCHEMAS,
     STEP_METRICS,
     SchemaError,
@@ -20,7 +20,7 @@ from engine.schema import (
     step_tables,
     steps_table,
 )
-from engine.store import Store
+from engine.store.store import Store
 
 REQ = {"reward": 0.5, "acc": 0.5, "entropy": 1.0, "length": 3.0}
 
@@ -240,7 +240,7 @@ def test_trainer_steps_row_matches_metrics_from_its_rollouts(tmp_path):
     """The trainer computes its metrics from tensors; metrics_from_rollouts from the stored rows.
     Both must agree, or TRL/verl runs would plot other numbers than the trainer's."""
     from engine.config import load_config
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
 
     n = torch.get_num_threads()
     try:

@@ -1,5 +1,5 @@
 """One batch, every path, one answer: the trainer, the replay (the playground's engine), TRL and
-verl all shape advantages with ``engine.algorithms.shape_tokens`` and one ``ResolvedAlgorithm``.
+verl all shape advantages with ``engine.shaping.algorithms.shape_tokens`` and one ``ResolvedAlgorithm``.
 
 The batch is a real training step of the embedded model (A3PO mid-decay, asymmetric alphas, an extra
 prob-based token rule on top), taken at step 3 of 4 so the decay is neither at its start nor its end.
@@ -8,11 +8,11 @@ prob-based token rule on top), taken at step 3 of 4 so the decay is neither at i
 import pytest
 import torch
 
-from engine.algorithms import resolve
 from engine.config import load_config
-from engine.replay import replay, to_batch
-from engine.store import Store
-from engine.trainer import Trainer
+from engine.shaping.algorithms import resolve
+from engine.shaping.replay import replay, to_batch
+from engine.store.store import Store
+from engine.train.trainer import Trainer
 
 STEP = 3  # stored step 3 is shaped at 2 finished steps: alpha(2 of 4) = 1 + (alpha0 - 1) / 2
 OVERRIDES = [
@@ -67,7 +67,7 @@ def test_trl_shapes_the_batch_identically(step_batch, tmp_path):
     from datasets import Dataset
 
     from engine.integrations.trl import A3POGRPOTrainer
-    from engine.policy import load_policy
+    from engine.model.policy import load_policy
 
     cfg, resolved, batch = step_batch
     model, tok, _ = load_policy("builtin:tiny-countdown", device="cpu")

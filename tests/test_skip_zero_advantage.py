@@ -12,18 +12,18 @@ import tempfile
 import pytest
 import torch
 
-import engine.update as upd
+import engine.update.shares as upd
 from engine.config import load_config
-from engine.evaluate import encode_prompts
-from engine.kv_engine import KVEngine
-from engine.loss import agg_weights
-from engine.policy import load_policy
+from engine.model.policy import load_policy
 from engine.resources import demo_config
-from engine.rollout import Rollouts, SamplingParams
-from engine.store import Store
-from engine.tasks import load_problems
-from engine.trainer import Trainer
-from engine.update import LossSpec, Share, active_rows, backward, take
+from engine.rollout.base import Rollouts, SamplingParams
+from engine.rollout.kv import KVEngine
+from engine.store.store import Store
+from engine.tasks.problems import load_problems
+from engine.train.evaluate import encode_prompts
+from engine.train.trainer import Trainer
+from engine.update.loss import agg_weights
+from engine.update.shares import LossSpec, Share, active_rows, backward, take
 
 
 def _share(adv, mask, ref=None):

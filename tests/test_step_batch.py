@@ -3,9 +3,9 @@
 import torch
 
 from engine.config import load_config
-from engine.rollout import Rollouts
-from engine.store import Store
-from engine.trainer import StepBatch, Timer, Trainer
+from engine.rollout.base import Rollouts
+from engine.store.store import Store
+from engine.train.trainer import StepBatch, Timer, Trainer
 
 PAD = 9
 

@@ -1,4 +1,4 @@
-"""Unit tests for engine.store: run metadata, atomic step segments, compaction, truncation, views."""
+"""Unit tests for engine.store.store: run metadata, atomic step segments, compaction, truncation, views."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import schema
-from engine.store import SCHEMAS, TABLES, Store, StoreError, check_name
+from engine.store import schema
+from engine.store.store import SCHEMAS, TABLES, Store, StoreError, check_name
 
 CONFIG = {"algorithm": {"name": "grpo"}, "train": {"steps": 10}}
 
@@ -451,7 +451,7 @@ def other_process():
 
 
 def lease_of(pid: int, **kw) -> str:
-    from engine.store import _proc_start
+    from engine.store.store import _proc_start
 
     return json.dumps({"host": socket.gethostname(), "pid": pid, "start": _proc_start(pid), "since": 0, **kw})
 
@@ -524,7 +524,7 @@ def test_compact_by_non_holder_is_refused(store, other_process):
 
 
 def test_fit_releases_the_lease_on_interrupt_and_finish(store, monkeypatch):
-    from engine.trainer import Trainer
+    from engine.train.trainer import Trainer
 
     rid = store.create_run(CONFIG, name="r", lease=True)
     assert store.writer(rid)["pid"] == os.getpid()  # the run appears already leased
@@ -546,7 +546,7 @@ def test_fit_releases_the_lease_on_interrupt_and_finish(store, monkeypatch):
 
 
 def test_resume_of_finished_or_live_run_is_one_line(store, other_process):
-    from engine.trainer import resume
+    from engine.train.trainer import resume
 
     rid = store.create_run(CONFIG, name="done")
     store.update_run(rid, status="finished", last_step=10)

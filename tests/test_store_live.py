@@ -18,8 +18,8 @@ import torch
 from conftest import ROOT
 
 from engine.config import load_config
-from engine.store import StepSegment, Store
-from engine.trainer import Trainer, resume
+from engine.store.store import StepSegment, Store
+from engine.train.trainer import Trainer, resume
 
 STEPS = 12
 PROMPTS, N = 2, 2
@@ -41,7 +41,7 @@ LIVE = [
 # succeed and see each (step, rollout) at most once. Prints a JSON summary as its last line.
 READER = r"""
 import json, os, sys, time
-from engine.store import Store
+from engine.store.store import Store
 root, stop, need = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = Store(root)
 n = during = 0

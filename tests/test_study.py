@@ -7,8 +7,9 @@ import shutil
 from conftest import a3po
 
 from engine.config import load_config
-from engine.store import Store
-from engine.study import CORE, PRESETS, SETTINGS, plan
+from engine.store.store import Store
+from engine.study.design import CORE, PRESETS, SETTINGS
+from engine.study.runner import plan
 
 TINY = ["train.prompts_per_step=4", "rollout.n=4", "eval.n_prompts=6"]
 PART_KEYS = {

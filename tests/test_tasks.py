@@ -1,4 +1,4 @@
-"""Unit tests for engine.tasks: the synthetic arithmetic task and dataset loading."""
+"""Unit tests for engine.tasks.problems: the synthetic arithmetic task and dataset loading."""
 
 import json
 import os
@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.reward import is_correct, last_boxed
-from engine.tasks import (
+from engine.tasks.problems import (
     ARITH_DIR,
     TASKS,
     DatasetError,
@@ -23,6 +22,7 @@ from engine.tasks import (
     resolve_data_path,
     write_jsonl,
 )
+from engine.tasks.reward import is_correct, last_boxed
 
 PROMPT_RE = re.compile(r"^([1-9][0-9]?)([+-])([1-9][0-9]?)([+-])([1-9][0-9]?)=$")
 
@@ -280,7 +280,7 @@ def test_shipped_test_split_matches_generator():
 
 
 # ------------------------------------------------------------------------------------ countdown task
-from engine.reward import countdown_correct, parse_countdown_prompt  # noqa: E402
+from engine.tasks.reward import countdown_correct, parse_countdown_prompt  # noqa: E402
 
 CD_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)\(([\d ]+)\)$")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from engine.policy import BUILTIN
-from engine.tiny_model import MODEL_DIRS, build_tiny_model, build_tokenizer, rollout_stats
+from engine.model.policy import BUILTIN
+from engine.tasks.tiny_model import MODEL_DIRS, build_tiny_model, build_tokenizer, rollout_stats
 
 MODEL = ROOT / "data" / "tiny-model"
 
@@ -48,12 +48,12 @@ def test_shipped_countdown_model_meets_the_polarity_targets():
 
 def test_rollout_stats_hand_checked_on_a_fixed_policy():
     """A model whose every logit is 0 samples uniformly: entropy log V everywhere, all tokens are forks."""
-    from engine.tasks import Problem
+    from engine.tasks.problems import Problem
 
     tok = build_tokenizer()
     from transformers import LlamaForCausalLM
 
-    from engine.tiny_model import build_config
+    from engine.tasks.tiny_model import build_config
 
     model = LlamaForCausalLM(build_config(len(tok)))
     with torch.no_grad():

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from engine.algorithms import ALGORITHMS
 from engine.config import load_config
-from engine.store import Store
-from engine.trainer import Trainer
+from engine.shaping.algorithms import ALGORITHMS
+from engine.store.store import Store
+from engine.train.trainer import Trainer
 
 BASE = [
     "train.prompts_per_step=2",
@@ -135,9 +135,9 @@ def test_final_k_extends_final_eval(tmp_path):
 
 def test_logprobs_and_entropy_use_the_rollout_temperature(tmp_path):
     """At T = 0.7 the stored log-probs/entropies are those of softmax(logits / 0.7) of the initial policy."""
-    from engine.evaluate import encode_prompts
-    from engine.policy import load_policy
-    from engine.tasks import Problem
+    from engine.model.policy import load_policy
+    from engine.tasks.problems import Problem
+    from engine.train.evaluate import encode_prompts
 
     store = run(tmp_path, "algorithm.name=grpo", "rollout.temperature=0.7", "train.steps=1")
     ro = store.query("select rollout_idx, prompt from rollouts where step = 1 order by rollout_idx")

@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-import engine.trainer as trainer_mod
-import engine.update as update_mod
+import engine.train.trainer as trainer_mod
+import engine.update.shares as update_mod
 from engine.config import load_config
-from engine.store import Store
-from engine.trainer import Trainer
+from engine.store.store import Store
+from engine.train.trainer import Trainer
 
 BASE = [
     "train.prompts_per_step=2",

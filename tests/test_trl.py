@@ -14,13 +14,13 @@ from conftest import ROOT, free_port  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from engine.advantage import decay_alpha  # noqa: E402
 from engine.config import ConfigError, config_from_dict  # noqa: E402
 from engine.integrations.trl import A3POGRPOTrainer, truncated_rows  # noqa: E402
-from engine.policy import load_policy  # noqa: E402
-from engine.reward import is_correct  # noqa: E402
-from engine.store import Store  # noqa: E402
-from engine.tasks import load_problems  # noqa: E402
+from engine.model.policy import load_policy  # noqa: E402
+from engine.shaping.advantage import decay_alpha  # noqa: E402
+from engine.store.store import Store  # noqa: E402
+from engine.tasks.problems import load_problems  # noqa: E402
+from engine.tasks.reward import is_correct  # noqa: E402
 
 PAGES = ROOT / "app" / "pages"
 
@@ -110,7 +110,7 @@ def test_trl_two_steps_write_rows_the_app_reads(tmp_path, monkeypatch):
     assert {"reward", "acc", "entropy", "length", "push_rule_pos", "push_raw_neg", "alpha_pos"} <= set(steps.columns)
     assert list(steps.acc) == [float(ro[ro.step == s].correct.mean()) for s in (1, 2)]
     assert list(steps.alpha_pos) == [2.0, 1.5]  # linear: 1 + (2 - 1)(1 - s/2) at s = 0, 1
-    # the same columns the trainer fills, derived from the rows (engine.schema.metrics_from_rollouts)
+    # the same columns the trainer fills, derived from the rows (engine.store.schema.metrics_from_rollouts)
     assert list(steps.n_rollouts) == [8.0, 8.0] and steps.truncated_frac.notna().all()
     assert list(steps.key_frac) == [
         pytest.approx(float(ro[ro.step == s].n_key.sum() / ro[ro.step == s].length.sum())) for s in (1, 2)

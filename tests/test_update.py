@@ -1,5 +1,5 @@
 """The update split between CPU worker processes (``actor.split_update``) and into micro-batches
-(``actor.micro_batch_tokens``), engine/update.py.
+(``actor.micro_batch_tokens``), engine/update/shares.py.
 
 The aggregation weights make any split of the rows add up to the whole mini-batch's loss; shares
 are cut at group starts with about equal tokens; the pool's gradient (helper's share + caller's
@@ -13,19 +13,19 @@ import tempfile
 import pytest
 import torch
 
-import engine.update as upd
+import engine.update.shares as upd
 from engine.config import load_config
-from engine.evaluate import encode_prompts
-from engine.kv_engine import KVEngine
-from engine.kv_workers import WorkerError
-from engine.loss import AGG_MODES, agg_weights, aggregate_loss
-from engine.policy import load_policy
+from engine.model.policy import load_policy
+from engine.model.workers import WorkerError
 from engine.resources import demo_config
-from engine.rollout import SamplingParams
-from engine.store import Store
-from engine.tasks import load_problems
-from engine.trainer import Trainer
-from engine.update import LossSpec, Share, backward, group_shares, split_share
+from engine.rollout.base import SamplingParams
+from engine.rollout.kv import KVEngine
+from engine.store.store import Store
+from engine.tasks.problems import load_problems
+from engine.train.evaluate import encode_prompts
+from engine.train.trainer import Trainer
+from engine.update.loss import AGG_MODES, agg_weights, aggregate_loss
+from engine.update.shares import LossSpec, Share, backward, group_shares, pool_backward, split_share
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -117,7 +117,7 @@ def test_pool_gradient_equals_one_process(mode):
         model.zero_grad(set_to_none=True)
         shares = _shares(ro, old, adv, mode, 2)
         assert len(shares) == 2
-        res = engine.pool.backward([s for _, s in shares], spec, params, lambda s: backward(model, s, spec))
+        res = pool_backward(engine.pool, [s for _, s in shares], spec, params, lambda s: backward(model, s, spec))
         assert sum(r.loss for r in res) == pytest.approx(ref.loss, rel=1e-5, abs=1e-7)
         for p, g in zip(params, ref_grads):
             torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
@@ -127,7 +127,7 @@ def test_pool_gradient_equals_one_process(mode):
         b, t = shares[1][1].old_logprobs.shape
         bad = Share(shares[1][1].rollouts, torch.zeros(b + 1, t + 1), shares[1][1].advantages, shares[1][1].weights)
         with pytest.raises(WorkerError, match="rollout worker 1 failed: RuntimeError"):
-            engine.pool.backward([shares[0][1], bad], spec, params, lambda s: backward(model, s, spec))
+            pool_backward(engine.pool, [shares[0][1], bad], spec, params, lambda s: backward(model, s, spec))
         again = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=12, seed=3))
         assert torch.equal(again.response_ids, ro.response_ids)
     finally:
@@ -177,7 +177,7 @@ def test_trainer_step_with_split_update_lands_on_the_same_weights(monkeypatch):
     """Two mini-batches (so both runs take the recorded old log-probs): split or not, same weights. The
     workers' shares are cut at a row, not at a group: a group cut in two (its prompt computed by both
     processes) gives the same weights too."""
-    import engine.trainer as trainer_mod
+    import engine.train.trainer as trainer_mod
 
     cut_groups, real_split = [], trainer_mod.split_share
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.loss import kl_penalty, masked_mean, policy_loss
-from engine.ops import token_logprobs
-from engine.rollout import Rollouts
-from engine.store import Store
-from engine.trainer import Trainer, response_logits
+from engine.model.ops import token_logprobs
+from engine.rollout.base import Rollouts
+from engine.store.store import Store
+from engine.train.trainer import Trainer, response_logits
+from engine.update.loss import kl_penalty, masked_mean, policy_loss
 
 BASE = [
     "train.prompts_per_step=4",

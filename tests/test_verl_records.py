@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import ROOT
 
-from engine.advantage import decay_alpha
-from engine.algorithms import ResolvedAlgorithm, resolve, shape_tokens
-from engine.config import ConfigError, config_from_dict
+from engine.config import ConfigError, config_from_dict, resolved_from_dict
 from engine.integrations import verl_records as vr
-from engine.replay import load_step
-from engine.store import Store, StoreError
+from engine.shaping.advantage import decay_alpha
+from engine.shaping.algorithms import ResolvedAlgorithm, resolve, shape_tokens
+from engine.shaping.replay import load_step
+from engine.store.store import Store, StoreError
 
 VERL = {
     "model_path": "Qwen/Qwen2.5-0.5B",
@@ -216,7 +216,7 @@ def test_written_run_opens_in_the_store_and_replays(tmp_path):
     store = Store(tmp_path / "runs")
     meta = store.read_run(w.run_id)
     assert meta["status"] == "finished" and meta["last_step"] == 2 and meta["total_steps"] == 40
-    assert ResolvedAlgorithm.from_dict(meta["resolved"]) == r
+    assert resolved_from_dict(meta["resolved"]) == r
     config_from_dict(meta["config"])
     assert store.query("select count(*) n from steps", run_ids=[w.run_id]).n[0] == 2
     assert set(store.query("select distinct run_id from tokens", run_ids=[w.run_id]).run_id) == {w.run_id}

@@ -24,7 +24,7 @@ def test_wheel_carries_the_builtin_defaults(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     (wheel,) = tmp_path.glob("a3po_lab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    must = {"a3po_configs/demo.yaml", "app/main.py", "engine/resources.py", "engine/csrc/cpu_kernels.c"}
+    must = {"a3po_configs/demo.yaml", "app/main.py", "engine/resources.py", "engine/model/csrc/cpu_kernels.c"}
     for model in ("tiny-countdown", "tiny-model"):
         must |= {f"a3po_data/{model}/{f}" for f in ("config.json", "model.safetensors", "tokenizer.json")}
     for task in ("countdown", "arith"):
@@ -55,7 +55,7 @@ def test_build_tiny_model_outside_a_checkout_needs_out(monkeypatch):
 
     import engine.resources as res
     from engine.config import ConfigError
-    from engine.tiny_model import build_tiny_model
+    from engine.tasks.tiny_model import build_tiny_model
 
     monkeypatch.setattr(res, "in_checkout", lambda: False)
     with pytest.raises(ConfigError, match="needs --out"):
@@ -65,7 +65,7 @@ def test_build_tiny_model_outside_a_checkout_needs_out(monkeypatch):
 def test_launched_jobs_run_in_the_store_not_the_package(tmp_path, monkeypatch):
     """The app's jobs start with the store's launch folder as working folder (a wheel has no checkout)."""
     import app.launcher as launcher
-    from engine.store import Store
+    from engine.store.store import Store
 
     seen = {}
 

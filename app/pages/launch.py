@@ -16,7 +16,7 @@ from app.common import get_store, q, runs_df, safe_run_id
 from app.launcher import get_launcher
 from engine.config import ConfigError
 from engine.resources import demo_config
-from engine.store import StoreError
+from engine.store.store import StoreError
 
 st.title("Launch")
 store = get_store()

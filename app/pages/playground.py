@@ -1,7 +1,7 @@
 """Shaping playground: change the shaping rule and see its effect on stored rollouts at once.
 
 The page rebuilds the selected step's tensors from the store and calls the engine's own
-``shape_advantages`` (engine.replay), so what you see is exactly what training would use.
+``shape_advantages`` (engine.shaping.replay), so what you see is exactly what training would use.
 """
 
 import json
@@ -12,11 +12,11 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.common import get_store, guard, pick_run, q, render_tokens, store_failed
-from engine.advantage import DECAYS
-from engine.algorithms import ALGORITHMS, alpha_schedule, resolve
 from engine.config import ConfigError, config_from_dict
-from engine.replay import batch_push, load_step, replay
-from engine.store import StoreError
+from engine.shaping.advantage import DECAYS
+from engine.shaping.algorithms import ALGORITHMS, alpha_schedule, resolve
+from engine.shaping.replay import batch_push, load_step, replay
+from engine.store.store import StoreError
 
 st.title("Shaping playground")
 run = pick_run(key="run")

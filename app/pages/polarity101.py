@@ -53,7 +53,7 @@ if not runs:
     st.info("No study runs found: run `a3po study --preset quick`.")
 else:
     try:
-        from engine.tasks import TASKS
+        from engine.tasks.problems import TASKS
 
         about = TASKS[task_label(task)].doc if task.startswith("builtin:") else ""
     except (ImportError, KeyError, AttributeError):

@@ -12,7 +12,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app.common import default_run, get_store, guard, q, runs_df, task_label, task_of
-from engine.replay import PUSH_COLUMNS, step_push
+from engine.shaping.replay import PUSH_COLUMNS, step_push
 
 st.title("Runs")
 df = runs_df()

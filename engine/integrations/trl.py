@@ -4,7 +4,7 @@ Why: users who scale out with TRL (accelerate: DDP, DeepSpeed ZeRO, FSDP) keep t
 functions and the same store. TRL computes one advantage per completion; after it does, we run one
 extra no-grad forward for the old-policy log-probs and entropies (through TRL's own
 ``_get_per_token_logps_and_entropies``, chunked by ``per_device_train_batch_size`` like TRL's own
-forwards), apply the engine's one shaping function ``engine.algorithms.shape_tokens`` (A3PO's
+forwards), apply the engine's one shaping function ``engine.shaping.algorithms.shape_tokens`` (A3PO's
 decaying asymmetric rules, resolved from the same config an ``a3po train`` run would use), and hand
 TRL a ``(B, T)`` advantage tensor, which its loss accepts as is.
 
@@ -41,12 +41,12 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
-from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
 from engine.config import MAX_STEPS, ConfigError, config_from_dict
-from engine.reward import resolve_verifier
-from engine.schema import metrics_from_rollouts, step_tables
-from engine.store import Store
-from engine.tasks import Problem
+from engine.shaping.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
+from engine.store.schema import metrics_from_rollouts, step_tables
+from engine.store.store import Store
+from engine.tasks.problems import Problem
+from engine.tasks.reward import resolve_verifier
 
 # The A3PO options a TRL run takes: the engine's own ``algorithm.*`` keys (defaults and ranges live in
 # engine.config.AlgorithmConfig, nowhere else).
@@ -165,7 +165,7 @@ class A3POGRPOTrainer(GRPOTrainer):
         return self.a3po_resolved().decay_steps
 
     def a3po_resolved(self) -> ResolvedAlgorithm:
-        """This run's resolved algorithm (``engine.algorithms.resolve`` of ``engine_config()``), the
+        """This run's resolved algorithm (``engine.shaping.algorithms.resolve`` of ``engine_config()``), the
         one the shaping uses and run.json stores; rebuilt only when TRL's ``state.max_steps`` changes."""
         key = int(self.state.max_steps)
         if getattr(self, "_a3po_resolved", (None, None))[0] != key:
@@ -173,7 +173,7 @@ class A3POGRPOTrainer(GRPOTrainer):
         return self._a3po_resolved[1]
 
     def a3po_shape(self, adv, polarity, mask, logps, ent, step: int) -> Shaped:
-        """TRL's ``(B,)`` advantages -> the ``(B, T)`` advantages its loss takes: ``engine.algorithms.shape_tokens``."""
+        """TRL's ``(B,)`` advantages -> the ``(B, T)`` advantages its loss takes: ``engine.shaping.algorithms.shape_tokens``."""
         return shape_tokens(self.a3po_resolved(), adv, polarity, mask, logps, ent, step)
 
     def _a3po_old_logps(self, full_ids, full_mask, n_completion):

@@ -3,16 +3,16 @@
 Why a policy loss: verl's advantage estimators run on the driver without log-probs, so token
 selection cannot happen there; the policy loss runs in the actor workers and receives
 ``old_log_prob``, ``log_prob``, ``advantages`` (B, T) and ``response_mask``. The loss ``a3po`` shapes
-the advantages with the engine's one shaping function (``engine.algorithms.shape_tokens``, through
+the advantages with the engine's one shaping function (``engine.shaping.algorithms.shape_tokens``, through
 ``verl_records.shape``; polarity = sign of the GRPO advantage) and hands the clipped surrogate and its
 aggregation to verl's own ``vanilla`` loss, so every verl option (clip-higher, dual clip,
 loss_agg_mode, global token normalisation) still applies.
 
-What it shapes with: the run's resolved algorithm (``engine.algorithms.ResolvedAlgorithm``), which
+What it shapes with: the run's resolved algorithm (``engine.shaping.algorithms.ResolvedAlgorithm``), which
 ``python -m engine.integrations.verl_main`` builds from the engine config (``a3po.config=FILE`` and
 ``a3po.<section>.<key>=VALUE``) and ships to every worker as one JSON string in ``A3PO_RESOLVED``
 (``ray_kwargs.ray_init.runtime_env.env_vars``); the worker checks it again with
-``ResolvedAlgorithm.from_dict``. The loss reads no other environment variable; the per-coefficient
+``engine.config.resolved_from_dict``. The loss reads no other environment variable; the per-coefficient
 ``A3PO_*`` variables of earlier versions are refused in one line. Use the entry point::
 
     python -m engine.integrations.verl_main algorithm.adv_estimator=grpo \\

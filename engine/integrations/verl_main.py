@@ -58,7 +58,7 @@ import numpy as np
 import ray
 import torch
 
-from engine.config import ConfigError
+from engine.config import ConfigError, resolved_from_dict
 from engine.integrations.verl_records import (
     RESOLVED_ENV,
     RunWriter,
@@ -70,7 +70,7 @@ from engine.integrations.verl_records import (
     split_args,
     step_records,
 )
-from engine.store import Store, StoreError
+from engine.store.store import Store, StoreError
 
 LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
 EXTERNAL = "engine.integrations.verl"
@@ -169,8 +169,8 @@ def prepare(argv: list[str]):
     Everything that can be wrong in the a3po.* keys raises ConfigError/StoreError here, before Ray."""
     from omegaconf import OmegaConf, open_dict
 
-    from engine.algorithms import resolve
     from engine.config import config_from_dict
+    from engine.shaping.algorithms import resolve
 
     opts, argv = hydra_options(argv)
     ours, verl_args = split_args(argv)
@@ -237,9 +237,8 @@ class StepWriter:
     """Turns one verl step's batch into store rows and writes them (the TaskRunner's end of the store)."""
 
     def __init__(self, settings, tokenizer, ckpt_dir: str | None):
-        from engine.algorithms import ResolvedAlgorithm
 
-        self.resolved = ResolvedAlgorithm.from_dict(json.loads(settings["resolved"]), where=RESOLVED_ENV)
+        self.resolved = resolved_from_dict(json.loads(settings["resolved"]), where=RESOLVED_ENV)
         self.tokenizer = tokenizer
         self.run = RunWriter(
             Store(settings["store"]),

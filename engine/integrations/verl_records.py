@@ -8,9 +8,9 @@ it; neither duplicates a check or a formula that lives here.
 The config: the A3PO keys of a verl launch are the engine's own config — a YAML/JSON file
 (``a3po.config=path.yaml``, the same keys as ``configs/demo.yaml``) and/or dotted keys
 (``a3po.algorithm.alpha_pos=2``) — checked by ``engine.config.load_config``, then resolved with
-``engine.algorithms.resolve``. The resolved algorithm travels to the Ray workers as one JSON string
+``engine.shaping.algorithms.resolve``. The resolved algorithm travels to the Ray workers as one JSON string
 in one environment variable (``A3PO_RESOLVED``, see ``RESOLVED_ENV``) and is checked again there by
-``ResolvedAlgorithm.from_dict``. No other environment variable is read.
+``engine.config.resolved_from_dict``. No other environment variable is read.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
-from engine.config import AGG_MODES, MAX_STEPS, ConfigError, config_from_dict, load_config
-from engine.schema import metrics_from_rollouts, step_tables
+from engine.config import AGG_MODES, MAX_STEPS, ConfigError, config_from_dict, load_config, resolved_from_dict
+from engine.shaping.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
+from engine.store.schema import metrics_from_rollouts, step_tables
 
 PREFIX = "a3po."
 RESOLVED_ENV = "A3PO_RESOLVED"
@@ -189,7 +189,7 @@ def resolved_from_env(environ=None) -> ResolvedAlgorithm:
             d = json.loads(text)
         except json.JSONDecodeError:
             raise ConfigError(f"{RESOLVED_ENV} is not JSON — let verl_main write it (resolved_env)") from None
-        r = ResolvedAlgorithm.from_dict(d, where=RESOLVED_ENV)
+        r = resolved_from_dict(d, where=RESOLVED_ENV)
         check_verl_algorithm(r)
         _env_cache[text] = r
     return _env_cache[text]
@@ -207,7 +207,7 @@ def polarity_from_advantages(advantages: torch.Tensor, response_mask: torch.Tens
 
 
 def shape(r: ResolvedAlgorithm, advantages, response_mask, old_log_probs, step: int) -> Shaped:
-    """verl's ``(B, T)`` advantages shaped by ``engine.algorithms.shape_tokens``: what the loss trains on.
+    """verl's ``(B, T)`` advantages shaped by ``engine.shaping.algorithms.shape_tokens``: what the loss trains on.
 
     ``step`` = finished training steps (0 for the first update), the decay's clock."""
     pol = polarity_from_advantages(advantages, response_mask)
@@ -234,7 +234,7 @@ class StepRecords(NamedTuple):
     """One verl step as the store takes it."""
 
     tables: dict[str, pa.Table]  # rollouts, tokens (run_id "pending" until RunWriter writes them)
-    metrics: dict[str, float]  # the steps row (engine.schema.STEP_METRICS names)
+    metrics: dict[str, float]  # the steps row (engine.store.schema.STEP_METRICS names)
     shaped: Shaped  # what the loss trains on at this step
 
 
@@ -243,7 +243,7 @@ def step_records(run_id: str, step: int, b: VerlBatch, r: ResolvedAlgorithm, tok
 
     The shaping runs at ``step - 1`` finished steps, the same clock the workers' loss uses, so the
     stored ``adv_shaped`` is what the loss trained on. The steps row is what every writer derives
-    from its rows (``engine.schema.metrics_from_rollouts``) plus A3PO's alphas at this step.
+    from its rows (``engine.store.schema.metrics_from_rollouts``) plus A3PO's alphas at this step.
     ``token_text(ids) -> list[str]``; ``decode(list of id lists) -> list[str]``."""
     mask = b.response_mask.bool().cpu()
     adv = b.advantages.float().cpu()
@@ -302,7 +302,7 @@ def check_run_name(store, name: str | None, run_id: str | None, ckpt_dir: str | 
     """Before Ray starts: a3po.run_name must be new, unless it is the run this checkpoint folder resumes."""
     if name is None or run_id is not None or name not in store.run_ids() or remembered_run(ckpt_dir) == name:
         return
-    from engine.store import StoreError
+    from engine.store.store import StoreError
 
     raise StoreError(
         f"run {name!r} already exists in {store.root} — pick another a3po.run_name or continue it with a3po.run_id={name}"

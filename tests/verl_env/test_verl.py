@@ -12,10 +12,10 @@ pytest.importorskip("verl.trainer.ppo.core_algos")
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
-from engine.algorithms import ResolvedAlgorithm, resolve, shape_tokens  # noqa: E402
 from engine.config import ConfigError, config_from_dict  # noqa: E402
 from engine.integrations import verl_records as vr  # noqa: E402
-from engine.loss import policy_loss  # noqa: E402
+from engine.shaping.algorithms import ResolvedAlgorithm, resolve, shape_tokens  # noqa: E402
+from engine.update.loss import policy_loss  # noqa: E402
 
 
 def _batch():

@@ -116,8 +116,8 @@ def test_shipped_lengths_fit_the_models_context(shipped):
 
 
 def test_ray_accepts_the_runtime_env_and_it_carries_the_resolved_algorithm(shipped):
-    from engine.algorithms import ResolvedAlgorithm
     from engine.integrations.verl_records import RESOLVED_ENV, resolved_from_env
+    from engine.shaping.algorithms import ResolvedAlgorithm
 
     argv, env, cfg, _ = shipped
     assert not [k for k in env if k.startswith("A3PO_")]  # nothing travels through the shell
@@ -223,7 +223,7 @@ def test_entry_point_user_mistakes_are_one_line(tmp_path, args, words):
 
 
 def test_existing_run_name_is_refused_before_ray(tmp_path):
-    from engine.store import Store
+    from engine.store.store import Store
 
     Store(tmp_path / "runs").create_run({"algorithm": {"name": "a3po"}}, name="taken")
     p = _launch(

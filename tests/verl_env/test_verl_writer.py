@@ -19,11 +19,11 @@ from conftest import ROOT  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from verl import DataProto  # noqa: E402
 
-from engine.algorithms import ResolvedAlgorithm, shape_tokens  # noqa: E402
-from engine.config import config_from_dict  # noqa: E402
+from engine.config import config_from_dict, resolved_from_dict  # noqa: E402
 from engine.integrations import verl_main  # noqa: E402
-from engine.replay import load_step  # noqa: E402
-from engine.store import Store  # noqa: E402
+from engine.shaping.algorithms import ResolvedAlgorithm, shape_tokens  # noqa: E402
+from engine.shaping.replay import load_step  # noqa: E402
+from engine.store.store import Store  # noqa: E402
 
 TOKENIZER = ROOT / "data" / "tiny-model"
 # 2 prompts x 2 responses; row 0 right, row 1 wrong (group a: mixed), rows 2-3 wrong (group b: all wrong)
@@ -170,7 +170,7 @@ def test_legacy_trainer_writes_each_step(tmp_path, tok):
     _legacy_step(t, tok, 2)
     store = Store(tmp_path / "runs")
     rid = t._a3po_w.run.run_id
-    resolved = ResolvedAlgorithm.from_dict(store.read_run(rid)["resolved"])
+    resolved = resolved_from_dict(store.read_run(rid)["resolved"])
     assert (resolved.alpha_pos, resolved.alpha_neg, resolved.decay_steps) == (3.0, 2.0, 10)
     for step in (1, 2):
         _check_rows(store, tok, rid, step, old, ent, resolved)
@@ -214,9 +214,9 @@ def test_resume_continues_the_run_with_the_decay_step(tmp_path, tok):
     steps = store.query("select step, alpha_pos from steps order by step", run_ids=[rid])
     assert list(steps.step) == [1, 2, 3]
     # alpha(step - 1) over S = 10: 3, then one decay increment per finished step
-    from engine.advantage import decay_alpha
+    from engine.shaping.advantage import decay_alpha
 
-    r = ResolvedAlgorithm.from_dict(store.read_run(rid)["resolved"])
+    r = resolved_from_dict(store.read_run(rid)["resolved"])
     assert steps.alpha_pos.tolist() == pytest.approx(
         [decay_alpha(3.0, s - 1, 10, "linear", r.decay_rate) for s in (1, 2, 3)]
     )
@@ -301,7 +301,7 @@ def test_v1_trainer_writes_each_step(tmp_path, tok, monkeypatch):
     assert "advantages" in q.td.keys()  # written back by verl's _compute_advantage
     store = Store(tmp_path / "runs")
     rid = t._a3po_w.run.run_id
-    resolved = ResolvedAlgorithm.from_dict(store.read_run(rid)["resolved"])
+    resolved = resolved_from_dict(store.read_run(rid)["resolved"])
     for step in (1, 2):
         _check_rows(store, tok, rid, step, old, ent, resolved)  # 4 rows: the padding row is not stored
 

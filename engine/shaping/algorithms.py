@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.advantage import (
+from engine.shaping.advantage import (
     TokenRule,
     a3po_rules,
     decay_alpha,
@@ -167,76 +167,6 @@ class ResolvedAlgorithm:
         d["token_rules"] = [dataclasses.asdict(r) for r in self.token_rules]
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "resolved algorithm") -> ResolvedAlgorithm:
-        """Rebuild from ``to_dict()`` output (run.json's ``resolved``, a JSON shipped to verl workers),
-        checked with the config's own ranges; a bad value raises a one-line ``ConfigError``."""
-        import dataclasses
-
-        from engine.config import ConfigError, check_value
-
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__} — pass ResolvedAlgorithm.to_dict()")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
-        if unknown or missing:
-            what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
-            raise ConfigError(f"{where}: {what} — pass the whole dict that ResolvedAlgorithm.to_dict() wrote")
-        if d["name"] not in ALGORITHMS:
-            raise ConfigError(f"{where}: unknown algorithm {d['name']!r} — pick one of {sorted(ALGORITHMS)}")
-        if d["estimator"] not in ESTIMATORS:
-            raise ConfigError(f"{where}: unknown estimator {d['estimator']!r} — pick one of {sorted(ESTIMATORS)}")
-        out = dict(d)
-        for f in dataclasses.fields(cls):
-            v, typ = d[f.name], str(f.type)
-            is_num = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if typ == "bool" and not isinstance(v, bool):
-                raise ConfigError(f"{where}: {f.name} must be true or false, got {v!r} — fix the value")
-            if typ.startswith("float") and not (is_num or (v is None and "None" in typ)):
-                raise ConfigError(f"{where}: {f.name} must be a number, got {v!r} — fix the value")
-            if typ == "int" and not (is_num and float(v).is_integer()):
-                raise ConfigError(f"{where}: {f.name} must be a whole number, got {v!r} — fix the value")
-            if typ.startswith("float") and v is not None:
-                out[f.name] = float(v)
-            elif typ == "int":
-                out[f.name] = int(v)
-        for key, section in _CONFIG_KEYS.items():
-            try:
-                check_value(f"{section}.{key}", out[key])
-            except ConfigError as e:
-                raise ConfigError(str(e).replace(f"config key '{section}.{key}'", f"{where}: {key}")) from None
-        if out["decay_steps"] < 1:
-            raise ConfigError(f"{where}: decay_steps must be >= 1, got {out['decay_steps']} — fix the value")
-        rules = d["token_rules"]
-        if not isinstance(rules, (list, tuple)):
-            raise ConfigError(f"{where}: token_rules must be a list, got {type(rules).__name__} — fix the value")
-        try:
-            out["token_rules"] = tuple(r if isinstance(r, TokenRule) else TokenRule(**r) for r in rules)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: bad token rule ({e}) — see algorithm.token_rules in `a3po config`") from None
-        return cls(**out)
-
-
-# ResolvedAlgorithm fields checked against the config key of the same name in this section.
-_CONFIG_KEYS = {
-    "w_pos": "algorithm",
-    "w_neg": "algorithm",
-    "lam": "algorithm",
-    "ratio": "algorithm",
-    "alpha_pos": "algorithm",
-    "alpha_neg": "algorithm",
-    "decay": "algorithm",
-    "decay_rate": "algorithm",
-    "decay_steps": "algorithm",
-    "fork_quantile": "algorithm",
-    "max_gen_batches": "algorithm",
-    "overlong_buffer": "algorithm",
-    "clip_ratio_low": "actor",
-    "clip_ratio_high": "actor",
-    "clip_ratio_c": "actor",
-    "loss_agg_mode": "actor",
-}
-
 
 def resolve(cfg) -> ResolvedAlgorithm:
     """The run's algorithm with every default filled in, from a full ``engine.config.Config``."""
@@ -315,7 +245,7 @@ def shape_tokens(
     resolved config gives the same shaped advantages on every path.
 
     Args:
-        resolved: every coefficient of the run (``resolve(cfg)`` or ``ResolvedAlgorithm.from_dict``).
+        resolved: every coefficient of the run (``resolve(cfg)`` or ``engine.config.resolved_from_dict``).
         adv_raw: ``(B,)`` sample-level advantages, or ``(B, T)`` already broadcast over tokens (verl
             hands the loss a ``(B, T)`` tensor); a ``(B, T)`` input is read as its per-row mean over
             valid tokens for ``Shaped.adv_raw`` and used as is for the tokens.

@@ -13,7 +13,7 @@ selected by name and broke it. Here live, once:
   so writers that do not compute them (TRL, verl) fill the same columns the trainer does;
 * ``RUN_FIELDS``/``RUN_COLUMNS``/``run_meta``/``run_row``: run.json and the ``runs`` table.
 
-``engine.store`` only reads and writes these; it defines none of them.
+``engine.store.store`` only reads and writes these; it defines none of them.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def steps_table(run_id: str, step: int, metrics: Mapping[str, float | None]) -> 
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise SchemaError(
-            f"unknown step metric(s) {', '.join(map(repr, unknown))} — register them in engine.schema.STEP_METRICS"
+            f"unknown step metric(s) {', '.join(map(repr, unknown))} — register them in engine.store.schema.STEP_METRICS"
         )
     missing = [k for k in REQUIRED_METRICS if k not in metrics]
     if missing:
@@ -128,7 +128,7 @@ def conform_steps(table: pa.Table) -> pa.Table:
     unknown = sorted(set(table.column_names) - set(METRICS) - {"run_id", "step"})
     if unknown:
         raise SchemaError(
-            f"unknown step metric(s) {', '.join(map(repr, unknown))} — register them in engine.schema.STEP_METRICS"
+            f"unknown step metric(s) {', '.join(map(repr, unknown))} — register them in engine.store.schema.STEP_METRICS"
         )
     n = table.num_rows
     cols = {"run_id": table["run_id"].cast(pa.string()), "step": table["step"].cast(pa.int32())}
@@ -279,7 +279,7 @@ def step_tables(
 
 
 def evals_table(run_id: str, step: int, result: Mapping) -> pa.Table:
-    """One evaluation's rows from ``engine.evaluate.evaluate``'s result (greedy_acc, sampled_acc,
+    """One evaluation's rows from ``engine.train.evaluate.evaluate``'s result (greedy_acc, sampled_acc,
     ``pass@k: {k: value}``, n_prompts): one row per metric, k set only for pass@k."""
     rows = [("greedy_acc", None, result["greedy_acc"]), ("sampled_acc", None, result["sampled_acc"])]
     rows += [("pass@k", int(k), v) for k, v in sorted(result.get("pass@k", {}).items())]
@@ -304,7 +304,7 @@ def metrics_from_rollouts(rollouts, tokens=None) -> dict[str, float]:
     From ``rollouts``: reward, acc, entropy(_pos/_neg) (token-weighted), length(_pos/_neg),
     frac_all_correct/wrong (per ``group_idx``), truncated_frac, key_frac, n_rollouts. With ``tokens``
     also push_pos/neg (Σ|adv_shaped|) and push_rule_*/push_raw_* (Σ|Δadv|·(1−p), as
-    ``engine.advantage.gradient_push``). Writers that do not compute these themselves (TRL, verl)
+    ``engine.shaping.advantage.gradient_push``). Writers that do not compute these themselves (TRL, verl)
     call this so their runs fill the same columns as the trainer's. Takes Arrow tables or DataFrames."""
     import numpy as np
 
@@ -378,7 +378,7 @@ RUN_FIELDS: dict[str, str] = {
     "final_accuracy": "held-out sampled accuracy at the end, or null",
     "error": "why the run failed or was killed, or null",
     "config": "an engine config (engine.config.config_from_dict accepts it): how the app rebuilds the run",
-    "resolved": "engine.algorithms.ResolvedAlgorithm.to_dict(): every algorithm default filled in",
+    "resolved": "engine.shaping.algorithms.ResolvedAlgorithm.to_dict(): every algorithm default filled in",
     "pid": "the writer's process id",
     "host": "the writer's host name",
     "writer_lease": "true when the writer holds writer.lock (then pid/host are not used to judge liveness)",
@@ -433,7 +433,7 @@ def check_run_fields(fields: Mapping) -> None:
     unknown = sorted(set(fields) - set(RUN_FIELDS))
     if unknown:
         raise SchemaError(
-            f"unknown run.json field(s) {', '.join(map(repr, unknown))} — register them in engine.schema.RUN_FIELDS"
+            f"unknown run.json field(s) {', '.join(map(repr, unknown))} — register them in engine.store.schema.RUN_FIELDS"
         )
     types = dict(RUN_COLUMNS)
     problems = [p for k, v in fields.items() if k in types for p in [_fit(k, types[k], v)[1]] if p]

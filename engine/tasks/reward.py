@@ -18,7 +18,7 @@ import threading
 from collections import Counter
 from functools import lru_cache
 
-from engine.tasks import apply_op
+from engine.tasks.problems import apply_op
 
 _INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
 
@@ -156,7 +156,7 @@ def get_verifier(name: str):
 
 def resolve_verifier(data_spec: str, name: str | None = None):
     """The verifier for a dataset: ``name`` when given, else the built-in task's own, else math-verify."""
-    from engine.tasks import builtin_task
+    from engine.tasks.problems import builtin_task
 
     if name is None:
         task = builtin_task(data_spec)

@@ -1,7 +1,9 @@
-"""Rollout backends: turn prompts into G sampled responses per prompt.
+"""The rollout interface: what every backend takes (``SamplingParams``) and returns (``Rollouts``).
 
-The trainer only sees ``RolloutBackend.generate`` and the ``Rollouts`` it returns, so a vLLM
-backend (GPU) can replace the Hugging Face one without touching the training loop.
+Backends turn prompts into G sampled responses per prompt. The trainer only sees
+``RolloutBackend.generate`` and the ``Rollouts`` it returns, so a vLLM backend (GPU) can replace
+the Hugging Face one without touching the training loop. The padding and EOS helpers here are
+shared by every backend and by the update's forward (``position_ids``).
 """
 
 from __future__ import annotations
@@ -122,80 +124,3 @@ def cut_at_eos(gen: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tenso
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1`` clamped at 0: the position ids ``generate`` uses with left padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class HFBackend:
-    """Batched ``model.generate`` with KV cache on the policy itself (no weight copy to sync)."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tok = tokenizer
-
-    def sync_weights(self, model) -> None:
-        self.model = model
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollouts:
-        device = next(self.model.parameters()).device
-        rep = [p for p in prompts for _ in range(params.n)]
-        ids, mask = left_pad(rep, self.tok.pad_token_id, device)
-        was_training = self.model.training
-        self.model.eval()
-        torch.manual_seed(params.seed)
-        kw = dict(
-            do_sample=params.temperature > 0,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.tok.pad_token_id,
-            eos_token_id=self.tok.eos_token_id,
-        )
-        if params.temperature > 0:
-            kw.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
-        else:
-            kw.update(temperature=None, top_k=None, top_p=None)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
-        if was_training:
-            self.model.train()
-        resp, rmask, trunc = cut_at_eos(out[:, ids.shape[1] :], self.tok.eos_token_id, self.tok.pad_token_id)
-        return Rollouts(ids, mask, resp, rmask, trunc)
-
-
-def make_backend(name: str, model, tokenizer, cfg=None) -> RolloutBackend:
-    if name == "hf":
-        return HFBackend(model, tokenizer)
-    if name == "kv":
-        from engine.kv_engine import KVEngine
-
-        if cfg is None:
-            return KVEngine(model, tokenizer)
-        workers = cfg.rollout.workers
-        threads = max(1, cfg.train.threads // workers)
-        return KVEngine(
-            model,
-            tokenizer,
-            fast=cfg.model.fast_forward,
-            workers=workers,
-            threads=threads,
-            native=cfg.rollout.native_kernels,
-        )
-    if name == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise RuntimeError(
-                "rollout.backend=vllm needs vLLM (pip install 'a3po-lab[gpu]' on a CUDA machine)"
-            ) from None
-        from engine.policy import resolve_model_path
-        from engine.rollout_vllm import VLLMBackend, engine_max_len
-
-        new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
-        return VLLMBackend(
-            model,
-            tokenizer,
-            model_path=resolve_model_path(cfg.model.path),
-            seed=cfg.seed,
-            dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
-            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-            sleep=cfg.rollout.vllm_sleep,
-            max_model_len=engine_max_len(model.config, cfg.data.max_prompt_tokens, new_tokens),
-        )
-    raise ValueError(f"unknown rollout backend {name!r}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_kernels
+from engine.model import cpu_kernels
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -376,7 +376,7 @@ class Decoder:
     read through views, never copied; the gated MLP's activation runs in place. Weights are
     read when the ``Decoder`` is made (one ``generate``: they do not change inside it).
     ``native`` (the kv engine's ``rollout.native_kernels`` on CPU): each step's rotary embedding and cache
-    write, its attention over the cache, and every norm and gated activation run in ``engine.cpu_kernels``'
+    write, its attention over the cache, and every norm and gated activation run in ``engine.model.cpu_kernels``'
     C kernels, one call each instead of a chain of small torch kernels; where a tensor does not fit them
     (not float32, a head size that is not a multiple of 8, Qwen3's q/k norms before the rotary) the torch
     route above runs instead.
@@ -385,7 +385,7 @@ class Decoder:
     def __init__(self, model, layers, max_positions: int, native: bool = False):
         inner = model.model
         self.model, self.inner, self.cache = model, inner, layers
-        self.native = native  # engine.cpu_kernels for rotary and cache write, attention, norms, activation
+        self.native = native  # engine.model.cpu_kernels for rotary and cache write, attention, norms, activation
         self.plan = []
         for layer in inner.layers:
             a, mlp = layer.self_attn, layer.mlp
@@ -499,7 +499,7 @@ class Decoder:
 
 
 def _decode_norm(x: torch.Tensor, w: torch.Tensor, eps: float, native: bool) -> torch.Tensor:
-    """Decoding's RMSNorm of ``(n, C)`` rows: ``engine.cpu_kernels``' one-pass kernel when ``native`` (and the
+    """Decoding's RMSNorm of ``(n, C)`` rows: ``engine.model.cpu_kernels``' one-pass kernel when ``native`` (and the
     rows fit it), else ``_rms``'s chain of kernels."""
     out = cpu_kernels.rmsnorm(x, w, eps) if native else None
     return _rms(x, w, eps) if out is None else out
@@ -527,7 +527,7 @@ def _attend_cache(q: torch.Tensor, c, bias: torch.Tensor, L: int, scale: float) 
 def _out_and_mlp(x: torch.Tensor, o: torch.Tensor, wo, ln2, w_gu, act, wd, native: bool = False) -> torch.Tensor:
     """The rest of a decoder layer on ``(n, C)`` rows: ``x + o_proj(o)``, then ``+ mlp(norm(.))``, both residual
     adds inside the products (``addmm``); the norm and the gated activation in one kernel each when
-    ``native`` (``engine.cpu_kernels``), else the activation in place on the gate's half."""
+    ``native`` (``engine.model.cpu_kernels``), else the activation in place on the gate's half."""
     x = torch.addmm(x if wo[1] is None else x + wo[1], o, wo[0])
     gu = _product(_decode_norm(x, *ln2, native), *w_gu)
     h = cpu_kernels.silu_mul(gu) if native and act is F.silu else None

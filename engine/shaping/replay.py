@@ -4,12 +4,12 @@ Why: before relaunching a run with other coefficients, see which tokens would be
 and how much advantage each polarity would get, on real stored rollouts. This is the engine's own
 ``shape_advantages`` (the trainer's own shaping) applied to tensors rebuilt from the store's ``rollouts`` and ``tokens`` rows.
 
-    from engine.replay import load_step, replay
+    from engine.shaping.replay import load_step, replay
     batch = load_step(Store("runs"), run_id, step)
     shaped = replay(batch, resolve(cfg), step=step - 1)
     batch_push(batch, shaped)    # how much that rule can move the policy, by polarity
 
-Gradient push (see ``engine.advantage.gradient_push``): ``Σ |Δadv| · (1 − p)`` over valid tokens, by
+Gradient push (see ``engine.shaping.advantage.gradient_push``): ``Σ |Δadv| · (1 − p)`` over valid tokens, by
 polarity. ``step_push`` gives it per stored step for the Runs page, ``batch_push`` for one replayed
 step in the playground; both use the same formula on the same stored rows.
 """
@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.advantage import gradient_push
-from engine.algorithms import ResolvedAlgorithm, Shaped, shape_advantages
+from engine.shaping.advantage import gradient_push
+from engine.shaping.algorithms import ResolvedAlgorithm, Shaped, shape_advantages
 
 # Per-step push columns of the ``steps`` table (written by the trainer; older runs lack them).
 PUSH_COLUMNS = ("push_rule_pos", "push_rule_neg", "push_raw_pos", "push_raw_neg")
@@ -88,7 +88,7 @@ def load_step(store, run_id: str, step: int) -> StoredBatch:
 
 
 def replay(batch: StoredBatch, resolved: ResolvedAlgorithm, *, step: int) -> Shaped:
-    """Shape the stored batch with ``resolved`` (``engine.algorithms.resolve(cfg)``), as training would.
+    """Shape the stored batch with ``resolved`` (``engine.shaping.algorithms.resolve(cfg)``), as training would.
 
     ``step`` counts finished training steps, as in the trainer: stored step ``s`` was shaped at ``s - 1``."""
     return shape_advantages(
@@ -143,7 +143,7 @@ def step_push(store, run_ids: list[str], steps: pd.DataFrame | None = None) -> p
 
     ``source`` is ``"recorded"`` where the trainer stored the columns in ``steps``, ``"from tokens"``
     where they are recomputed from the stored token rows (older runs; the same formula as
-    ``engine.advantage.gradient_push``). A run with neither (no push columns, tokens not stored) has no
+    ``engine.shaping.advantage.gradient_push``). A run with neither (no push columns, tokens not stored) has no
     rows: callers say "not recorded for this run". ``steps``: the runs' ``steps`` rows if already read.
     """
     run_ids = list(run_ids)

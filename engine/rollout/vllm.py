@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from engine.rollout import Rollouts, SamplingParams, left_pad
+from engine.rollout.base import Rollouts, SamplingParams, left_pad
 
 
 def rollouts_from_vllm(

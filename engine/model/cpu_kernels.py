@@ -1,4 +1,4 @@
-"""C kernels for the CPU decode step, compiled from ``engine/csrc/cpu_kernels.c`` on first use.
+"""C kernels for the CPU decode step, compiled from ``engine/model/csrc/cpu_kernels.c`` on first use.
 
 Why: at the embedded model's size a decode step is hundreds of small torch kernels, and their dispatch
 costs more than their arithmetic. The attention alone is hundreds of tiny matrix products per layer
@@ -21,7 +21,7 @@ Nothing here is required: without a C compiler, off x86-64, on a CPU without AVX
 torch's route, and ``status()`` says why. The kernels' results match torch's to float32 rounding
 (tests/test_cpu_kernels.py).
 
-    python -c "from engine import cpu_kernels; print(cpu_kernels.status())"
+    python -c "from engine.model import cpu_kernels; print(cpu_kernels.status())"
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from math import comb
 
 import torch
 
-from engine.reward import math_correct
-from engine.rollout import SamplingParams
+from engine.rollout.base import SamplingParams
+from engine.tasks.reward import math_correct
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -61,7 +61,7 @@ def evaluate(
 ) -> dict:
     """Greedy accuracy, mean sampled accuracy and pass@k over ``problems``.
 
-    ``verify(response_text, problem) -> bool`` is the task's verifier (``engine.reward.VERIFIERS``).
+    ``verify(response_text, problem) -> bool`` is the task's verifier (``engine.tasks.reward.VERIFIERS``).
 
     Returns ``{"greedy_acc", "sampled_acc", "pass@k": {k: v}, "n_prompts", "n_samples"}``.
     """

@@ -2,7 +2,7 @@
 
 Why a unit: on CPU with ``rollout.workers > 1`` the kv engine's helper processes sit idle while the
 trainer runs the update, and they already hold the policy's parameters (shared memory). The update's
-forward/backward is a sum over tokens (``engine.loss.agg_weights``: every aggregation is linear in the
+forward/backward is a sum over tokens (``engine.update.loss.agg_weights``: every aggregation is linear in the
 per-token loss), so a mini-batch can be split between the processes at any row (a group cut in two
 has its prompt computed by both), each process back-propagates its share with the whole mini-batch's
 weights, and the trainer adds the gradients before clipping and the optimizer step: the same
@@ -21,10 +21,10 @@ import dataclasses
 
 import torch
 
-from engine import fast_forward
-from engine.loss import kl_penalty, policy_loss
-from engine.ops import token_logprobs
-from engine.rollout import Rollouts, position_ids
+from engine.model import fast_forward
+from engine.model.ops import token_logprobs
+from engine.rollout.base import Rollouts, position_ids
+from engine.update.loss import kl_penalty, policy_loss
 
 
 def response_logits(model, ro: Rollouts, temperature: float = 1.0, fast: bool = False):
@@ -32,7 +32,7 @@ def response_logits(model, ro: Rollouts, temperature: float = 1.0, fast: bool = 
 
     The logits are divided by the rollout ``temperature`` (when > 0), so log-probs, entropies, key
     tokens and the PPO ratio all refer to the distribution the rollouts were sampled from (verl does
-    the same). ``fast``: through ``engine.fast_forward`` (no padding, one prompt computation per
+    the same). ``fast``: through ``engine.model.fast_forward`` (no padding, one prompt computation per
     group; logits are 0 where ``response_mask`` is 0); else the model's own forward, where only the
     last ``T + 1`` positions go through the LM head (``logits_to_keep``)."""
     if fast:
@@ -183,6 +183,27 @@ def backward(model, share: Share, spec: LossSpec, logprobs: torch.Tensor | None 
                 done = [(sl, _backward(model, piece, spec)) for sl, piece in pieces]
                 return merge(done, share.old_logprobs.new_zeros(share.old_logprobs.shape))
     return _backward(model, share, spec, logprobs)
+
+
+def pool_backward(pool, shares: list[Share], spec: LossSpec, params: list[torch.Tensor], local) -> list[ShareResult]:
+    """Back-propagate ``shares`` (one per process, at most ``pool.workers``; ``pool`` an
+    ``engine.model.workers.WorkerPool``): the first here with ``local(share)``, which accumulates into
+    ``params``' gradients, the others in the pool's helpers, whose gradients are then added to ``params``'
+    (zeroed by the caller before). Returns one ``ShareResult`` per share."""
+    mine, theirs = pool.run([(_backward_share, share, spec) for share in shares], lambda job: local(job[1]))
+    pool.add_grads(params, len(theirs))
+    return [mine, *theirs]
+
+
+def _backward_share(helper, share: Share, spec: LossSpec) -> ShareResult:
+    """A worker-pool job: ``backward`` of one share in a helper process, from zeroed gradients, exported to the
+    buffer the trainer adds (``Helper.export_grads``)."""
+    helper.model.train()
+    for p in helper.params:
+        p.grad = None
+    res = backward(helper.model, share, spec)
+    helper.export_grads()
+    return res
 
 
 def merge(parts: list, logprobs: torch.Tensor) -> ShareResult:

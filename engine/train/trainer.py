@@ -2,8 +2,8 @@
 
 One step: sample ``rollout.n`` responses for each of ``train.prompts_per_step`` prompts, score them
 with the verifier, compute old-policy log-probs and entropies in one forward pass, turn scores into
-per-token advantages with the configured algorithm (``engine.algorithms``), update the policy with
-the clipped surrogate (``engine.loss``), and write the step's metrics, rollouts and tokens to the
+per-token advantages with the configured algorithm (``engine.shaping.algorithms``), update the policy with
+the clipped surrogate (``engine.update.loss``), and write the step's metrics, rollouts and tokens to the
 store as one atomic segment.
 
     a3po train --config configs/demo.yaml            # the demo: A3PO on the embedded model
@@ -12,7 +12,7 @@ store as one atomic segment.
 When the update is a single on-policy mini-batch (``ppo_epochs=1, mini_batches=1``) the forward
 pass that computes the loss also provides the old log-probs (detached) and the entropies, so
 shaping and per-token logging cost no extra forward pass. With the update split between CPU rollout
-workers (``actor.split_update``, engine/update.py) the kv engine's recorded log-probs serve instead.
+workers (``actor.split_update``, engine/update/shares.py) the kv engine's recorded log-probs serve instead.
 """
 
 from __future__ import annotations
@@ -33,20 +33,32 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from engine import fast_forward
-from engine.advantage import gradient_push
-from engine.algorithms import resolve, shape_advantages
 from engine.config import Config, config_from_dict
-from engine.evaluate import decode_responses, encode_prompts, evaluate
-from engine.loss import agg_weights, masked_mean, policy_loss
-from engine.ops import token_logprobs, token_logprobs_entropy
-from engine.policy import load_policy
-from engine.reward import overlong_penalty, resolve_verifier
-from engine.rollout import Rollouts, SamplingParams, make_backend
-from engine.schema import evals_table, step_tables
-from engine.store import Store, StoreError
-from engine.tasks import load_problems
-from engine.update import LossSpec, Share, active_rows, backward, cut, merge, response_logits, split_share, take
+from engine.model import fast_forward
+from engine.model.ops import token_logprobs, token_logprobs_entropy
+from engine.model.policy import load_policy
+from engine.rollout.base import Rollouts, SamplingParams
+from engine.rollout.registry import make_backend
+from engine.shaping.advantage import gradient_push
+from engine.shaping.algorithms import resolve, shape_advantages
+from engine.store.schema import evals_table, step_tables
+from engine.store.store import Store, StoreError
+from engine.tasks.problems import load_problems
+from engine.tasks.reward import overlong_penalty, resolve_verifier
+from engine.train.evaluate import decode_responses, encode_prompts, evaluate
+from engine.update.loss import agg_weights, masked_mean, policy_loss
+from engine.update.shares import (
+    LossSpec,
+    Share,
+    active_rows,
+    backward,
+    cut,
+    merge,
+    pool_backward,
+    response_logits,
+    split_share,
+    take,
+)
 
 
 class Timer:
@@ -167,7 +179,7 @@ class Trainer:
         if cfg.actor.kl_coef > 0:
             self.ref, _, _ = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
             self.ref.eval().requires_grad_(False)
-        # our own forward for the update when the architecture allows it (engine/fast_forward.py)
+        # our own forward for the update when the architecture allows it (engine/model/fast_forward.py)
         self.fast = cfg.model.fast_forward and fast_forward.unsupported_reason(self.model) is None
         params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(
@@ -395,13 +407,13 @@ class Trainer:
     def _update(self, ro: Rollouts, old_lp, adv, ref_lp, lp_live) -> dict:
         """PPO epochs over mini-batches: forward, clipped surrogate (+ KL to the reference), step.
 
-        Each mini-batch is cut to its own columns (``engine.update.cut``): the batch is padded to its
+        Each mini-batch is cut to its own columns (``engine.update.shares.cut``): the batch is padded to its
         longest prompt and response, a mini-batch only to its own, and the padding columns it drops are
         masked out of the loss anyway, so the numbers are the same with less forward/backward work.
         Log-probs are computed on the response tokens only. ``norm_len`` stays the batch's padded
         length, which is what ``seq-mean-token-sum-norm`` divided by before the cut. With CPU rollout
         workers (``_update_pool``) each mini-batch is split between them into shares of equal tokens
-        (``engine.update``: at a row, so a group may be cut in two) and their gradients are added before
+        (``engine.update.shares``: at a row, so a group may be cut in two) and their gradients are added before
         clipping and the optimizer step. Each process can run its rows as micro-batches of about
         ``actor.micro_batch_tokens`` tokens (when set)."""
         cfg = self.cfg
@@ -446,7 +458,7 @@ class Trainer:
                     shares, jobs = zip(*split_share(work, pool.workers, whole_groups=False))
                 self.opt.zero_grad(set_to_none=True)
                 if len(jobs) > 1:
-                    results = pool.backward(jobs, spec, params, lambda job: backward(self.model, job, spec))
+                    results = pool_backward(pool, jobs, spec, params, lambda job: backward(self.model, job, spec))
                 else:
                     results = [backward(self.model, job, spec, lp_live if live else None) for job in jobs]
                 for p in params:  # no row ran: a zero gradient still steps the optimizer (moments, weight decay)

@@ -18,7 +18,7 @@ Layout::
 
     <root>/<run_id>/writer.lock                   the writer's lease (JSON: host, pid, process start, since)
 
-What the tables and run.json hold is defined in ``engine.schema`` (and README.md, "The store"); this
+What the tables and run.json hold is defined in ``engine.store.schema`` (and README.md, "The store"); this
 module only reads and writes them.
 
 Concurrency and kills (why each rule exists):
@@ -63,8 +63,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import schema
-from engine.schema import RUN_COLUMNS, SCHEMAS, TABLES, step_tables  # noqa: F401  (step_tables: older importers)
+from engine.store import schema
+from engine.store.schema import RUN_COLUMNS, SCHEMAS, TABLES, step_tables  # noqa: F401  (step_tables: older importers)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEG = re.compile(r"^step_(\d{6,})$")
@@ -257,7 +257,7 @@ class Store:
 
     def update_run(self, run_id: str, **fields) -> dict:
         """Rewrite run.json with ``fields`` changed (atomically); the fields are checked against
-        ``engine.schema.RUN_FIELDS`` first."""
+        ``engine.store.schema.RUN_FIELDS`` first."""
         schema.check_run_fields(fields)
         path = self.run_dir(run_id) / "run.json"
         meta = json.loads(path.read_text())
@@ -416,7 +416,7 @@ class Store:
     ) -> float:
         """Write one completed step atomically (all its tables or none); the one way a step is written.
 
-        ``metrics``: the step's ``steps`` row as a dict of registered metrics (``engine.schema.steps_table``
+        ``metrics``: the step's ``steps`` row as a dict of registered metrics (``engine.store.schema.steps_table``
         builds it, so every writer's steps rows have the same columns). The time spent writing the
         other tables is added to its ``t_store`` (and ``t_step`` when present) and ``time`` is set
         before the row is written into the same segment, so the store's timing is measured here

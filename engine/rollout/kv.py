@@ -14,7 +14,7 @@ old-policy log-probs. This engine
   same tie and keep-at-least-one rules; temperature 0 is greedy argmax), drawing by inverse CDF from
   its own ``torch.Generator``, so a seed reproduces a rollout whatever else touched the global RNG
   (the same distribution as transformers' ``multinomial``, not the same random stream);
-* steps supported Llama-family models with ``engine.fast_forward.Decoder`` (stacked projections, a
+* steps supported Llama-family models with ``engine.model.fast_forward.Decoder`` (stacked projections, a
   plain attention over this cache) and any other model with its own forward;
 * records, for each sampled token, its log-prob and the entropy of the full distribution it was
   sampled from (``logits / temperature`` before top-k/top-p truncation), which is exactly what the
@@ -34,12 +34,16 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
-from engine import cpu_kernels
-from engine.fast_forward import Decoder, sliding_window, unsupported_reason
-from engine.rollout import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
+from engine.errors import ConfigError
+from engine.model import cpu_kernels
+from engine.model.fast_forward import Decoder, sliding_window, unsupported_reason
+from engine.model.workers import WorkerPool, chunk_seed, split
+from engine.rollout.base import Rollouts, SamplingParams, cut_at_eos, left_pad, position_ids
 
 
 def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -323,16 +327,14 @@ class KVEngine:
     ):
         self.model = model
         self.tok = tokenizer
-        self.fast = fast  # decode with engine.fast_forward when the model supports it (else the model's forward)
-        # fast decoding on CPU: rotary, attention, norms and activation in engine.cpu_kernels' C kernels when they run
+        self.fast = fast  # decode with engine.model.fast_forward when the model supports it (else the model's forward)
+        # fast decoding on CPU: rotary, attention, norms and activation in engine.model.cpu_kernels' C kernels when they run
         # here; built now, before any worker process starts, so that the workers only load them
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         self.native = native and fast and on_cpu and cpu_kernels.library() is not None
         self.trace: list | None = None  # tests set a list: each step appends (original rows, logits)
-        # workers > 1: CPU helper processes share the prompts (engine/kv_workers.py), started on first use
+        # workers > 1: CPU helper processes share the prompts (engine/model/workers.py), started on first use
         if workers > 1 and not on_cpu:
-            from engine.config import ConfigError
-
             raise ConfigError(
                 f"config key 'rollout.workers' ({workers}) splits decoding between CPU processes, but the "
                 "policy is on a GPU — set rollout.workers=1 (or rollout.backend=vllm)"
@@ -357,10 +359,21 @@ class KVEngine:
         """``params.n`` responses per prompt, prompt-major, cut at the first EOS like ``cut_at_eos``."""
         if self.workers > 1 and len(prompts) > 1:
             if self.pool is None:
-                from engine.kv_workers import WorkerPool
-
-                self.pool = WorkerPool(self.model, self.tok, self.fast, self.workers, self.threads, self.native)
-            return self.pool.generate(prompts, params, self._generate)
+                self.pool = WorkerPool(self.model, self.workers, self.threads)
+            ids = SimpleNamespace(eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
+            jobs = [
+                (
+                    _generate_share,
+                    ids,
+                    self.fast,
+                    self.native,
+                    prompts[share],
+                    replace(params, seed=chunk_seed(params.seed, j)),
+                )
+                for j, share in enumerate(split(len(prompts), self.pool.workers))
+            ]
+            mine, theirs = self.pool.run(jobs, lambda job: self._generate(*job[-2:]))
+            return Rollouts.concat([mine, *theirs], self.tok.pad_token_id)
         return self._generate(prompts, params)
 
     @torch.no_grad()
@@ -460,3 +473,14 @@ class KVEngine:
             logprobs=torch.where(valid, lp[:, :keep], torch.zeros_like(lp[:, :keep])),
             entropy=torch.where(valid, ent[:, :keep], torch.zeros_like(ent[:, :keep])),
         )
+
+
+def _generate_share(
+    helper, ids, fast: bool, native: bool, prompts: list[list[int]], params: SamplingParams
+) -> Rollouts:
+    """A worker-pool job (``engine.model.workers``): one helper's share of the prompts, sampled by a kv engine of
+    its own on the shared model (made on the helper's first share and kept, with its cache memory)."""
+    engine = helper.cache.get("kv")
+    if engine is None:
+        engine = helper.cache["kv"] = KVEngine(helper.model, ids, fast=fast, native=native)
+    return engine.generate(prompts, params)

@@ -1,4 +1,4 @@
-"""Rollout worker processes for the ``kv`` engine on CPU (``rollout.workers``).
+"""Helper processes that share the policy's parameters: the CPU worker pool (``rollout.workers``).
 
 Why: decoding a small model on a CPU is a long chain of small kernels, one token at a time. Two
 threads inside one process barely speed those kernels up (each is too small to split well), and the
@@ -8,24 +8,30 @@ embedded workload (16 prompts x 8 samples, 2 cores) two processes of one thread 
 time one process of two threads takes (95% interval [0.78, 0.99], README "Rollout workers"), and the
 two-thread process swings more from run to run.
 
+Why here, below both stages: the same helpers run the kv engine's sampling shares
+(``engine/rollout/kv.py``) and the update's backward shares (``engine/update/shares.py``). The pool
+knows neither: a job is an importable function and its arguments, run in a helper as
+``fn(helper, *args)``, where ``Helper`` holds the shared model, a cache for per-process objects (the kv
+engine) and the gradient buffer. So the rollout layer never imports the update, nor the reverse.
+
 How:
 
 * The policy's parameters are moved to shared memory once (``model.share_memory()``, in place: the
   optimizer keeps updating the same tensors) and each helper process receives the module through
   ``torch.multiprocessing``, so its parameters are the trainer's own storage. Nothing is copied after
-  an update; a helper only runs while ``generate`` or ``backward`` waits for it, never during an
-  optimizer step.
-* ``generate`` gives each process a contiguous share of the prompts (whole groups), runs the first
-  share itself with ``threads`` threads, and concatenates the results in prompt order.
+  an update; a helper only runs while ``run`` waits for it, never during an optimizer step.
+* ``run`` sends job ``j`` to helper ``j`` (``j >= 1``), runs job 0 in the calling process with
+  ``threads`` threads, and returns the answers in job order. The kv engine gives each process a
+  contiguous share of the prompts (whole groups, ``split``) and concatenates the results in prompt order.
 * Share ``j`` samples with the seed ``chunk_seed(seed, j)`` (share 0 keeps ``seed``): rollouts are
   reproducible for a given number of workers, and are a different (equally distributed) draw than
   with one worker. Greedy decoding gives the same tokens whatever the split.
-* ``backward`` runs the update's mini-batch shares (``engine.update``) the same way: the helper
-  back-propagates its share into its own ``.grad`` and copies it into a shared-memory buffer made at
-  start, which the trainer adds to its gradients before clipping and the optimizer step.
+* An update share is back-propagated by the helper into its own ``.grad`` and copied into a
+  shared-memory buffer made at start (``Helper.export_grads``), which the trainer adds to its
+  gradients (``WorkerPool.add_grads``) before clipping and the optimizer step.
 * Jobs and answers cross the pipes as numpy arrays pickled into the message (``to_arrays``), not as
   torch's shared-memory tensors, whose file-descriptor hand-over delayed the helper's start on an
-  update share by about 10 ms.
+  update share by about 10 ms. A job's function crosses as a reference (its module and name).
 * A helper that dies or fails is one clear error in the trainer; a helper whose trainer dies sees its
   pipe close and exits. Helpers are daemons, started with ``spawn`` (no fork of a threaded process).
 """
@@ -35,17 +41,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from engine.rollout import Rollouts, SamplingParams
-
 
 class WorkerError(RuntimeError):
-    """A rollout worker process died or failed (the CLI reports it in one line; the run can be resumed)."""
+    """A worker process died or failed (the CLI reports it in one line; the run can be resumed)."""
 
 
 def chunk_seed(seed: int, j: int) -> int:
@@ -130,19 +133,26 @@ def to_tensors(x):
     return _each_tensor(x, lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
 
 
-def _serve(conn, model, ids, fast: bool, threads: int, grads: torch.Tensor, native: bool) -> None:
-    """A helper process: run each job received until the pipe closes.
+class Helper:
+    """What a job runs with inside a helper process (the first argument of every job function)."""
 
-    ``("generate", prompts, params)``: rollouts, sent back as arrays. ``("backward", share, spec)``: the
-    share's loss backward (``engine.update.backward``), its gradients written into ``grads`` (shared with
-    the trainer), its log-probs and loss parts sent back."""
-    from engine.kv_engine import KVEngine
-    from engine.update import backward
+    def __init__(self, model, grads: torch.Tensor):
+        self.model = model  # the trainer's module, its parameters in shared memory
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.cache: dict = {}  # per-process objects a job keeps between calls (the kv engine and its cache memory)
+        self._views = _grad_views(self.params, grads)
 
+    def export_grads(self) -> None:
+        """Copy this process's ``.grad`` of every trainable parameter into the buffer shared with the caller."""
+        for v, p in zip(self._views, self.params):
+            v.zero_() if p.grad is None else v.copy_(p.grad)
+
+
+def _serve(conn, model, threads: int, grads: torch.Tensor) -> None:
+    """A helper process: run each job ``(fn, *args)`` received as ``fn(helper, *args)`` and send back its
+    answer as arrays, until the pipe closes."""
     torch.set_num_threads(threads)
-    engine = KVEngine(model, ids, fast=fast, native=native)
-    params = [p for p in model.parameters() if p.requires_grad]
-    views = _grad_views(params, grads)
+    helper = Helper(model, grads)
     while True:
         try:
             msg = conn.recv()
@@ -151,36 +161,24 @@ def _serve(conn, model, ids, fast: bool, threads: int, grads: torch.Tensor, nati
         if msg is None:
             return
         try:
-            msg = to_tensors(msg)
-            if msg[0] == "generate":
-                conn.send(("ok", to_arrays(engine.generate(*msg[1:]))))
-            else:
-                model.train()
-                for p in params:
-                    p.grad = None
-                res = backward(model, *msg[1:])
-                for v, p in zip(views, params):
-                    v.zero_() if p.grad is None else v.copy_(p.grad)
-                conn.send(("ok", to_arrays(res)))
-        except Exception as e:  # reported to the trainer, which raises it
+            fn, *args = to_tensors(msg)
+            conn.send(("ok", to_arrays(fn(helper, *args))))
+        except Exception as e:  # reported to the caller, which raises it
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 class WorkerPool:
-    """``workers - 1`` helper processes that generate, and back-propagate update shares, next to the
-    calling process.
+    """``workers - 1`` helper processes sharing ``model`` next to the calling process.
 
-    Each call gives the helpers their jobs, runs the first job in the calling process (``local``, with
-    ``threads`` threads) and then collects the helpers' answers.
+    Each ``run`` gives the helpers their jobs, runs the first job in the calling process (``local``,
+    with ``threads`` threads) and then collects the helpers' answers.
     """
 
-    def __init__(self, model, tokenizer, fast: bool, workers: int, threads: int, native: bool = False):
+    def __init__(self, model, workers: int, threads: int):
         if workers < 2:
             raise ValueError(f"a worker pool needs at least 2 workers, got {workers}")
         self.workers, self.threads = workers, threads
-        self.pad_id = tokenizer.pad_token_id
         model.share_memory()
-        ids = SimpleNamespace(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         ctx = mp.get_context("spawn")
         self.conns, self.procs, self.grads = [], [], []
         for j in range(1, workers):
@@ -188,7 +186,7 @@ class WorkerPool:
             grads = _grad_buffer(model)
             proc = ctx.Process(
                 target=_serve,
-                args=(child, model, ids, fast, threads, grads, native),
+                args=(child, model, threads, grads),
                 name=f"a3po-kv-worker-{j}",
                 daemon=True,
             )
@@ -199,31 +197,19 @@ class WorkerPool:
             self.procs.append(proc)
             self.grads.append(grads)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, local) -> Rollouts:
-        shares = split(len(prompts), self.workers)
-        jobs = [
-            ("generate", prompts[share], dataclasses.replace(params, seed=chunk_seed(params.seed, j)))
-            for j, share in enumerate(shares)
-        ]
-        mine, theirs = self._run(jobs, lambda job: local(*job[1:]))
-        return Rollouts.concat([mine, *theirs], self.pad_id)
-
-    def backward(self, shares: list, spec, params: list[torch.Tensor], local) -> list:
-        """Back-propagate ``shares`` (``engine.update.Share``, one per process, at most ``workers``): the first
-        here with ``local(share)``, which accumulates into ``params``' gradients, the others in the helpers,
-        whose gradients are then added to ``params``' (zeroed by the caller before). Returns one
-        ``engine.update.ShareResult`` per share."""
-        mine, theirs = self._run([("backward", share, spec) for share in shares], lambda job: local(job[1]))
-        for j in range(1, len(theirs) + 1):
+    def add_grads(self, params: list[torch.Tensor], helpers: int) -> None:
+        """Add the gradients that helpers ``1..helpers`` exported (``Helper.export_grads``) to ``params``'
+        (the model's trainable parameters, in order)."""
+        for j in range(1, helpers + 1):
             for p, g in zip(params, _grad_views(params, self.grads[j - 1])):
                 if p.grad is None:
                     p.grad = g.clone()
                 else:
                     p.grad.add_(g)
-        return [mine, *theirs]
 
-    def _run(self, jobs: list, local):
-        """Send ``jobs[1:]`` to helpers 1.., run ``local(jobs[0])`` here, collect the helpers' payloads."""
+    def run(self, jobs: list, local):
+        """Send ``jobs[1:]`` (each ``(fn, *args)``) to helpers 1.., run ``local(jobs[0])`` here, collect the
+        helpers' answers. Returns ``(local's answer, [the helpers' answers])``."""
         sent = []
         for j, (job, conn) in enumerate(zip(jobs[1:], self.conns), start=1):
             try:

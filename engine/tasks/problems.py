@@ -6,7 +6,7 @@ Two built-in tasks ship in data/ (``TASKS``), each with its own tiny model:
   numbers per step and lists the numbers left, ``"10 8 9 7:117="`` ->
   ``"10+8=18(9 7 18);18*7=126(9 126);126-9=117(117)"``. Every step starts at a real choice point (which
   pair, which order, which operator), so sampled responses fork and both polarities occur in most
-  groups. Scored by a step verifier (``engine.reward.countdown_correct``).
+  groups. Scored by a step verifier (``engine.tasks.reward.countdown_correct``).
 * ``arith``: the quick smoke task below. Almost every token is determined by the prompt, so
   it has little uncertainty for token-level shaping to act on.
 
@@ -142,7 +142,7 @@ class Task:
 
     name: str
     make_problem: Callable[[random.Random], Problem]
-    verifier: str  # a name in engine.reward.VERIFIERS
+    verifier: str  # a name in engine.tasks.reward.VERIFIERS
     model: str  # the built-in model trained on it
     doc: str
 

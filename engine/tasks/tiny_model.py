@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from engine.policy import BUILTIN
-from engine.tasks import TASKS, Task, write_jsonl
+from engine.model.policy import BUILTIN
+from engine.tasks.problems import TASKS, Task, write_jsonl
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+-*/=;:,.()[]{}\\^_ \n") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-# Where each task's model ships: the folder behind the task's built-in model id (engine.policy.BUILTIN).
+# Where each task's model ships: the folder behind the task's built-in model id (engine.model.policy.BUILTIN).
 MODEL_DIRS = {name: BUILTIN[t.model] for name, t in TASKS.items()}
 
 
@@ -134,7 +134,7 @@ def build_tiny_model(
     data_out = t.dir
     if not in_checkout():  # an installed package is read-only: build into the folder the user names
         if out is None:
-            from engine.config import ConfigError
+            from engine.errors import ConfigError
 
             raise ConfigError(
                 "build-tiny-model outside a source checkout needs --out — e.g. --out ./tiny-countdown "
@@ -224,7 +224,7 @@ def rollout_stats(
     mean token entropy (nats, of the sampling distribution) and fork_frac (share of response tokens
     with entropy > ``FORK_ENTROPY``). These are the numbers that say whether a task gives
     token-level shaping something to act on."""
-    from engine.reward import get_verifier
+    from engine.tasks.reward import get_verifier
 
     verify = get_verifier(verifier)
     model.eval()

@@ -1,9 +1,9 @@
-"""Study report: curves per setting, claims worded as the paper states them, verdicts from ``engine.stats``.
+"""Study report: curves per setting, claims worded as the paper states them, verdicts from ``engine.study.stats``.
 
 Why: a claim about training dynamics is only as good as the rule that judges it. Runs are paired by
 seed; each part of a claim is a paired difference (setting minus reference) with a two-sided 95%
 t interval and a minimum effect, and gets one of four verdicts (holds, does not hold, no practical
-effect, inconclusive) by the rule in ``engine.stats``. The report prints that rule, the minimum
+effect, inconclusive) by the rule in ``engine.study.stats``. The report prints that rule, the minimum
 effects, n and the interval of every part, a power section (``power_table``) that says how many
 seeds each core comparison needs, and what A3PO's token rules really push (``push_table``).
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from engine import stats
+from engine.study import stats
 
 PAPER = [
     ("GRPO", 35.0, 42.5, 58.9),
@@ -751,7 +751,7 @@ def _sections(d: StudyData, study_id: str, settings, cl: list[dict], notes: list
             "p",
             "Sd of the paired differences in final test accuracy between the runs present, and the paired seeds a "
             "two-sided 95% paired t test needs to detect a true difference of 1 or 2 points with 80% power "
-            "(engine.stats.seeds_for_power). A 'holds' verdict also needs the estimate to reach the minimum "
+            "(engine.study.stats.seeds_for_power). A 'holds' verdict also needs the estimate to reach the minimum "
             "effect, which for a true effect of exactly 1 point happens about half the time.",
         ),
         ("table", power) if len(power) else ("p", "(no paired runs)"),
@@ -847,7 +847,7 @@ def render_report(d: StudyData, study_id: str, out: Path, settings, notes: list[
 
 def study_settings(d: StudyData) -> list:
     """The ``engine.study`` settings present in a study's runs, in the study's order."""
-    from engine.study import SETTINGS
+    from engine.study.design import SETTINGS
 
     present = set(d.runs.setting)
     return [s for name, s in SETTINGS.items() if name in present]

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from engine.tasks import DATA_DIR
+from engine.resources import data_dir
+
+DATA_DIR = data_dir()  # data/ in a checkout, a3po_data in an installed wheel (engine.resources)
 
 BUILTIN = {"builtin:tiny-countdown": DATA_DIR / "tiny-countdown", "builtin:tiny": DATA_DIR / "tiny-model"}
 
