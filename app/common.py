@@ -27,6 +27,7 @@ QUANTITIES = {
     "probability": "prob",
     "entropy": "entropy",
     "gradient push": "push",
+    "sampler mismatch": "mismatch",
 }
 # What each colouring means, shown under the tokens.
 LEGENDS = {
@@ -36,7 +37,14 @@ LEGENDS = {
     "entropy": "Blue = entropy of the next-token distribution at that position; darker = more uncertain (a fork).",
     "push": "Blue = gradient push |shaped advantage| · (1 − p): how far the update moves this token's logit (the gradient "
     "of log p with respect to its own logit is 1 − p). Near-certain tokens stay pale whatever their advantage.",
+    "mismatch": "Training–inference mismatch: log-prob of the token under the trainer's policy minus the one the sampler "
+    "used. Green = the trainer gives it more probability, red = less; stronger = larger. Uncoloured = not measured.",
 }
+# Why a run's tokens have no sampler log-probs, shown where the mismatch is asked for.
+MISMATCH_MISSING = (
+    "Mismatch not measured for this run: its rollout backend records no sampler log-probs (rollout.backend=hf, "
+    "TRL, verl), or the run was written before the store kept them. The kv and vllm backends record them."
+)
 # SQL over the tokens table for each quantity (same values as token_values).
 QUANTITY_SQL = {
     "adv_shaped": "adv_shaped",
@@ -44,6 +52,7 @@ QUANTITY_SQL = {
     "prob": "exp(logprob)",
     "entropy": "entropy",
     "push": "abs(adv_shaped) * greatest(1 - exp(logprob), 0)",
+    "mismatch": "logprob - rollout_logprob",
 }
 
 
@@ -54,7 +63,16 @@ def token_values(tokens: pd.DataFrame, col: str) -> np.ndarray:
     if col == "push":
         p = np.exp(tokens["logprob"].to_numpy(dtype=float))
         return np.abs(tokens["adv_shaped"].to_numpy(dtype=float)) * np.clip(1.0 - p, 0.0, None)
+    if col == "mismatch":  # NaN where not measured (no sampler log-prob, or a run from before the column)
+        if "rollout_logprob" not in tokens:
+            return np.full(len(tokens), np.nan)
+        return tokens["logprob"].to_numpy(dtype=float) - tokens["rollout_logprob"].to_numpy(dtype=float)
     return tokens[col].to_numpy(dtype=float)
+
+
+def has_mismatch(tokens: pd.DataFrame) -> bool:
+    """Whether any of these token rows has a sampler log-prob (the mismatch is measured)."""
+    return "rollout_logprob" in tokens and bool(np.isfinite(tokens["rollout_logprob"].to_numpy(dtype=float)).any())
 
 
 def task_of(config: dict | str | None) -> str:
@@ -232,15 +250,17 @@ def render_tokens(tokens: pd.DataFrame, quantity: str, vmax: float | None = None
     col = QUANTITIES[quantity]
     vals = token_values(tokens, col)
     push = token_values(tokens, "push")
-    signed = col.startswith("adv")
+    signed = col.startswith("adv") or col == "mismatch"
     if vmax is None:
-        vmax = float(np.nanmax(np.abs(vals))) if len(vals) else 1.0
+        vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
+    mis = token_values(tokens, "mismatch")
     spans = []
-    for row, v, pu in zip(tokens.itertuples(index=False), vals, push):
+    for row, v, pu, dm in zip(tokens.itertuples(index=False), vals, push, mis):
         text = row.token_text if row.token_text != "" else "∅"
         tip = (
             f"token {text!r} (id {row.token_id}) | p={np.exp(row.logprob):.4f} | H={row.entropy:.4f} | "
             f"raw adv={row.adv_raw:+.4f} | shaped adv={row.adv_shaped:+.4f} | push={pu:.2e}"
+            + (f" | Δlog p (trainer − sampler)={dm:+.2e}" if np.isfinite(dm) else "")
             + (" | KEY TOKEN" if getattr(row, key_col) else "")
         )
         style = f"background:{_color(v, vmax, signed)};padding:1px 0;font-family:monospace;white-space:pre"

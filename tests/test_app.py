@@ -415,6 +415,8 @@ FX_PUSH = {
     "push_raw_pos": 0.5 + 0.1,
     "push_raw_neg": 0.01 + 0.8,
 }
+FX_SAMPLER_GAP = [0.01, 0.0, -0.02, 0.0]  # trainer log-prob − sampler log-prob, per FX_TOKENS row
+FX_MISMATCH = {"mismatch_abs": [0.0075, 0.0075], "mismatch_kl": [4e-5, 5e-5]}
 FX_RECORDED = {
     "push_rule_pos": [3.0, 4.0],
     "push_rule_neg": [1e-5, 2e-5],
@@ -473,10 +475,20 @@ def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
         }
         if recorded:
             m.update({k: [v[step - 1]] for k, v in FX_RECORDED.items()})
+            m.update({k: [v[step - 1]] for k, v in FX_MISMATCH.items()})
         tables["steps"] = pa.table(m)
         if tokens:
+            # fx-recorded's sampler gave each token FX_SAMPLER_GAP less log-prob than the trainer; the other
+            # runs are from before the column existed (their files have none)
+            cols = {
+                "rollout_logprob": [float(np.log(t[2])) - g for t, g in zip(FX_TOKENS, FX_SAMPLER_GAP)],
+            }
+            tok_schema = (
+                SCHEMAS["tokens"] if recorded else pa.schema([f for f in SCHEMAS["tokens"] if f.name not in cols])
+            )
             tables["tokens"] = pa.table(
                 {
+                    **(cols if recorded else {}),
                     "run_id": [rid] * 4,
                     "step": [step] * 4,
                     "rollout_idx": [t[0] for t in FX_TOKENS],
@@ -490,7 +502,7 @@ def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
                     "is_key": [t[3] != t[4] for t in FX_TOKENS],
                     "polarity": [1, 1, -1, -1],
                 },
-                schema=SCHEMAS["tokens"],
+                schema=tok_schema,
             )
         s.write_step(rid, step, tables)
     s.update_run(rid, status="finished", last_step=2)
@@ -759,3 +771,34 @@ def test_app_refuses_a_bad_port_in_one_line():
     p = a3po("app", "--port", "99999", check=False, timeout=60)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("a3po: error: --port")
+
+
+def test_rollouts_colour_by_sampler_mismatch_or_say_not_measured(fx_store):
+    at = run_page("rollouts.py", run="fx-recorded")
+    at.selectbox(key="ro_quantity").set_value("sampler mismatch").run()
+    assert not at.exception
+    html = "".join(h.proto.body for h in at.get("html"))
+    assert "Δlog p (trainer − sampler)=+1.00e-02" in html and "Δlog p (trainer − sampler)=-2.00e-02" in html
+    assert any("Largest |Δ log-prob| shown: 2.00e-02" in c.value for c in at.caption)
+    assert not any("not measured" in i.value for i in at.info)
+    at.selectbox(key="ro_hist_q").set_value("sampler mismatch").run()
+    assert not at.exception
+    # a run written before the column: the same choices say "not measured" instead of failing
+    old = run_page("rollouts.py", run="fx-default")
+    old.selectbox(key="ro_quantity").set_value("sampler mismatch").run()
+    assert not old.exception
+    assert any("Mismatch not measured for this run" in i.value for i in old.info)
+    assert "Δlog p" not in "".join(h.proto.body for h in old.get("html"))
+    old.selectbox(key="ro_hist_q").set_value("sampler mismatch").run()
+    assert not old.exception
+
+
+def test_runs_page_plots_the_mismatch_where_measured(fx_store):
+    at = run_page("runs.py", runs_sel=["fx-default", "fx-recorded"])
+    traces = {t["name"]: t for t in _fig(at)["data"]}
+    assert np.allclose(traces["fx-recorded: mean |Δ log-prob|"]["y"], FX_MISMATCH["mismatch_abs"])
+    assert np.allclose(traces["fx-recorded: k3 KL"]["y"], FX_MISMATCH["mismatch_kl"])
+    assert not any(n.startswith("fx-default: mean |Δ") for n in traces)
+    axis = traces["fx-recorded: k3 KL"]["yaxis"].replace("y", "yaxis")
+    assert _fig(at)["layout"][axis]["type"] == "log"
+    assert any("Not measured (no sampler log-probs stored): fx-default" in m.value for m in at.markdown)

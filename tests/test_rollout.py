@@ -192,3 +192,18 @@ def test_load_policy_unknown_builtin():
     with pytest.raises(ModelError) as e:
         load_policy("builtin:huge", device="cpu")
     assert "builtin:tiny" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_concat_keeps_sampler_logprobs_without_entropies():
+    """vLLM records log-probs but no entropies: a concatenation (dynamic sampling's rounds) keeps the log-probs."""
+    from engine.rollout.base import Rollouts
+
+    def part(T, lp):
+        ids = torch.ones(1, T, dtype=torch.long)
+        return Rollouts(ids[:, :1], ids[:, :1], ids, ids, torch.tensor([False]), torch.full((1, T), lp), None)
+
+    both = Rollouts.concat([part(2, -0.5), part(3, -0.25)], pad_id=0)
+    assert both.entropy is None
+    assert both.logprobs.tolist() == [[-0.5, -0.5, 0.0], [-0.25, -0.25, -0.25]]
+    mixed = Rollouts.concat([part(2, -0.5), Rollouts(*part(2, -0.5)._tensors()[:5])], pad_id=0)
+    assert mixed.logprobs is None  # one part without: none

@@ -287,3 +287,60 @@ def test_readme_lists_the_registered_step_columns():
         listed = re.sub(r"\([^()]*\)", "", listed)
     listed = listed.strip(" |")
     assert [c.strip() for c in listed.split(",")] == [m.name for m in STEP_METRICS]
+
+
+def test_mismatch_metrics_by_hand():
+    """Ratios r = π_train/π_rollout of 1, 1/2, 1/4; a token without a sampler log-prob is left out."""
+    lp = np.log([0.5, 0.25, 0.1, 0.2])
+    rlp = np.array([np.log(0.5), np.log(0.5), np.log(0.4), np.nan])
+    m = schema.mismatch_metrics(lp, rlp)
+    ln2 = math.log(2)
+    assert m["mismatch_abs"] == pytest.approx((0 + ln2 + 2 * ln2) / 3)
+    assert m["mismatch_kl"] == pytest.approx((0 + (0.5 - 1 + ln2) + (0.25 - 1 + 2 * ln2)) / 3)
+    assert m["mismatch_ratio_min"] == pytest.approx(0.25) and m["mismatch_ratio_max"] == pytest.approx(1.0)
+    assert m["mismatch_ratio_q01"] == pytest.approx(0.255)  # linear between the sorted ratios 0.25, 0.5, 1
+    assert m["mismatch_ratio_q99"] == pytest.approx(0.99)
+    assert m["mismatch_out_frac"] == pytest.approx(1 / 3)  # only 1/4 lies outside [1/2, 2]; 1/2 is inside
+    assert set(m) <= set(schema.METRICS)
+
+
+def test_mismatch_metrics_identical_and_unmeasured():
+    same = schema.mismatch_metrics(np.log([0.3, 0.9]), np.log([0.3, 0.9]))
+    assert same["mismatch_abs"] == 0 and same["mismatch_kl"] == 0 and same["mismatch_out_frac"] == 0
+    assert same["mismatch_ratio_min"] == same["mismatch_ratio_max"] == 1
+    none = schema.mismatch_metrics(np.log([0.3]), [np.nan])
+    assert all(math.isnan(v) for v in none.values()) and len(none) == 7
+    assert all(math.isnan(v) for v in schema.mismatch_metrics([], []).values())
+
+
+def test_step_tables_store_the_sampler_logprob_or_nan():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    kw = dict(
+        mask=mask,
+        token_ids=torch.tensor([[5, 6, 0], [7, 0, 0]]),
+        logprob=torch.tensor([[-0.1, -0.2, 0.0], [-0.3, 0.0, 0.0]]),
+        entropy=torch.zeros(2, 3),
+        adv_tokens_raw=torch.zeros(2, 3),
+        adv_shaped=torch.zeros(2, 3),
+        is_key=torch.zeros(2, 3, dtype=torch.bool),
+        polarity=torch.tensor([1, -1]),
+        rollouts={
+            "group_idx": np.zeros(2, np.int32),
+            "prompt_idx": np.zeros(2, np.int64),
+            "prompt": ["p", "p"],
+            "response": ["a", "b"],
+            "answer": ["1", "1"],
+            "reward": np.array([1.0, 0.0], np.float32),
+            "correct": [True, False],
+            "truncated": np.array([False, False]),
+            "adv_raw": np.array([0.5, -0.5], np.float32),
+        },
+        token_text=lambda ids: [str(i) for i in ids],
+    )
+    without = schema.step_tables("r", 1, **kw)["tokens"].to_pandas()
+    assert without.rollout_logprob.isna().all() and len(without) == 3
+    rec = torch.tensor([[-0.1, -0.25, 0.0], [float("nan"), 0.0, 0.0]])
+    t = schema.step_tables("r", 1, rollout_logprob=rec, **kw)["tokens"].to_pandas()
+    assert t.rollout_logprob.iloc[:2].tolist() == pytest.approx([-0.1, -0.25]) and math.isnan(t.rollout_logprob.iloc[2])
+    m = schema.metrics_from_rollouts(schema.step_tables("r", 1, rollout_logprob=rec, **kw)["rollouts"], t)
+    assert m["mismatch_abs"] == pytest.approx(0.025, abs=1e-6)  # (0 + 0.05) / 2 tokens with a sampler log-prob

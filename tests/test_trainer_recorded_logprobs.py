@@ -122,3 +122,32 @@ def test_recorded_and_recomputed_old_logprobs_give_the_same_step(tmp_path, monke
         # the single on-policy pass needs its forward for the gradient either way
         assert (re_calls, rec_calls) == (1, 1)
         assert rec["approx_kl"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "backend,over,expect",
+    [
+        ("kv", ["actor.mini_batches=2"], "zero"),  # the recorded log-probs are the old policy: 0 by construction
+        ("kv", ["actor.mini_batches=2", "actor.recompute_old_logprobs=true"], "small"),  # kv decode vs trainer forward
+        ("kv", ["actor.mini_batches=1"], "small"),  # the single pass's forward is the trainer's
+        ("hf", ["actor.mini_batches=2"], "unmeasured"),  # transformers' generate gives no log-probs
+    ],
+)
+def test_the_sampler_logprob_is_stored_per_token_with_the_steps_mismatch(tmp_path, monkeypatch, backend, over, expect):
+    metrics, tables, _ = one_step(tmp_path, monkeypatch, f"mm-{backend}", f"rollout.backend={backend}", *over)
+    t = tables["tokens"].to_pandas()
+    assert len(t) > 0
+    names = ("abs", "kl", "ratio_min", "ratio_q01", "ratio_q99", "ratio_max", "out_frac")
+    if expect == "unmeasured":
+        assert t.rollout_logprob.isna().all()
+        assert all(math.isnan(metrics[f"mismatch_{k}"]) for k in names)
+        return
+    assert t.rollout_logprob.notna().all()
+    d = (t.logprob - t.rollout_logprob).abs()
+    assert metrics["mismatch_abs"] == pytest.approx(d.mean(), rel=1e-4, abs=1e-9)
+    if expect == "zero":
+        assert d.max() == 0 and metrics["mismatch_kl"] == 0 and metrics["mismatch_out_frac"] == 0
+    else:  # the same float32 weights through two forwards: rounding only, every ratio inside the band
+        assert 0 < d.max() < 1e-4 and metrics["mismatch_out_frac"] == 0
+        assert 0 <= metrics["mismatch_kl"] < 1e-8
+        assert metrics["mismatch_ratio_min"] <= 1 <= metrics["mismatch_ratio_max"]

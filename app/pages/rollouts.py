@@ -4,7 +4,17 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.common import LEGENDS, QUANTITIES, QUANTITY_SQL, pick_run, q, render_tokens, token_values
+from app.common import (
+    LEGENDS,
+    MISMATCH_MISSING,
+    QUANTITIES,
+    QUANTITY_SQL,
+    has_mismatch,
+    pick_run,
+    q,
+    render_tokens,
+    token_values,
+)
 
 st.title("Rollouts")
 run = pick_run(key="run")
@@ -67,12 +77,15 @@ tok = q(
 )
 col = QUANTITIES[quantity]
 vals = token_values(tok, col)
-vmax = float(np.nanmax(np.abs(vals))) if len(tok) else 1.0
+vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
 st.markdown(f"**{grp.prompt.iloc[0] if len(grp) else ''}** — gold answer `{grp.answer.iloc[0] if len(grp) else ''}`.")
 st.caption(
     f"{LEGENDS[col]} Outlined = key token; hover a token for details."
     + (f" Largest push shown: {vmax:.2e}." if col == "push" and len(tok) else "")
+    + (f" Largest |Δ log-prob| shown: {vmax:.2e}." if col == "mismatch" and has_mismatch(tok) else "")
 )
+if col == "mismatch" and not has_mismatch(tok):
+    st.info(MISMATCH_MISSING)
 cols = st.columns(2)
 for i, r in enumerate(grp.itertuples(index=False)):
     with cols[i % 2]:
@@ -95,6 +108,9 @@ st.subheader("Token-level distributions by polarity")
 hq = st.selectbox("Quantity", list(QUANTITIES), index=3, key="ro_hist_q")
 hc = QUANTITIES[hq]
 expr = QUANTITY_SQL[hc]
+if hc == "mismatch" and not has_mismatch(q("select * from tokens where run_id = ? limit 1", [run], run_ids=[run])):
+    st.info(MISMATCH_MISSING)
+    st.stop()
 h = q(f"select polarity, {expr} as v, is_key from tokens where run_id = ? and step = ?", [run, step], run_ids=[run])
 fig = go.Figure()
 for pol, name, color in ((1, "positive", "seagreen"), (-1, "negative", "crimson")):

@@ -72,6 +72,13 @@ PUSH_NAMES = {
     "push_raw_neg": "raw adv, negative",
 }
 PUSH_DASH = {"push_rule_pos": "solid", "push_rule_neg": "dot", "push_raw_pos": "dash", "push_raw_neg": "dashdot"}
+MISMATCH_TITLE = "training–inference mismatch (log)"
+MISMATCH = {"mismatch_abs": ("mean |Δ log-prob|", "solid"), "mismatch_kl": ("k3 KL", "dot")}
+
+
+def mismatch_measured(steps: pd.DataFrame, rid: str) -> bool:
+    s = steps[steps.run_id == rid]
+    return "mismatch_abs" in s and s.mismatch_abs.notna().any()
 
 
 def push_summary(push: pd.DataFrame, sel: list[str]) -> pd.DataFrame:
@@ -102,7 +109,9 @@ def curves(sel):
     steps = q("select * from steps where list_contains(?, run_id) order by run_id, step", [sel], run_ids=sel)
     evals = q("select run_id, step, metric, k, value from evals where list_contains(?, run_id)", [sel], run_ids=sel)
     push = guard(step_push, get_store(), sel, steps=steps)
-    fig = make_subplots(rows=3, cols=3, subplot_titles=[p[0] for p in PANELS] + ["pass@k (last eval)", PUSH_TITLE, ""])
+    fig = make_subplots(
+        rows=3, cols=3, subplot_titles=[p[0] for p in PANELS] + ["pass@k (last eval)", PUSH_TITLE, MISMATCH_TITLE]
+    )
     dash = {0: "solid", 1: "dot", 2: "dash"}
     for i, (_title, cols) in enumerate(PANELS):
         r, c = divmod(i, 3)
@@ -148,8 +157,18 @@ def curves(sel):
                     row=3,
                     col=2,
                 )
+        s = steps[steps.run_id == rid]
+        for c, (label, style) in MISMATCH.items():
+            x = s[s[c] > 0] if c in s else s.iloc[:0]  # a log axis cannot show 0 (kv's recorded log-probs: exactly 0)
+            if len(x):
+                fig.add_trace(
+                    go.Scatter(x=x.step, y=x[c], mode="lines", name=f"{rid}: {label}", line=dict(dash=style)),
+                    row=3,
+                    col=3,
+                )
     fig.update_xaxes(type="log", row=3, col=1)
     fig.update_yaxes(type="log", exponentformat="power", row=3, col=2)
+    fig.update_yaxes(type="log", exponentformat="power", row=3, col=3)
     fig.update_layout(height=950, legend=dict(orientation="h"))
     st.plotly_chart(fig, width="stretch")
     st.markdown(
@@ -167,6 +186,14 @@ def curves(sel):
         width="stretch",
         key="runs_push_table",
         column_config={c: sci for c in [*PUSH_NAMES.values(), "negative / positive rule"]},
+    )
+    unmeasured = [rid for rid in sel if not mismatch_measured(steps, rid)]
+    st.markdown(
+        "**Training–inference mismatch**: the trainer's log-prob of each sampled token against the one the "
+        "rollout engine sampled with (Rollouts can colour tokens by it). *mean |Δ log-prob|* per token, and the "
+        "k3 estimate of KL(sampler ‖ trainer), mean of r − 1 − log r with r = π_train / π_sampler. Steps where "
+        "they are exactly 0 (the kv engine's recorded log-probs serve as the old policy) do not show on the log axis."
+        + (f" Not measured (no sampler log-probs stored): {', '.join(unmeasured)}." if unmeasured else "")
     )
     rec = set(push.run_id[push.source == "from tokens"])
     if rec:

@@ -33,9 +33,11 @@ class Rollouts:
     prompt_ids: ``(B, Lp)`` left-padded prompt tokens; prompt_mask ``(B, Lp)``.
     response_ids: ``(B, T)`` right-padded response tokens up to and including the first EOS.
     response_mask: ``(B, T)`` 1 on valid response tokens. truncated: ``(B,)`` no EOS within budget.
-    logprobs, entropy: ``(B, T)`` float32, recorded while sampling by backends that can (the ``kv``
-    engine): log-prob of each sampled token and entropy of the full distribution it was sampled from
-    (``logits / temperature``), 0 on masked positions; None for backends that do not record them.
+    logprobs, entropy: ``(B, T)`` float32, recorded while sampling by backends that can: log-prob of
+    each sampled token (the ``kv`` engine and vLLM; NaN where vLLM gave none) and entropy of the full
+    distribution it was sampled from (``logits / temperature``; the ``kv`` engine only), 0 on masked
+    positions; None for backends that do not record them. The trainer stores the recorded log-prob
+    beside its own as ``rollout_logprob``: the training-inference mismatch per token.
     """
 
     prompt_ids: torch.Tensor
@@ -68,22 +70,23 @@ class Rollouts:
     @staticmethod
     def concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
         """Several batches as one, rows in order: prompts left-padded and responses right-padded to the
-        longest; recorded log-probs / entropies kept when every part has them (0 on the padding)."""
+        longest; recorded log-probs (entropies) kept when every part has them (0 on the padding)."""
         Lp = max(p.prompt_ids.shape[1] for p in parts)
         T = max(p.response_ids.shape[1] for p in parts)
 
         def cat(xs, L, value, left=False):
             return torch.cat([F.pad(x, (L - x.shape[1], 0) if left else (0, L - x.shape[1]), value=value) for x in xs])
 
-        recorded = all(p.logprobs is not None and p.entropy is not None for p in parts)
+        has_lp = all(p.logprobs is not None for p in parts)
+        has_ent = all(p.entropy is not None for p in parts)
         return Rollouts(
             cat([p.prompt_ids for p in parts], Lp, pad_id, left=True),
             cat([p.prompt_mask for p in parts], Lp, 0, left=True),
             cat([p.response_ids for p in parts], T, pad_id),
             cat([p.response_mask for p in parts], T, 0),
             torch.cat([p.truncated for p in parts]),
-            cat([p.logprobs for p in parts], T, 0.0) if recorded else None,
-            cat([p.entropy for p in parts], T, 0.0) if recorded else None,
+            cat([p.logprobs for p in parts], T, 0.0) if has_lp else None,
+            cat([p.entropy for p in parts], T, 0.0) if has_ent else None,
         )
 
 

@@ -49,7 +49,6 @@ def _vllm(model, tokenizer, cfg):
         tokenizer,
         model_path=resolve_model_path(cfg.model.path),
         seed=cfg.seed,
-        dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
         sleep=cfg.rollout.vllm_sleep,
         max_model_len=engine_max_len(model.config, cfg.data.max_prompt_tokens, new_tokens),

@@ -76,6 +76,21 @@ STEP_METRICS: tuple[Metric, ...] = (
     _m("push_raw_pos", "Σ|adv_raw|·(1−p), correct responses (derived from tokens)", "advantage"),
     _m("push_raw_neg", "Σ|adv_raw|·(1−p), incorrect responses (derived from tokens)", "advantage"),
     _m("key_frac", "fraction of response tokens picked as key tokens (derived)", "fraction"),
+    _m("mismatch_abs", "mean |logprob − rollout_logprob| over tokens the sampler gave a log-prob (derived)", "nats"),
+    _m(
+        "mismatch_kl",
+        "k3 estimate of KL(rollout || trainer policy): mean of r − 1 − log r, r = π_train/π_rollout",
+        "nats",
+    ),
+    _m("mismatch_ratio_min", "smallest token ratio r = π_train/π_rollout of the step (derived)", "ratio"),
+    _m("mismatch_ratio_q01", "1st percentile of the token ratios r (derived)", "ratio"),
+    _m("mismatch_ratio_q99", "99th percentile of the token ratios r (derived)", "ratio"),
+    _m("mismatch_ratio_max", "largest token ratio r of the step (derived)", "ratio"),
+    _m(
+        "mismatch_out_frac",
+        "fraction of tokens with r outside [1/2, 2] (verl's rollout_is_threshold 2) (derived)",
+        "fraction",
+    ),
     _m("alpha_pos", "A3PO's scale for correct responses at this step (1 without rules)", "factor"),
     _m("alpha_neg", "A3PO's scale for incorrect responses at this step (1 without rules)", "factor"),
     _m("n_rollouts", "number of rollouts trained on (derived)", "count"),
@@ -186,6 +201,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("token_id", pa.int32()),
             ("token_text", pa.string()),
             ("logprob", pa.float32()),  # old policy, at the rollout temperature
+            (
+                "rollout_logprob",
+                pa.float32(),
+            ),  # what the sampler used (NaN: the backend gives none; absent in old runs)
             ("entropy", pa.float32()),
             ("adv_raw", pa.float32()),
             ("adv_shaped", pa.float32()),  # the advantage the loss used
@@ -221,6 +240,7 @@ def step_tables(
     rollouts: dict,
     token_text: Callable,
     with_tokens: bool = True,
+    rollout_logprob=None,
 ) -> dict[str, pa.Table]:
     """One step's ``rollouts`` (and ``tokens``) rows in the store's schema, from padded tensors.
 
@@ -231,6 +251,7 @@ def step_tables(
             response, answer, reward, correct, truncated, adv_raw); rollout_idx, polarity, length,
             mean_logprob, mean_entropy and n_key are derived here (over valid tokens only).
         token_text: maps an int32 numpy array of token ids to their texts.
+        rollout_logprob: ``(B, T)`` the log-probs the rollout backend sampled with, or None (stored as NaN).
     Used by the trainer and by the TRL and verl integrations, so every writer produces one schema.
     """
     import numpy as np
@@ -267,6 +288,11 @@ def step_tables(
                 "token_id": ids,
                 "token_text": token_text(ids),
                 "logprob": lp[m].numpy(),
+                "rollout_logprob": (
+                    np.full(len(ids), np.nan, np.float32)
+                    if rollout_logprob is None
+                    else rollout_logprob.detach().float().cpu()[m].numpy()
+                ),
                 "entropy": ent[m].numpy(),
                 "adv_raw": adv_tokens_raw.detach().float().cpu()[m].numpy(),
                 "adv_shaped": adv_shaped.detach().float().cpu()[m].numpy(),
@@ -340,7 +366,45 @@ def metrics_from_rollouts(rollouts, tokens=None) -> dict[str, float]:
     }
     if tokens is not None:
         out.update(_push_from_tokens(tokens))
+        t = _frame(tokens)
+        if "rollout_logprob" in t:
+            out.update(mismatch_metrics(t.logprob.to_numpy(dtype=float), t.rollout_logprob.to_numpy(dtype=float)))
     return out
+
+
+MISMATCH_BAND = (0.5, 2.0)  # token ratios outside it count in mismatch_out_frac: verl's rollout_is_threshold 2
+
+
+def mismatch_metrics(logprob, rollout_logprob) -> dict[str, float]:
+    """The training-inference mismatch of one step's valid tokens (1-D arrays of equal length).
+
+    ``logprob`` is the trainer's old-policy log-prob of each sampled token, ``rollout_logprob`` the one the
+    sampler used. With ``r = exp(logprob − rollout_logprob)`` (π_train / π_rollout, the weight verl's
+    rollout importance sampling uses): mean ``|Δ log-prob|``; the k3 estimate of KL(π_rollout || π_train),
+    mean of ``r − 1 − log r`` (unbiased and ≥ 0 per token, since the tokens were drawn from the
+    rollout policy); min, 1st and 99th percentile and max of ``r``; the fraction of tokens with ``r``
+    outside ``MISMATCH_BAND``. Tokens without a rollout log-prob (NaN) are left out; all NaN when none
+    has one (the backend gives none: not measured)."""
+    import numpy as np
+
+    lp, rlp = np.asarray(logprob, dtype=np.float64), np.asarray(rollout_logprob, dtype=np.float64)
+    ok = np.isfinite(lp) & np.isfinite(rlp)
+    names = ("abs", "kl", "ratio_min", "ratio_q01", "ratio_q99", "ratio_max", "out_frac")
+    if not ok.any():
+        return {f"mismatch_{k}": math.nan for k in names}
+    d = lp[ok] - rlp[ok]
+    r = np.exp(d)
+    lo, hi = MISMATCH_BAND
+    vals = (
+        np.abs(d).mean(),
+        (r - 1.0 - d).mean(),
+        r.min(),
+        np.quantile(r, 0.01),
+        np.quantile(r, 0.99),
+        r.max(),
+        ((r < lo) | (r > hi)).mean(),
+    )
+    return {f"mismatch_{k}": float(v) for k, v in zip(names, vals)}
 
 
 def _frame(t):

@@ -41,7 +41,7 @@ from engine.rollout.base import Rollouts, SamplingParams
 from engine.rollout.registry import make_backend
 from engine.shaping.advantage import gradient_push
 from engine.shaping.algorithms import resolve, shape_advantages
-from engine.store.schema import evals_table, step_tables
+from engine.store.schema import evals_table, mismatch_metrics, step_tables
 from engine.store.store import Store, StoreError
 from engine.tasks.problems import load_problems
 from engine.tasks.reward import overlong_penalty, resolve_verifier
@@ -545,8 +545,17 @@ class Trainer:
             "alpha_neg": shaped.alpha_neg,
             "n_rollouts": float(mask.shape[0]),
             "gen_rounds": float(batch.rounds),
+            **self._mismatch(ro, old_lp, mask),
             **upd,
         }
+
+    @staticmethod
+    def _mismatch(ro: Rollouts, old_lp, mask) -> dict:
+        """The step's training-inference mismatch (``engine.store.schema.mismatch_metrics``): the trainer's
+        old-policy log-probs against the ones the backend sampled with; NaN when it records none (``hf``)."""
+        if ro.logprobs is None:
+            return mismatch_metrics([], [])
+        return mismatch_metrics(old_lp.detach().float()[mask].cpu().numpy(), ro.logprobs.float()[mask].cpu().numpy())
 
     def _tables(self, step, batch: StepBatch, ro, old: OldPolicy, shaped, polarity) -> dict:
         return step_tables(
@@ -562,6 +571,7 @@ class Trainer:
             polarity=polarity,
             token_text=lambda ids: self.vocab_text.take(pa.array(ids)),
             with_tokens=self.cfg.train.store_tokens,
+            rollout_logprob=ro.logprobs,
             rollouts={
                 "group_idx": np.array(batch.group, np.int32),
                 "prompt_idx": np.array(batch.prompt_idx, np.int64),
