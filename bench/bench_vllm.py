@@ -16,7 +16,8 @@ vLLM backend's weight push (``sync_weights``) in seconds and as a share of a kv 
 
 ``--learn``: the demo run (A3PO) with each backend, paired seeds, ``--steps`` steps, no intermediate
 evaluation. The measure is the mean training reward over the second half of the run; reported as the
-per-seed paired difference vLLM - kv with its 95% t-interval. The two backends draw different samples
+per-seed paired difference vLLM - kv with its 95% t-interval, beside each backend's gain over its
+first five steps (does the run learn at all). The two backends draw different samples
 from the same policy, so this asks whether training through vLLM goes off course (a broken weight push
 would freeze the sampler at the step-0 policy), not whether the two are identical. The seed count is
 what the time allows, not a power calculation: the interval says how large a difference it can exclude.
@@ -114,7 +115,7 @@ def run_gen(rounds: int, batches: int) -> None:
     )
 
 
-def _train(backend: str, seed: int, steps: int, store: Path) -> float:
+def _train(backend: str, seed: int, steps: int, store: Path) -> tuple[float, float]:
     name = f"{backend}-s{seed}"
     cmd = [
         sys.executable,
@@ -141,22 +142,28 @@ def _train(backend: str, seed: int, steps: int, store: Path) -> float:
     from engine.store.store import Store
 
     s = Store(store).query(f"select step, reward from steps where run_id = '{name}' order by step")
-    return float(s.reward[s.step > steps // 2].mean())
+    return float(s.reward[s.step > steps // 2].mean()), float(s.reward[s.step <= 5].mean())
 
 
 def run_learn(seeds: int, steps: int) -> None:
-    diffs = []
+    diffs, gains = [], {"vllm": [], "kv": []}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             t0 = time.time()
             order = ("vllm", "kv") if seed % 2 == 0 else ("kv", "vllm")
             got = {b: _train(b, seed, steps, Path(tmp)) for b in order}
-            diffs.append(got["vllm"] - got["kv"])
+            diffs.append(got["vllm"][0] - got["kv"][0])
+            for b in got:
+                gains[b].append(got[b][0] - got[b][1])
             print(
-                f"seed {seed}: mean reward, steps {steps // 2 + 1}-{steps}: vllm {got['vllm']:.3f}, kv {got['kv']:.3f} "
+                f"seed {seed}: mean reward, steps {steps // 2 + 1}-{steps} (steps 1-5): "
+                f"vllm {got['vllm'][0]:.3f} ({got['vllm'][1]:.3f}), kv {got['kv'][0]:.3f} ({got['kv'][1]:.3f}) "
                 f"({time.time() - t0:.0f} s)",
                 flush=True,
             )
+    for b, g in gains.items():
+        gi = paired_interval(g)
+        print(f"{b}: reward gain, second half - steps 1-5: {gi.mean:+.3f} [{gi.ci_low:+.3f}, {gi.ci_high:+.3f}]")
     iv = paired_interval(diffs)
     print(
         f"\nvLLM - kv, mean training reward over the second half: {iv.mean:+.3f} "

@@ -260,6 +260,22 @@ class ActorConfig:
         0.0, "KL-to-reference penalty coefficient (verl kl_loss_coef); 0 skips the reference model.", min=0.0
     )
     kl_type: str = _f("low_var_kl", "KL estimator: k1, k2, low_var_kl (k3).", choices=["k1", "k2", "low_var_kl"])
+    rollout_is: str | None = _f(
+        None,
+        "Truncated importance sampling against the training-inference mismatch (verl "
+        "algorithm.rollout_correction.rollout_is): 'token' weights each token's loss by "
+        "min(pi_train/pi_rollout, rollout_is_threshold), the ratio of the trainer's old-policy probability to "
+        "the one the rollout engine sampled with (tokens.rollout_logprob); null = off. Needs a backend that "
+        "records sampler log-probs (vllm, kv; a no-op with kv's recorded log-probs, where the ratio is 1).",
+        choices=["token", None],
+    )
+    rollout_is_threshold: float = _f(
+        2.0,
+        "Cap of the truncated importance weight (verl rollout_is_threshold, default 2.0); "
+        "used with actor.rollout_is=token.",
+        min=1.0,
+        max=1e6,
+    )
     recompute_old_logprobs: bool = _f(
         False,
         "Recompute the old-policy log-probs with a forward pass even when the "
@@ -585,6 +601,11 @@ def validate(cfg: Config) -> None:
     ):
         raise ConfigError(
             f"config key 'actor.betas' must be two numbers in [0, 1), got {_short(cfg.actor.betas)} — e.g. [0.9, 0.999]"
+        )
+    if cfg.actor.rollout_is is not None and cfg.rollout.backend == "hf":
+        raise ConfigError(
+            "config key 'actor.rollout_is' needs the sampler's log-probs, which rollout.backend=hf does not "
+            "record — use rollout.backend=vllm or kv, or actor.rollout_is=null"
         )
     if cfg.rollout.workers > 1 and cfg.rollout.backend != "kv":
         raise ConfigError(

@@ -151,3 +151,32 @@ def test_the_sampler_logprob_is_stored_per_token_with_the_steps_mismatch(tmp_pat
         assert 0 < d.max() < 1e-4 and metrics["mismatch_out_frac"] == 0
         assert 0 <= metrics["mismatch_kl"] < 1e-8
         assert metrics["mismatch_ratio_min"] <= 1 <= metrics["mismatch_ratio_max"]
+
+
+def test_truncated_importance_weights_by_hand():
+    """actor.rollout_is=token: min(π_train/π_rollout, threshold) per token, 1 where the sampler gave none."""
+    from types import SimpleNamespace as NS
+
+    from engine.rollout.base import Rollouts
+
+    cfg = load_config(None, ["rollout.backend=kv", "actor.rollout_is=token", "actor.rollout_is_threshold=2"])
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.0]])
+    ro = Rollouts(*(torch.zeros(1, 4),) * 5, torch.tensor([[-1.0, -3.0, float("nan"), -0.5]]))
+    w = Trainer._rollout_is(NS(cfg=cfg), ro, old)
+    assert w[0].tolist() == pytest.approx([1.0, 2.0, 1.0, math.exp(-0.5)])  # e^1 capped at 2
+    off = load_config(None, ["rollout.backend=kv"])
+    assert Trainer._rollout_is(NS(cfg=off), ro, old) is None
+
+
+def test_truncated_importance_sampling_is_refused_without_sampler_logprobs_and_a_no_op_at_ratio_one(
+    tmp_path, monkeypatch
+):
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="actor.rollout_is.*rollout.backend=hf does not record"):
+        load_config(None, ["rollout.backend=hf", "actor.rollout_is=token"])
+    # kv's recorded log-probs are the old policy's: every ratio is 1, so the step is the same as without
+    on, _, _ = one_step(tmp_path, monkeypatch, "tis-on", "actor.mini_batches=2", "actor.rollout_is=token")
+    off, _, _ = one_step(tmp_path, monkeypatch, "tis-off", "actor.mini_batches=2")
+    for k in ("loss", "grad_norm", "clipfrac", "approx_kl"):
+        assert on[k] == off[k], k

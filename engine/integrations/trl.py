@@ -34,6 +34,8 @@ main process gathers them with accelerate's ``gather_object`` and writes the ste
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,6 +44,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 
 from engine.config import MAX_STEPS, ConfigError, config_from_dict
+from engine.rollout.vllm import push_weights
 from engine.shaping.algorithms import ResolvedAlgorithm, Shaped, resolve, shape_tokens
 from engine.store.schema import metrics_from_rollouts, step_tables
 from engine.store.store import Store
@@ -82,6 +85,19 @@ def _model_path(model) -> str:
     return str(getattr(cfg, "_name_or_path", "") or "trl-model")
 
 
+def _colocate_sync_weights(gen) -> None:
+    """TRL's colocated weight push (``VLLMGeneration.sync_weights``, colocate mode) through vLLM's in-place
+    reload (``engine.rollout.vllm.push_weights``): TRL 1.16 calls ``model_runner.model.load_weights``
+    directly, which fails on vLLM 0.32 ("'Parameter' object has no attribute 'weight_loader'"). The
+    parameters still come from TRL's own iterator (it gathers FSDP / ZeRO-3 shards and merges PEFT adapters),
+    and sleep mode is handled as TRL does: wake the weights, then push."""
+    if gen.enable_sleep_mode:
+        gen.llm.wake_up(tags=["weights"])
+        gen._llm_weights_sleeping = False
+    config = getattr(gen.model, "config", None)
+    push_weights(gen.llm, gen._iter_named_params(), tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+
 class A3POGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with A3PO token shaping and the engine's store."""
 
@@ -97,6 +113,9 @@ class A3POGRPOTrainer(GRPOTrainer):
     ):
         self.a3po = a3po_options(a3po)  # before TRL's (slow) setup, so a typo fails at once
         super().__init__(*args, **kw)
+        gen = getattr(self, "vllm_generation", None)
+        if gen is not None and getattr(gen, "mode", None) == "colocate":
+            gen.sync_weights = types.MethodType(_colocate_sync_weights, gen)
         self.a3po_store = Store(store) if isinstance(store, str) else store
         self.a3po_run = None
         self._a3po_run_name = run_name
@@ -210,11 +229,13 @@ class A3POGRPOTrainer(GRPOTrainer):
         shaped = self.a3po_shape(adv, polarity, mask, logps, ent, step)
         out["advantages"] = shaped.adv
         if self.a3po_store is not None:  # the same on every rank: the gather below is collective
-            self._a3po_log(step, shaped, texts, local, correct, polarity, ids, mask, logps, ent)
+            # with vLLM, TRL keeps the sampler's log-probs: stored beside ours (the training-inference mismatch)
+            sampler = out.get("sampling_per_token_logps")
+            self._a3po_log(step, shaped, texts, local, correct, polarity, ids, mask, logps, ent, sampler)
         return out
 
     # ------------------------------------------------------------------ logging
-    def _a3po_shard(self, step, shaped: Shaped, texts, inputs, correct, polarity, ids, mask, logps, ent):
+    def _a3po_shard(self, step, shaped: Shaped, texts, inputs, correct, polarity, ids, mask, logps, ent, sampler=None):
         """This process's rows (rollouts, tokens), ready to gather."""
         B = mask.shape[0]
         G = max(1, int(self.num_generations))
@@ -241,6 +262,7 @@ class A3POGRPOTrainer(GRPOTrainer):
             is_key=shaped.key_mask,
             polarity=polarity,
             token_text=token_text,
+            rollout_logprob=sampler,
             rollouts={
                 "group_idx": (np.arange(B) // G).astype(np.int32),
                 "prompt_idx": np.arange(B, dtype=np.int64) // G,

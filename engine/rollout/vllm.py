@@ -129,6 +129,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def push_weights(llm, named_params, *, tied: bool) -> float:
+    """Push ``named_params`` ((checkpoint name, tensor) pairs, consumed one at a time) into a colocated
+    ``vllm.LLM`` with vLLM's in-place reload, refresh a tied output head, drop the prefix cache. Returns the
+    seconds it took. Used by this backend and by the TRL integration's colocate mode (TRL 1.16 calls
+    ``model.load_weights`` directly, which fails on these vLLM versions)."""
+    t0 = time.perf_counter()
+    try:
+        runner = llm.llm_engine.model_executor.driver_worker.model_runner
+    except AttributeError:
+        raise RuntimeError(
+            "the vLLM engine runs its worker in another process, so weights cannot be pushed in "
+            "place — keep VLLM_ENABLE_V1_MULTIPROCESSING=0 (set by this backend)"
+        ) from None
+    if not hasattr(runner, "reload_weights"):
+        raise RuntimeError(
+            "this vLLM has no in-place weight reload (model_runner.reload_weights) — install the version "
+            "the project pins (pip install 'a3po-lab[gpu]', or make install-vllm on CPU)"
+        )
+    with torch.no_grad():
+        runner.reload_weights(weights_iterator=((n, p.detach()) for n, p in named_params))
+        if tied:  # the reload skips a tied head: rebuild its processed (e.g. prepacked) weight
+            head = getattr(runner.get_model(), "lm_head", None)
+            method = getattr(head, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(head)
+    llm.reset_prefix_cache()
+    return time.perf_counter() - t0
+
+
 _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -212,37 +241,12 @@ class VLLMBackend:
             enforce_eager=self.device.type == "cpu",
         )
 
-    def _runner(self):
-        try:
-            runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        except AttributeError:
-            raise RuntimeError(
-                "the vLLM engine runs its worker in another process, so weights cannot be pushed in "
-                "place — keep VLLM_ENABLE_V1_MULTIPROCESSING=0 (set by this backend)"
-            ) from None
-        if not hasattr(runner, "reload_weights"):
-            raise RuntimeError(
-                "this vLLM has no in-place weight reload (model_runner.reload_weights) — install the version "
-                "the project pins (pip install 'a3po-lab[gpu]', or make install-vllm on CPU)"
-            )
-        return runner
-
     def sync_weights(self, model) -> None:
-        """Push the policy's current weights into the engine (vLLM's in-place reload), one tensor at a time."""
+        """Push the policy's current weights into the engine (``push_weights``), one tensor at a time."""
         self._model = model
         if self._asleep:  # the weights are pushed when the engine wakes for the next generation
             return
-        t0 = time.perf_counter()
-        runner = self._runner()
-        with torch.no_grad():
-            runner.reload_weights(weights_iterator=((n, p.detach()) for n, p in model.named_parameters()))
-            if self.tied:  # the reload skips a tied head: rebuild its processed (e.g. prepacked) weight
-                head = getattr(runner.get_model(), "lm_head", None)
-                method = getattr(head, "quant_method", None)
-                if method is not None:
-                    method.process_weights_after_loading(head)
-        self.llm.reset_prefix_cache()
-        self.push_seconds = time.perf_counter() - t0
+        self.push_seconds = push_weights(self.llm, model.named_parameters(), tied=self.tied)
 
     def _nap(self) -> None:
         if self.sleep:

@@ -434,6 +434,7 @@ class Trainer:
             cfg.actor.micro_batch_tokens,
         )
         pool = self._update_pool()
+        tis = self._rollout_is(ro, old_lp)
         for _epoch in range(cfg.actor.ppo_epochs):
             for rows, sub in mbs:
                 live = lp_live is not None  # on-policy single pass: the step's forward already has them
@@ -444,6 +445,8 @@ class Trainer:
                 old, a = old_lp[rows, cols], adv[rows, cols]
                 ref = None if ref_lp is None else ref_lp[rows, cols]
                 w = agg_weights(m, self.agg, float(T), old.dtype)
+                if tis is not None:
+                    w = w * tis[rows, cols]
                 kl_w = None if ref is None else agg_weights(m, "token-mean", None, old.dtype)
                 whole = Share(sub, old, a, w, ref, kl_w)
                 run = torch.arange(len(rows), device=m.device)  # the rows that go through forward/backward
@@ -489,6 +492,18 @@ class Trainer:
                     stats["approx_kl"].append(met["approx_kl"])
                 lp_live = None
         return {k: (float(np.mean(v)) if v else 0.0) for k, v in stats.items()}
+
+    def _rollout_is(self, ro: Rollouts, old_lp):
+        """``(B, T)`` truncated importance weights ``min(π_train / π_rollout, threshold)`` of the sampled tokens
+        (``actor.rollout_is=token``, verl's token-level rollout correction), 1 where the sampler gave no
+        log-prob; None when off. Detached: they reweight each token's loss, like verl's."""
+        if self.cfg.actor.rollout_is is None:
+            return None
+        if ro.logprobs is None:
+            raise RuntimeError("actor.rollout_is needs the sampler's log-probs; this rollout backend records none")
+        ratio = torch.exp(old_lp.detach().float() - ro.logprobs.to(old_lp.device).float())
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))
+        return ratio.clamp(max=self.cfg.actor.rollout_is_threshold).to(old_lp.dtype)
 
     def _update_pool(self):
         """The kv engine's CPU worker pool when the update may be split between its processes, else None."""
