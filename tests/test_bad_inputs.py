@@ -378,6 +378,8 @@ CASES = [
     _case("train-store-read-only", ["train", "--store", "{store_ro}"], "is not writable", "store_ro"),
     _case("runs-store-is-file", ["runs", "--store", "{file}"], "is a file, not a folder", "file"),
     _case("resume-missing-run", ["train", "--resume", "nope"], "no run 'nope'"),
+    # the main environment has no vLLM (its own: make install-vllm)
+    _case("train-vllm-not-installed", ["train", "rollout.backend=vllm"], "vllm does not import in this environment"),
     _case("resume-bad-run-id", ["train", "--resume", "../x"], "invalid run id '../x'"),
     _case("resume-with-overrides", ["train", "--resume", "x", "train.steps=3"], "drop --config"),
     _case(

@@ -8,6 +8,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
+from engine.errors import ConfigError
 from engine.rollout.vllm import rollouts_from_vllm
 
 EOS, PAD = 2, 0
@@ -73,7 +74,7 @@ def test_vllm_backend_needs_vllm():
     except ImportError:
         pass
     model, tok, _ = load_policy("builtin:tiny")
-    with pytest.raises(RuntimeError, match=r"\[gpu\]"):
+    with pytest.raises(ConfigError, match=r"rollout.backend.*\[gpu\].*make install-vllm"):
         make_backend("vllm", model, tok)
 
 

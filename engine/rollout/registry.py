@@ -9,6 +9,7 @@ Backends are imported when built, so importing this module loads neither vLLM no
 
 from __future__ import annotations
 
+from engine.errors import ConfigError
 from engine.rollout.base import RolloutBackend
 
 
@@ -39,7 +40,10 @@ def _vllm(model, tokenizer, cfg):
     try:
         import vllm  # noqa: F401
     except ImportError:
-        raise RuntimeError("rollout.backend=vllm needs vLLM (pip install 'a3po-lab[gpu]' on a CUDA machine)") from None
+        raise ConfigError(
+            "config key 'rollout.backend': vllm does not import in this environment — pip install 'a3po-lab[gpu]' "
+            "on a CUDA machine, or make install-vllm and run .venv-vllm/bin/a3po on CPU"
+        ) from None
     from engine.model.policy import resolve_model_path
     from engine.rollout.vllm import VLLMBackend, engine_max_len
 
