@@ -12,7 +12,7 @@ shipped model in float32). Each round runs one process per backend, in alternati
 speed drifts); a process builds its backend (not timed), generates once to warm up, then times
 ``--batches`` generates on the same prompts (seeds differ). Reported: generated tokens/s of each, the
 geometric mean of the per-round ratios vLLM / kv with its 95% t-interval (df = rounds - 1), and the
-vLLM backend's weight push (``sync_weights``) in seconds and as a share of a kv demo step's generate.
+vLLM backend's weight push (``sync_weights``) in seconds and as a share of its own generate of one step.
 
 ``--learn``: the demo run (A3PO) with each backend, paired seeds, ``--steps`` steps, no intermediate
 evaluation. The measure is the mean training reward over the second half of the run; reported as the
@@ -99,11 +99,11 @@ def run_gen(rounds: int, batches: int) -> None:
             got[b] = json.loads(p.stdout.strip().splitlines()[-1])
         tps = {b: got[b]["tokens"] / got[b]["seconds"] for b in got}
         push = sorted(got["vllm"]["push"])[len(got["vllm"]["push"]) // 2]
-        kv_gen = got["kv"]["seconds"] / batches
-        rows.append((tps["vllm"], tps["kv"], push, kv_gen))
+        gen = {b: got[b]["seconds"] / batches for b in got}
+        rows.append((tps["vllm"], tps["kv"], push, gen["vllm"]))
         print(
             f"round {r + 1}: vllm {tps['vllm']:.0f} tok/s, kv {tps['kv']:.0f} tok/s, ratio {tps['vllm'] / tps['kv']:.3f}; "
-            f"push {push * 1000:.1f} ms (median of 5), kv generate {kv_gen:.2f} s",
+            f"push {push * 1000:.1f} ms (median of 5); one generate: vllm {gen['vllm']:.2f} s, kv {gen['kv']:.2f} s",
             flush=True,
         )
     g, lo, hi = _geo([v / k for v, k, _, _ in rows])
@@ -111,7 +111,8 @@ def run_gen(rounds: int, batches: int) -> None:
     print(f"\ngenerated tokens/s, vLLM / kv: {g:.3f}x [{lo:.3f}, {hi:.3f}] (geometric mean of {rounds} rounds, 95% t)")
     print(
         f"weight push: median {pushes[len(pushes) // 2] * 1000:.1f} ms per step "
-        f"({pushes[len(pushes) // 2] / (sum(k for *_, k in rows) / len(rows)):.1%} of a kv demo step's generate)"
+        f"({pushes[len(pushes) // 2] / (sum(k for *_, k in rows) / len(rows)):.1%} of the vLLM backend's generate "
+        "of one demo step)"
     )
 
 
