@@ -16,8 +16,9 @@ from engine.store.store import Store
 PAGES = ROOT / "app" / "pages"
 
 
-def _trainer_run(root) -> str:
-    """The engine's own trainer: 2 steps of 2 prompts x 4 rollouts, evals at the end."""
+def _trainer_run(root, backend: str = "hf") -> str:
+    """The engine's own trainer: 2 steps of 2 prompts x 4 rollouts, evals at the end (the code default's
+    ``hf`` backend records no sampler log-probs; ``kv`` does: the mismatch is measured)."""
     from engine.config import load_config
     from engine.train.trainer import Trainer
 
@@ -33,6 +34,7 @@ def _trainer_run(root) -> str:
             "train.eval_every=0",
             "train.save_final_model=false",
             "train.threads=1",
+            f"rollout.backend={backend}",
         ],
     )
     return Trainer(cfg, Store(root), log=lambda s: None).fit(progress=False)["run_id"]
@@ -164,6 +166,7 @@ def _verl_run(root) -> str:
 # name -> function(store folder) -> run id.
 WRITERS = {
     "trainer": _trainer_run,
+    "trainer-kv": lambda root: _trainer_run(root, "kv"),
     "trl": _trl_run,
     "verl": _verl_run,
 }
@@ -278,3 +281,23 @@ def test_polarity101_and_main_pages(run):
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
     at.run()
     assert not at.exception and at.title[0].value == "Runs"
+
+
+def test_mismatch_shown_where_the_writer_recorded_sampler_logprobs(run):
+    """Rollouts colours by the sampler mismatch and Runs plots it for a run whose backend records sampler
+    log-probs (kv); every other writer's run says "not measured" on both pages, without an error."""
+    measured = bool(
+        _stored(
+            run,
+            "select count(rollout_logprob) filter (where not isnan(rollout_logprob)) n from tokens where run_id = ?",
+        ).n[0]
+    )
+    assert measured == (Store(_root()).read_run(run)["config"]["rollout"]["backend"] == "kv")  # only kv records them
+    at = page("rollouts.py", run=run)
+    at.selectbox(key="ro_quantity").set_value("sampler mismatch").run()
+    assert not at.exception and not at.error
+    html = "".join(h.proto.body for h in at.get("html"))
+    assert ("Δlog p (trainer − sampler)=" in html) == measured
+    assert any("Mismatch not measured" in i.value for i in at.info) != measured
+    runs = page("runs.py")
+    assert any(f"Not measured (no sampler log-probs stored): {run}" in m.value for m in runs.markdown) != measured
