@@ -237,7 +237,7 @@ class VLLMBackend:
             enable_sleep_mode=sleep,
             distributed_executor_backend="external_launcher",
             logprobs_mode="processed_logprobs",
-            # CPU: no torch.compile / graph capture (minutes of start-up for a model that decodes in seconds)
+            # CPU: eager, as the CPU build is tested here (tests/vllm_env); GPU: vLLM's default graph capture
             enforce_eager=self.device.type == "cpu",
         )
 
