@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 from engine.study.stats import paired_interval  # noqa: E402
 
 WORKER = r"""
-import json, os, sys, time
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import json, sys, time
 from engine.config import load_config
 from engine.model.policy import load_policy
 from engine.resources import demo_config
@@ -136,8 +134,7 @@ def _train(backend: str, seed: int, steps: int, store: Path) -> tuple[float, flo
         "eval.n_prompts=8",
         "train.save_final_model=false",
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         sys.exit(f"{name} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
     from engine.store.store import Store

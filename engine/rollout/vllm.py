@@ -158,7 +158,15 @@ def push_weights(llm, named_params, *, tied: bool) -> float:
     return time.perf_counter() - t0
 
 
-_RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+def _rendezvous() -> dict[str, str]:
+    """The environment of a one-process torch.distributed group on this machine (a free port)."""
+    return {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
 
 
 def engine_max_len(model_config, prompt_tokens: int, new_tokens: int) -> int:
@@ -192,54 +200,41 @@ class VLLMBackend:
                 "— set rollout.vllm_sleep=false (sleep needs vLLM's CUDA, ROCm or XPU build)"
             )
         self.device = next(model.parameters()).device
-        # one-process group for the external launcher; setdefault keeps a launcher's own values
-        env = [
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(_free_port())),
-            ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
-        ]
+        # one-process group for the external launcher; a launcher's own values are kept
+        rendezvous = {k: v for k, v in _rendezvous().items() if k not in os.environ}
+        os.environ.update(rendezvous)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.device.type == "cpu":
-            env.append(("VLLM_CPU_KVCACHE_SPACE", "1"))  # GiB; vLLM's default is about half of the machine
-        added = [k for k, _ in env if k not in os.environ]
-        for k, v in env:
-            os.environ.setdefault(k, v)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default is about half of the machine
         self.tok = tokenizer
         self.sleep = sleep
         self.max_model_len = max_model_len or engine_max_len(model.config, 256, 64)
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         try:
-            # the policy's own dtype unless told otherwise: a bf16 engine beside a float32 policy is a mismatch
-            dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
-            self.llm = self._start(LLM, model_path, dtype, gpu_memory_utilization, seed, sleep)
+            self.llm = LLM(
+                model=model_path,
+                # the policy's own dtype unless told otherwise: a bf16 engine beside a float32 policy is a mismatch
+                dtype=dtype or str(next(model.parameters()).dtype).removeprefix("torch."),
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=self.max_model_len,
+                seed=seed,
+                enable_prefix_caching=True,
+                enable_sleep_mode=sleep,
+                distributed_executor_backend="external_launcher",
+                logprobs_mode="processed_logprobs",
+                # CPU: eager, as the CPU build is tested here (tests/vllm_env); GPU: vLLM's default graph capture
+                enforce_eager=self.device.type == "cpu",
+            )
         finally:
             # the rendezvous variables served this process's one-rank group; a child process (a launched
             # run, a study job) must not inherit them, or it would try to listen on the same port
-            for k in added:
-                if k in _RENDEZVOUS:
-                    os.environ.pop(k, None)
+            for k in rendezvous:
+                os.environ.pop(k, None)
         self._model = model
         self._asleep = False
         self.push_seconds = 0.0  # time of the last weight push (bench/bench_vllm.py reports it)
         self.sync_weights(model)
         self._nap()
-
-    def _start(self, LLM, model_path: str, dtype: str, gpu_memory_utilization: float, seed: int, sleep: bool):
-        return LLM(
-            model=model_path,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=self.max_model_len,
-            seed=seed,
-            enable_prefix_caching=True,
-            enable_sleep_mode=sleep,
-            distributed_executor_backend="external_launcher",
-            logprobs_mode="processed_logprobs",
-            # CPU: eager, as the CPU build is tested here (tests/vllm_env); GPU: vLLM's default graph capture
-            enforce_eager=self.device.type == "cpu",
-        )
 
     def sync_weights(self, model) -> None:
         """Push the policy's current weights into the engine (``push_weights``), one tensor at a time."""

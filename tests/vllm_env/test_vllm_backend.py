@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +41,6 @@ from engine.update.shares import response_logits  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4  # max |Δ log-prob| between vLLM's sampler and the trainer on the same float32 weights
 SMALL = ["rollout.backend=vllm", "model.device=cpu", "rollout.max_new_tokens=32", "data.max_prompt_tokens=64"]
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 @pytest.fixture(scope="module")
