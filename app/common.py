@@ -38,7 +38,8 @@ LEGENDS = {
     "push": "Blue = gradient push |shaped advantage| · (1 − p): how far the update moves this token's logit (the gradient "
     "of log p with respect to its own logit is 1 − p). Near-certain tokens stay pale whatever their advantage.",
     "mismatch": "Training–inference mismatch: log-prob of the token under the trainer's policy minus the one the sampler "
-    "used. Green = the trainer gives it more probability, red = less; stronger = larger. Uncoloured = not measured.",
+    "used. Green = the trainer gives it more probability, red = less; stronger = larger. Uncoloured = no difference, or "
+    "not measured.",
 }
 # Why a run's tokens have no sampler log-probs, shown where the mismatch is asked for.
 MISMATCH_MISSING = (
@@ -254,6 +255,8 @@ def render_tokens(tokens: pd.DataFrame, quantity: str, vmax: float | None = None
     if vmax is None:
         vmax = float(np.nanmax(np.abs(vals))) if np.isfinite(vals).any() else 1.0
     mis = token_values(tokens, "mismatch")
+    if col == "mismatch":  # an exact agreement is no colour, not the palest green
+        vals = np.where(vals == 0, np.nan, vals)
     spans = []
     for row, v, pu, dm in zip(tokens.itertuples(index=False), vals, push, mis):
         text = row.token_text if row.token_text != "" else "∅"

@@ -436,7 +436,7 @@ def _fx_config(task: str) -> dict:
     return cfg
 
 
-def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
+def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool, mismatch: dict = FX_MISMATCH) -> None:
     import pyarrow as pa
 
     from engine.store.schema import SCHEMAS
@@ -475,7 +475,7 @@ def _fx_run(s, name: str, task: str, *, tokens: bool, recorded: bool) -> None:
         }
         if recorded:
             m.update({k: [v[step - 1]] for k, v in FX_RECORDED.items()})
-            m.update({k: [v[step - 1]] for k, v in FX_MISMATCH.items()})
+            m.update({k: [v[step - 1]] for k, v in mismatch.items()})
         tables["steps"] = pa.table(m)
         if tokens:
             # fx-recorded's sampler gave each token FX_SAMPLER_GAP less log-prob than the trainer; the other
@@ -779,6 +779,8 @@ def test_rollouts_colour_by_sampler_mismatch_or_say_not_measured(fx_store):
     assert not at.exception
     html = "".join(h.proto.body for h in at.get("html"))
     assert "Δlog p (trainer − sampler)=+1.00e-02" in html and "Δlog p (trainer − sampler)=-2.00e-02" in html
+    # the two tokens whose log-probs agree exactly are left uncoloured, not pale green
+    assert html.count("background:transparent") == 2 and "Δlog p (trainer − sampler)=+0.00e+00" in html
     assert any("Largest |Δ log-prob| shown: 2.00e-02" in c.value for c in at.caption)
     assert not any("not measured" in i.value for i in at.info)
     at.selectbox(key="ro_hist_q").set_value("sampler mismatch").run()
@@ -802,3 +804,12 @@ def test_runs_page_plots_the_mismatch_where_measured(fx_store):
     axis = traces["fx-recorded: k3 KL"]["yaxis"].replace("y", "yaxis")
     assert _fig(at)["layout"][axis]["type"] == "log"
     assert any("Not measured (no sampler log-probs stored): fx-default" in m.value for m in at.markdown)
+
+
+def test_runs_page_says_when_the_mismatch_is_exactly_zero(fx_store):
+    """kv's recorded log-probs serving as the old policy: measured, 0 at every step, nothing on the log axis."""
+    _fx_run(fx_store, "fx-zero", "builtin:arith", tokens=False, recorded=True, mismatch={"mismatch_abs": [0.0, 0.0]})
+    at = run_page("runs.py", runs_sel=["fx-zero", "fx-recorded"])
+    assert not any(n.startswith("fx-zero: mean |Δ") for n in (t["name"] for t in _fig(at)["data"]))
+    text = " ".join(m.value for m in at.markdown)
+    assert "Exactly 0 at every step, so nothing to draw: fx-zero." in text and "Not measured" not in text

@@ -82,7 +82,13 @@ st.markdown(f"**{grp.prompt.iloc[0] if len(grp) else ''}** — gold answer `{grp
 st.caption(
     f"{LEGENDS[col]} Outlined = key token; hover a token for details."
     + (f" Largest push shown: {vmax:.2e}." if col == "push" and len(tok) else "")
-    + (f" Largest |Δ log-prob| shown: {vmax:.2e}." if col == "mismatch" and has_mismatch(tok) else "")
+    + (f" Largest |Δ log-prob| shown: {vmax:.2e}." if col == "mismatch" and has_mismatch(tok) and vmax > 0 else "")
+    + (
+        " Trainer and sampler agree exactly on every token here (the kv engine's recorded log-probs serve as the "
+        "old policy)."
+        if col == "mismatch" and has_mismatch(tok) and vmax == 0
+        else ""
+    )
 )
 if col == "mismatch" and not has_mismatch(tok):
     st.info(MISMATCH_MISSING)

@@ -72,7 +72,7 @@ PUSH_NAMES = {
     "push_raw_neg": "raw adv, negative",
 }
 PUSH_DASH = {"push_rule_pos": "solid", "push_rule_neg": "dot", "push_raw_pos": "dash", "push_raw_neg": "dashdot"}
-MISMATCH_TITLE = "training–inference mismatch (log)"
+MISMATCH_TITLE = "sampler mismatch (log)"
 MISMATCH = {"mismatch_abs": ("mean |Δ log-prob|", "solid"), "mismatch_kl": ("k3 KL", "dot")}
 
 
@@ -188,12 +188,16 @@ def curves(sel):
         column_config={c: sci for c in [*PUSH_NAMES.values(), "negative / positive rule"]},
     )
     unmeasured = [rid for rid in sel if not mismatch_measured(steps, rid)]
+    zero = [
+        rid for rid in sel if rid not in unmeasured and (steps[steps.run_id == rid].mismatch_abs.fillna(0) == 0).all()
+    ]
     st.markdown(
         "**Training–inference mismatch**: the trainer's log-prob of each sampled token against the one the "
         "rollout engine sampled with (Rollouts can colour tokens by it). *mean |Δ log-prob|* per token, and the "
         "k3 estimate of KL(sampler ‖ trainer), mean of r − 1 − log r with r = π_train / π_sampler. Steps where "
         "they are exactly 0 (the kv engine's recorded log-probs serve as the old policy) do not show on the log axis."
         + (f" Not measured (no sampler log-probs stored): {', '.join(unmeasured)}." if unmeasured else "")
+        + (f" Exactly 0 at every step, so nothing to draw: {', '.join(zero)}." if zero else "")
     )
     rec = set(push.run_id[push.source == "from tokens"])
     if rec:
